@@ -1,0 +1,15 @@
+# The README's commands. Each runs the idempotent setup first (seconds when nothing changed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export ION_D2_VENV := $(VENV)
+
+.PHONY: setup test demo compare
+
+setup:
+	bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) tools/demo_main.py

@@ -1,0 +1,122 @@
+"""ION's config keys.
+
+Section and table numbers refer to Bell et al., "Inside-Outside Net: Detecting Objects in
+Context with Skip Pooling and Recurrent Neural Networks", CVPR 2016.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_ion_config(cfg: CN) -> None:
+    """
+    Add ION's keys to a Detectron2 config (in place). Call it on ``get_cfg()`` before merging
+    a file that uses them. It touches only the config it is given.
+    """
+    _C = cfg
+
+    _C.MODEL.ION = CN()
+
+    # ---------------------------------------------------------------------------------------
+    # VGG16 trunk (section 3; Fast R-CNN's VGG16 without pool5). Its features are named
+    # "conv1" ... "conv5" (outputs of conv1_2, conv2_2, conv3_3, conv4_3, conv5_3) at strides
+    # 1, 2, 4, 8, 16. Freezing uses MODEL.BACKBONE.FREEZE_AT: K freezes conv1..convK
+    # (section 4.1: stage 1 freezes conv1-conv5, i.e. 5; stage 2 freezes conv1-conv2, i.e. 2).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.ION.VGG16 = CN()
+    # Features the backbone returns; any of "conv1" ... "conv5" (Figure 1 pools conv3-conv5).
+    _C.MODEL.ION.VGG16.OUT_FEATURES = ["conv3", "conv4", "conv5"]
+    # Channel width multiplier for CPU-sized runs; 1.0 gives VGG16's exact channels
+    # (64, 128, 256, 512, 512), which the ImageNet weights need.
+    _C.MODEL.ION.VGG16.WIDTH_MULT = 1.0
+    # Normalization after each conv ("" = none, as in VGG16; or "BN", "GN", "FrozenBN", ...).
+    _C.MODEL.ION.VGG16.NORM = ""
+
+    # ---------------------------------------------------------------------------------------
+    # Context module (section 3.2, Figure 3; alternatives of Table 7). It reads one backbone
+    # feature and adds a feature named "context" with that feature's stride.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.ION.CONTEXT = CN()
+    # Name in ION_CONTEXT_REGISTRY: "IRNN" (Table 7d, the paper's model), "StackedConv"
+    # (Table 7a/b), "GlobalAvgPool" (Table 7c, ParseNet), or "" for no context module.
+    _C.MODEL.ION.CONTEXT.NAME = "IRNN"
+    # The backbone feature the context module reads (section 3.2: conv5; "res4"/"p5" for
+    # ResNet-C4/FPN backbones).
+    _C.MODEL.ION.CONTEXT.IN_FEATURE = "conv5"
+
+    _C.MODEL.ION.CONTEXT.IRNN = CN()
+    # Hidden units per direction (Table 9 varies 128/512/1024; the paper uses 512).
+    _C.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 512
+    # Number of stacked 4-direction IRNN layers (Table 8; the paper uses 2).
+    _C.MODEL.ION.CONTEXT.IRNN.NUM_LAYERS = 2
+    # Recurrent transition Whh (Table 9): "learned" (a learned 1x1 transition initialised to the
+    # identity, "IRNN") or "removed" (Whh = I fixed: h = max(0, h_prev + x), section 3.2 item 1).
+    _C.MODEL.ION.CONTEXT.IRNN.RECURRENT = "learned"
+    # Directions per layer (Table 10a): "all" (right, left, down, up in every layer) or
+    # "lr_then_ud" (odd layers left/right, even layers up/down, as ReNet).
+    _C.MODEL.ION.CONTEXT.IRNN.DIRECTIONS = "all"
+    # A separate learned bias b0 for each direction's first step (section 3.2 item 3).
+    _C.MODEL.ION.CONTEXT.IRNN.FIRST_STEP_BIAS = False
+    # Also output every intermediate IRNN layer as "context_1", "context_2", ... so the ROI
+    # heads can pool from them (Table 10b: "pool out of both IRNNs"). The top layer is always
+    # "context".
+    _C.MODEL.ION.CONTEXT.IRNN.OUTPUT_ALL_LAYERS = False
+
+    _C.MODEL.ION.CONTEXT.CONV = CN()
+    # Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5. Each conv is followed by ReLU.
+    _C.MODEL.ION.CONTEXT.CONV.NUM_LAYERS = 2
+    _C.MODEL.ION.CONTEXT.CONV.KERNEL_SIZE = 3
+    _C.MODEL.ION.CONTEXT.CONV.CHANNELS = 512
+
+    # ---------------------------------------------------------------------------------------
+    # Skip pooling (section 3.1, Tables 4-5). IONROIHeads pools every ROI from each feature in
+    # MODEL.ROI_HEADS.IN_FEATURES (any backbone feature plus "context") with one single-scale
+    # pooler per feature (MODEL.ROI_BOX_HEAD.POOLER_TYPE / POOLER_RESOLUTION), normalises,
+    # concatenates, re-scales and reduces with a 1x1 conv.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.ION.SKIP_POOL = CN()
+    # L2 normalisation of each pooled feature (Table 5): "roi" (over all C x 7 x 7 entries of
+    # each ROI, the paper's default), "location" (across channels at each cell, as ParseNet),
+    # or "none" (Table 4's plain "1x1" column).
+    _C.MODEL.ION.SKIP_POOL.NORM = "roi"
+    # Re-scaling after normalisation (section 3.1, Table 5): "learned" (a learnable per-channel
+    # scale) or "fixed" (a constant). Ignored when NORM is "none".
+    _C.MODEL.ION.SKIP_POOL.SCALE = "learned"
+    # Initial (or fixed) scale; 0 picks the paper's measured norms (section 5.2): 1000 for
+    # "roi" normalisation, 130 for "location".
+    _C.MODEL.ION.SKIP_POOL.SCALE_INIT = 0.0
+    # Output channels of the 1x1 conv (Xavier init) after the concat: 512, fc6's input shape
+    # (section 3.1).
+    _C.MODEL.ION.SKIP_POOL.REDUCE_DIM = 512
+    # Dropout after the concat (section 3.2 item 2: p = 0.25); 0 removes it (the "D" setting of
+    # Tables 1-3).
+    _C.MODEL.ION.SKIP_POOL.CONCAT_DROPOUT = 0.25
+
+    # Dropout after fc6 and fc7 of "IONFCHead" (Fast R-CNN's VGG16 uses 0.5); 0 removes it
+    # (the "D" setting of Tables 1-3). fc sizes come from MODEL.ROI_BOX_HEAD.NUM_FC / FC_DIM.
+    _C.MODEL.ION.FC_DROPOUT = 0.5
+
+    # ---------------------------------------------------------------------------------------
+    # Test-time refinements ("W" in Tables 1-3, section 4.2).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.ION.BOX_VOTING = CN()
+    # Two rounds of box regression (the regressed boxes are scored again and pooled with the
+    # first round's) followed by NMS and score-weighted voting (section 4.2).
+    _C.MODEL.ION.BOX_VOTING.ENABLED = False
+    # Boxes overlapping a kept box by at least this IoU vote on its location (section 4.2: 0.5;
+    # the Appendix raises it to ~0.85 for the COCO metric).
+    _C.MODEL.ION.BOX_VOTING.IOU_THRESH = 0.5
+
+    # ---------------------------------------------------------------------------------------
+    # Segmentation regularizer (section 3.2, Figure 3, Table 6): a training-only semantic
+    # segmentation loss on the context features. The head is MODEL.SEM_SEG_HEAD.NAME
+    # ("IONSegRegularizerHead"), reading MODEL.SEM_SEG_HEAD.IN_FEATURES (["context"]), with
+    # NUM_CLASSES, IGNORE_VALUE (255) and LOSS_WEIGHT (1.0) from that node.
+    # ---------------------------------------------------------------------------------------
+    # Whether IONRCNN adds the segmentation loss (Table 6 "Use seg. loss?").
+    _C.MODEL.ION.SEG_LOSS_ON = False
+
+    # ---------------------------------------------------------------------------------------
+    # Training recipe (section 4.1). SOLVER.LR_SCHEDULER_NAME = "IONExponentialLR" decays the
+    # learning rate exponentially from SOLVER.BASE_LR to SOLVER.ION_END_LR over SOLVER.MAX_ITER
+    # (stage 1: 5e-3 -> 1e-4; stage 2: 1e-3 -> 1e-5).
+    # ---------------------------------------------------------------------------------------
+    _C.SOLVER.ION_END_LR = 1e-4

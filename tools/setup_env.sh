@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One idempotent setup step for ion_d2 (run by `make setup`, `make test`, `make demo`):
+# a virtual environment in the repo (.venv, or $ION_D2_VENV), torch, detectron2 and ion_d2 in
+# editable mode. A second run with nothing changed finishes in seconds.
+#
+# Environment:
+#   PYTHON             interpreter that creates the venv (default: python3)
+#   ION_D2_VENV        venv folder (default: .venv in the repo)
+#   ION_D2_TORCH       pip requirement(s) for torch (default: torch==2.14.1 torchvision==0.29.1)
+#   ION_D2_DETECTRON2  your own detectron2 (source checkout or wheel) to install instead of the
+#                      Python-only v0.6
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${ION_D2_VENV:-.venv}
+TORCH_REQ=${ION_D2_TORCH:-torch==2.14.1 torchvision==0.29.1}
+STAMP="$VENV/.ion_d2_setup_stamp"
+
+# Everything that decides what gets installed goes into the stamp.
+key=$(
+  {
+    cat tools/setup_env.sh tools/install_detectron2.py tools/d2_fallback_C.py \
+      tools/requirements-detectron2.txt setup.py
+    echo "$TORCH_REQ|${ION_D2_DETECTRON2:-}"
+  } | sha256sum | cut -d' ' -f1
+)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ] \
+  && "$VENV/bin/python" -c "import detectron2, ion_d2" >/dev/null 2>&1; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+
+start=$(date +%s)
+rm -f "$STAMP"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# pip 26 refuses to even download an sdist from PyPI whose metadata names a URL dependency,
+# which pb1-detectron2's optional [all] extra does; pip 25 downloads it.
+"$PY" -m pip install -q "pip>=23,<26" "setuptools<81" wheel
+# torch first and alone, so that nothing else can pull in a different build of it.
+# shellcheck disable=SC2086
+"$PY" -m pip install -q $TORCH_REQ
+# shellcheck disable=SC2086
+"$PY" -m pip install -q -r tools/requirements-detectron2.txt $TORCH_REQ
+"$PY" tools/install_detectron2.py
+# shellcheck disable=SC2086
+"$PY" -m pip install -q --no-build-isolation -e ".[test]" -r tools/requirements-detectron2.txt \
+  $TORCH_REQ
+"$PY" -c "import detectron2.modeling, detectron2.evaluation, ion_d2"
+echo "$key" >"$STAMP"
+echo "setup: done in $(($(date +%s) - start)) s ($VENV)"
