@@ -1,0 +1,92 @@
+"""VGG16's fc6/fc7 as Fast R-CNN's (and ION's) box head."""
+from typing import List
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
+
+__all__ = ["IONFCHead"]
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class IONFCHead(nn.Module):
+    """
+    Fully connected layers, each followed by ReLU and dropout: VGG16's fc6 and fc7 with
+    Fast R-CNN's dropout (ION section 3; "D" in Tables 1-3 removes the dropout).
+
+    The linear layers are named ``fc1``, ``fc2``, ... as in
+    :class:`detectron2.modeling.roi_heads.FastRCNNConvFCHead`, so checkpoints of the two heads
+    are interchangeable.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, fc_dims: List[int], dropout: float):
+        """
+        Args:
+            input_shape (ShapeSpec): shape of the pooled region features; ``channels * height *
+                width`` inputs per region (a missing height or width counts as 1).
+            fc_dims (list[int]): output dimension of each fc layer, e.g. [4096, 4096].
+            dropout (float): dropout probability after every fc layer's ReLU, in [0, 1);
+                0 disables dropout.
+        """
+        super().__init__()
+        if len(fc_dims) == 0:
+            raise ValueError("IONFCHead needs at least one fc layer; got fc_dims=[].")
+        bad_dims = [d for d in fc_dims if d < 1]
+        if bad_dims:
+            raise ValueError(f"IONFCHead needs positive fc_dims, got {list(fc_dims)}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"IONFCHead needs dropout in [0, 1), got {dropout}.")
+
+        self.dropout = float(dropout)
+        in_dim = input_shape.channels * (input_shape.height or 1) * (input_shape.width or 1)
+        # A plain list: the layers are registered once, under their checkpoint names.
+        self.fcs = []
+        for k, fc_dim in enumerate(fc_dims, start=1):
+            fc = nn.Linear(in_dim, fc_dim)
+            weight_init.c2_xavier_fill(fc)
+            self.add_module(f"fc{k}", fc)
+            self.fcs.append(fc)
+            in_dim = fc_dim
+        self._output_size = in_dim
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec):
+        if cfg.MODEL.ROI_BOX_HEAD.NUM_CONV != 0:
+            raise ValueError(
+                "IONFCHead has no conv layers; MODEL.ROI_BOX_HEAD.NUM_CONV must be 0, got "
+                f"{cfg.MODEL.ROI_BOX_HEAD.NUM_CONV}."
+            )
+        return {
+            "input_shape": input_shape,
+            "fc_dims": [cfg.MODEL.ROI_BOX_HEAD.FC_DIM] * cfg.MODEL.ROI_BOX_HEAD.NUM_FC,
+            "dropout": cfg.MODEL.ION.FC_DROPOUT,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x (Tensor): pooled region features of shape (R, C, H, W), or (R, C*H*W).
+
+        Returns:
+            Tensor: region features of shape (R, fc_dims[-1]).
+        """
+        x = torch.flatten(x, start_dim=1)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+            if self.dropout > 0:
+                x = F.dropout(x, p=self.dropout, training=self.training)
+        return x
+
+    @property
+    def output_shape(self) -> ShapeSpec:
+        """
+        Returns:
+            ShapeSpec: the output feature shape, ``channels=fc_dims[-1]``.
+        """
+        return ShapeSpec(channels=self._output_size)
