@@ -84,7 +84,8 @@ def add_ion_config(cfg: CN) -> None:
     # "roi" normalisation, 130 for "location".
     _C.MODEL.ION.SKIP_POOL.SCALE_INIT = 0.0
     # Output channels of the 1x1 conv (Xavier init) after the concat: 512, fc6's input shape
-    # (section 3.1).
+    # (section 3.1). 0 removes the conv: with one feature and NORM "none" that is plain Fast
+    # R-CNN pooling (Table 4's conv5-only baseline).
     _C.MODEL.ION.SKIP_POOL.REDUCE_DIM = 512
     # Dropout after the concat (section 3.2 item 2: p = 0.25); 0 removes it (the "D" setting of
     # Tables 1-3).

@@ -1,0 +1,152 @@
+"""Skip pooling: ION's multi-layer ROI descriptor (section 3.1, Figure 1, Tables 4-5)."""
+import logging
+from typing import List
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, ShapeSpec, cat
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+from torch import nn
+
+__all__ = ["IONSkipPooler", "l2_normalize_rois", "NORM_MODES", "SCALE_MODES"]
+
+logger = logging.getLogger(__name__)
+
+NORM_MODES = ("roi", "location", "none")
+SCALE_MODES = ("learned", "fixed")
+# Mean norms of conv5 features pooled by Fast R-CNN on the training set (section 5.2).
+_DEFAULT_SCALE = {"roi": 1000.0, "location": 130.0}
+
+
+def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
+    """
+    L2-normalise pooled ROI features (Table 5).
+
+    Args:
+        x (Tensor): pooled features of shape (R, C, H, W).
+        mode (str): "roi" divides each ROI by the norm of all its C x H x W entries (the
+            paper's default, "sum over all entries"); "location" divides each spatial cell by
+            the norm of its C channels (ParseNet, "sum across channels"); "none" returns x.
+
+    Returns:
+        Tensor: same shape as x.
+    """
+    if mode == "none":
+        return x
+    if mode == "roi":
+        norm = x.flatten(1).norm(dim=1).clamp(min=eps)
+        return x / norm[:, None, None, None]
+    if mode == "location":
+        return F.normalize(x, p=2.0, dim=1, eps=eps)
+    raise ValueError(f"Unknown L2 normalisation mode {mode!r}; expected one of {NORM_MODES}.")
+
+
+class IONSkipPooler(nn.Module):
+    """
+    Pools each ROI from several feature maps and fuses the results into one descriptor:
+    one single-scale ROI pooler per feature (Detectron2's multi-level :class:`ROIPooler` assigns
+    each box to ONE level instead), per-feature L2 normalisation, concatenation along channels,
+    re-scaling, dropout and a 1x1 convolution (Xavier init) to ``out_channels``.
+
+    It has :class:`ROIPooler`'s call signature, so :class:`StandardROIHeads` uses it as its
+    ``box_pooler`` unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shapes: List[ShapeSpec],
+        output_size: int,
+        sampling_ratio: int,
+        pooler_type: str,
+        norm: str = "roi",
+        scale: str = "learned",
+        scale_init: float = 0.0,
+        out_channels: int = 512,
+        dropout: float = 0.25,
+    ):
+        """
+        Args:
+            input_shapes (list[ShapeSpec]): channels and stride of each pooled feature, in the
+                order features are passed to :meth:`forward`.
+            output_size (int): ROI pooling resolution (7 for VGG16's fc6).
+            sampling_ratio (int), pooler_type (str): see :class:`ROIPooler`.
+            norm (str): L2 normalisation mode, one of :data:`NORM_MODES` (Table 5).
+            scale (str): "learned" (per-channel, as the paper's scale layer) or "fixed"
+                (section 5.2). Unused when ``norm`` is "none".
+            scale_init (float): initial or fixed scale; 0 picks 1000 for "roi" and 130 for
+                "location" normalisation (section 5.2).
+            out_channels (int): channels of the 1x1 conv output (512 in the paper); 0 skips
+                the conv, so the output has the concatenated channels (with one feature and
+                ``norm="none"`` this is plain Fast R-CNN pooling).
+            dropout (float): dropout probability after the concat (section 3.2: 0.25).
+        """
+        super().__init__()
+        if not input_shapes:
+            raise ValueError("IONSkipPooler needs at least one input feature.")
+        if norm not in NORM_MODES:
+            raise ValueError(f"Unknown L2 normalisation mode {norm!r}; expected one of {NORM_MODES}.")
+        if norm != "none" and scale not in SCALE_MODES:
+            raise ValueError(f"Unknown scale mode {scale!r}; expected one of {SCALE_MODES}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Concat dropout must be in [0, 1); got {dropout}.")
+        if out_channels < 0:
+            raise ValueError(f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}.")
+
+        self.poolers = nn.ModuleList(
+            ROIPooler(
+                output_size=output_size,
+                scales=(1.0 / s.stride,),
+                sampling_ratio=sampling_ratio,
+                pooler_type=pooler_type,
+            )
+            for s in input_shapes
+        )
+        self.norm = norm
+        in_channels = sum(s.channels for s in input_shapes)
+        if norm == "none":
+            self.scale = None
+        else:
+            init = scale_init if scale_init > 0 else _DEFAULT_SCALE[norm]
+            values = torch.full((in_channels,), float(init))
+            if scale == "learned":
+                self.scale = nn.Parameter(values)
+            else:
+                self.register_buffer("scale", values)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if out_channels > 0:
+            # Xavier (Caffe's filler: uniform, fan-in): the more features are concatenated,
+            # the smaller the initial weights (section 3.1).
+            self.reduce = Conv2d(in_channels, out_channels, kernel_size=1)
+            weight_init.c2_xavier_fill(self.reduce)
+            self.out_channels = out_channels
+        else:
+            self.reduce = None
+            self.out_channels = in_channels
+
+    def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """
+        Args:
+            x (list[Tensor]): one (N, C_i, H_i, W_i) feature map per input shape.
+            box_lists (list[Boxes]): the N images' boxes, in input-image coordinates.
+
+        Returns:
+            Tensor: (R, out_channels, output_size, output_size) for the R boxes of all images.
+        """
+        if len(x) != len(self.poolers):
+            raise ValueError(
+                f"IONSkipPooler was built for {len(self.poolers)} features but got {len(x)}."
+            )
+        pooled = [
+            l2_normalize_rois(pooler([feature], box_lists), self.norm)
+            for pooler, feature in zip(self.poolers, x)
+        ]
+        out = cat(pooled, dim=1)
+        if self.scale is not None:
+            out = out * self.scale[None, :, None, None]
+        out = self.dropout(out)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out

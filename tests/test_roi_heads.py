@@ -1,0 +1,190 @@
+"""IONROIHeads and box voting, following detectron2's tests/modeling/test_roi_heads.py."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+from ion_d2.box_voting import box_voting_inference
+from ion_d2.config import add_ion_config
+from ion_d2.roi_heads import IONROIHeads
+from ion_d2.skip_pooling import IONSkipPooler
+
+IMAGE = (64, 80)
+
+
+def _cfg(in_features=("f3", "f4", "f5"), **ion):
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.MODEL.ROI_HEADS.NAME = "IONROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = list(in_features)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIPool"
+    cfg.MODEL.ION.SKIP_POOL.REDUCE_DIM = 8
+    for key, value in ion.items():
+        setattr(cfg.MODEL.ION.SKIP_POOL, key, value)
+    return cfg
+
+
+def _shapes():
+    return {
+        "f3": ShapeSpec(channels=4, stride=4),
+        "f4": ShapeSpec(channels=6, stride=8),
+        "f5": ShapeSpec(channels=6, stride=16),
+        "context": ShapeSpec(channels=6, stride=16),
+    }
+
+
+def _features(n=2):
+    g = torch.Generator().manual_seed(1)
+    return {
+        k: torch.rand(n, s.channels, IMAGE[0] // s.stride, IMAGE[1] // s.stride, generator=g)
+        for k, s in _shapes().items()
+    }
+
+
+def _proposals(counts=(6, 5)):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * 40
+        wh = torch.rand(n, 2, generator=g) * 30 + 8
+        inst = Instances(IMAGE)
+        inst.proposal_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.objectness_logits = torch.rand(n, generator=g)
+        out.append(inst)
+    return out
+
+
+def _targets(counts=(2, 1)):
+    out = []
+    for i, n in enumerate(counts):
+        inst = Instances(IMAGE)
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 40.0, 35.0], [30.0, 5.0, 60.0, 50.0]][:n]))
+        inst.gt_classes = torch.tensor([1, 2][:n])
+        out.append(inst)
+    return out
+
+
+def _images(n=2):
+    return ImageList(torch.zeros(n, 3, *IMAGE), [IMAGE] * n)
+
+
+def test_builds_skip_pooler_over_every_in_feature():
+    heads = build_roi_heads(_cfg(("f3", "f4", "f5", "context")), _shapes())
+    assert isinstance(heads, IONROIHeads)
+    assert isinstance(heads.box_pooler, IONSkipPooler)
+    assert len(heads.box_pooler.poolers) == 4
+    assert heads.box_pooler.reduce.in_channels == 4 + 6 + 6 + 6
+    assert heads.box_pooler.reduce.out_channels == 8
+    # fc6 sees the 8x7x7 descriptor.
+    assert heads.box_head.fc1.in_features == 8 * 7 * 7
+
+
+def test_unknown_in_feature_raises():
+    with pytest.raises(ValueError, match=r"\['conv9'\].*available features"):
+        build_roi_heads(_cfg(("f3", "conv9")), _shapes())
+
+
+def test_training_losses_and_inference_instances():
+    torch.manual_seed(0)
+    heads = build_roi_heads(_cfg(), _shapes())
+    heads.train()
+    with EventStorage():
+        _, losses = heads(_images(), _features(), _proposals(), _targets())
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert heads.box_pooler.reduce.weight.grad.abs().sum() > 0
+    assert heads.box_pooler.scale.grad.abs().sum() > 0
+
+    heads.eval()
+    heads.box_predictor.test_score_thresh = 0.0
+    with torch.no_grad():
+        results, _ = heads(_images(), _features(), _proposals(), None)
+    assert len(results) == 2
+    for r in results:
+        assert r.image_size == IMAGE
+        assert r.has("pred_boxes") and r.has("scores") and r.has("pred_classes")
+        assert len(r) > 0 and (r.pred_classes < 3).all()
+
+
+def test_no_proposals_and_no_ground_truth():
+    torch.manual_seed(0)
+    heads = build_roi_heads(_cfg(), _shapes())
+    heads.train()
+    with EventStorage():
+        _, losses = heads(_images(), _features(), _proposals((0, 4)), _targets((0, 1)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    heads.eval()
+    with torch.no_grad():
+        results, _ = heads(_images(), _features(), _proposals((0, 4)), None)
+    assert len(results[0]) == 0
+
+
+def test_one_feature_without_normalisation_reproduces_standard_roi_heads():
+    cfg = _cfg(("f5",), NORM="none", REDUCE_DIM=0, CONCAT_DROPOUT=0.0)
+    ion = build_roi_heads(cfg, _shapes())
+    std_cfg = cfg.clone()
+    std_cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    std = build_roi_heads(std_cfg, _shapes())
+    missing, unexpected = ion.load_state_dict(std.state_dict(), strict=True)
+    assert not missing and not unexpected
+    ion.eval()
+    std.eval()
+    with torch.no_grad():
+        a, _ = ion(_images(), _features(), _proposals(), None)
+        b, _ = std(_images(), _features(), _proposals(), None)
+    for x, y in zip(a, b):
+        assert len(x) == len(y) > 0
+        assert torch.allclose(x.pred_boxes.tensor, y.pred_boxes.tensor, atol=1e-5)
+        assert torch.allclose(x.scores, y.scores, atol=1e-6)
+        assert torch.equal(x.pred_classes, y.pred_classes)
+
+
+def test_box_voting_by_hand():
+    # One class (K=1), class-specific boxes; two overlapping boxes and one far away.
+    boxes = torch.tensor(
+        [[10.0, 10.0, 30.0, 30.0], [12.0, 10.0, 32.0, 30.0], [50.0, 50.0, 60.0, 60.0]]
+    )
+    scores = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    (result,) = box_voting_inference(
+        [boxes], [scores], [(100, 100)],
+        score_thresh=0.05, nms_thresh=0.5, topk_per_image=100, vote_iou=0.5,
+    )
+    assert torch.allclose(result.scores, torch.tensor([0.9, 0.3]))
+    voted = (0.9 * boxes[0] + 0.6 * boxes[1]) / 1.5
+    assert torch.allclose(result.pred_boxes.tensor[0], voted)
+    assert torch.allclose(result.pred_boxes.tensor[1], boxes[2])
+    # A box of another class never votes.
+    boxes2 = torch.cat([boxes, boxes], dim=1)  # K=2
+    scores2 = torch.tensor([[0.9, 0.0, 0.1], [0.0, 0.6, 0.4], [0.3, 0.0, 0.7]])
+    (result2,) = box_voting_inference(
+        [boxes2], [scores2], [(100, 100)],
+        score_thresh=0.05, nms_thresh=0.5, topk_per_image=100, vote_iou=0.5,
+    )
+    kept0 = result2.pred_boxes.tensor[result2.scores == 0.9][0]
+    assert torch.allclose(kept0, boxes[0])
+
+
+def test_box_voting_inference_through_roi_heads():
+    cfg = _cfg()
+    cfg.MODEL.ION.BOX_VOTING.ENABLED = True
+    heads = build_roi_heads(cfg, _shapes())
+    assert heads.box_voting
+    heads.eval()
+    heads.box_predictor.test_score_thresh = 0.0
+    with torch.no_grad():
+        results, _ = heads(_images(), _features(), _proposals((6, 0)), None)
+    assert len(results[0]) > 0 and len(results[1]) == 0
+    r = results[0]
+    assert (r.pred_boxes.tensor[:, 0::2] <= IMAGE[1]).all()
+    assert (r.pred_boxes.tensor[:, 1::2] <= IMAGE[0]).all()
+    assert (r.pred_boxes.tensor >= 0).all()

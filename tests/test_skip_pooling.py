@@ -1,0 +1,129 @@
+"""Skip pooling (section 3.1, Tables 4-5) against a hand computation with torchvision's ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes
+from torchvision.ops import roi_pool
+
+from ion_d2.skip_pooling import IONSkipPooler, l2_normalize_rois
+
+SHAPES = [ShapeSpec(channels=3, stride=4), ShapeSpec(channels=5, stride=8), ShapeSpec(channels=4, stride=16)]
+
+
+def _features(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(n, s.channels, size // s.stride, size // s.stride, generator=g) for s in SHAPES]
+
+
+def _boxes():
+    return [
+        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0]])),
+        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0]])),
+    ]
+
+
+def _rois(boxes):
+    return torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i)), b.tensor], dim=1) for i, b in enumerate(boxes)]
+    )
+
+
+def test_l2_normalize_modes_by_hand():
+    x = torch.randn(3, 4, 2, 2)
+    roi = l2_normalize_rois(x, "roi")
+    for r in range(3):
+        assert torch.allclose(roi[r], x[r] / torch.sqrt((x[r] ** 2).sum()), atol=1e-6)
+    loc = l2_normalize_rois(x, "location")
+    for i in range(2):
+        for j in range(2):
+            v = x[:, :, i, j]
+            assert torch.allclose(loc[:, :, i, j], v / v.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.equal(l2_normalize_rois(x, "none"), x)
+    with pytest.raises(ValueError, match="'sum'.*roi"):
+        l2_normalize_rois(x, "sum")
+
+
+@pytest.mark.parametrize("norm,default_scale", [("roi", 1000.0), ("location", 130.0)])
+def test_matches_reference_computation(norm, default_scale):
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool",
+        norm=norm, scale="learned", out_channels=6, dropout=0.0,
+    )
+    assert isinstance(pooler.scale, torch.nn.Parameter)
+    assert torch.all(pooler.scale == default_scale)
+    with torch.no_grad():
+        pooler.scale.uniform_(1.0, 2.0)
+    feats, boxes = _features(), _boxes()
+    out = pooler(feats, boxes)
+    assert out.shape == (3, 6, 7, 7)
+
+    rois = _rois(boxes)
+    pooled = []
+    for f, s in zip(feats, SHAPES):
+        p = roi_pool(f, rois, output_size=7, spatial_scale=1.0 / s.stride)
+        if norm == "roi":
+            p = p / p.flatten(1).norm(dim=1)[:, None, None, None]
+        else:
+            p = p / p.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        pooled.append(p)
+    ref = torch.cat(pooled, dim=1) * pooler.scale[None, :, None, None]
+    ref = F.conv2d(ref, pooler.reduce.weight, pooler.reduce.bias)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    # Gradients reach the scale and the 1x1 conv.
+    out.sum().backward()
+    assert pooler.scale.grad.abs().sum() > 0 and pooler.reduce.weight.grad.abs().sum() > 0
+
+
+def test_fixed_scale_no_reduce_and_no_norm():
+    fixed = IONSkipPooler(
+        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool",
+        norm="roi", scale="fixed", scale_init=50.0, out_channels=0, dropout=0.0,
+    )
+    assert not any(True for _ in fixed.parameters())
+    out = fixed(_features(), _boxes())
+    assert out.shape == (3, 12, 7, 7) and fixed.out_channels == 12
+    # Each feature's block has L2 norm 50 per ROI.
+    norms = out[:, :3].flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 50.0), rtol=1e-4)
+
+    plain = IONSkipPooler(
+        input_shapes=SHAPES[:1], output_size=7, sampling_ratio=0, pooler_type="ROIPool",
+        norm="none", out_channels=0, dropout=0.0,
+    )
+    feats, boxes = _features(), _boxes()
+    ref = roi_pool(feats[0], _rois(boxes), output_size=7, spatial_scale=0.25)
+    assert torch.allclose(plain(feats[:1], boxes), ref)
+
+
+def test_dropout_after_concat_and_empty_boxes():
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIAlignV2",
+        norm="roi", out_channels=0, dropout=0.25,
+    )
+    feats, boxes = _features(), _boxes()
+    pooler.train()
+    out = pooler(feats, boxes)
+    zero_frac = (out == 0).float().mean().item()
+    assert 0.15 < zero_frac < 0.35
+    pooler.eval()
+    assert torch.equal(pooler(feats, boxes), pooler(feats, boxes))
+    empty = [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))]
+    assert pooler(feats, empty).shape == (0, 12, 7, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"norm": "l1"}, "'l1'"),
+        ({"scale": "per-roi"}, "'per-roi'"),
+        ({"dropout": 1.0}, "1.0"),
+        ({"out_channels": -1}, "-1"),
+        ({"input_shapes": []}, "at least one"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    args = dict(input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        IONSkipPooler(**args)
