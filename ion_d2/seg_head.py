@@ -1,0 +1,222 @@
+"""ION's semantic segmentation regularizer (section 3.2, Figure 3, Table 6).
+
+During training ION adds a per-pixel softmax loss on the context features: "we add the
+deconvolution and crop layer as implemented by Long et al. The deconvolution upsamples by 16x
+with a 32x32 kernel, and we add an extra softmax loss layer with a weight of 1". The head is
+dropped at test time, so it changes no detection output and costs no inference time.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+__all__ = ["IONSegRegularizerHead", "bilinear_upsampling_kernel"]
+
+
+def bilinear_upsampling_kernel(kernel_size: int) -> torch.Tensor:
+    """
+    The 2D bilinear interpolation kernel of FCN's ``upsample_filt`` (Caffe's "bilinear" filler).
+
+    Args:
+        kernel_size (int): side of the square kernel; 2 * stride for an upsampling by ``stride``.
+
+    Returns:
+        Tensor: (kernel_size, kernel_size) float32 kernel, the outer product of the 1D tent
+        ``1 - |k - center| / factor``.
+    """
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    k = torch.arange(kernel_size, dtype=torch.float32)
+    tent = 1 - (k - center).abs() / factor
+    return tent[:, None] * tent[None, :]
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class IONSegRegularizerHead(nn.Module):
+    """
+    FCN-style segmentation head on one feature map (section 3.2, Table 6): a 1x1 score conv to
+    ``num_classes`` maps, a deconvolution that upsamples by the feature's stride ``s`` with a
+    ``2s x 2s`` bilinear kernel, FCN's crop back to the image, and a per-pixel softmax loss.
+
+    Geometry of the crop. A feature with stride ``s`` (even) made by padded convs and 2x2/2
+    poolings has its cell ``x`` centred on image coordinate ``s * x + (s - 1) / 2`` (pixel ``i``
+    centred on ``i``). A transposed conv with kernel ``2s``, stride ``s`` and no padding writes
+    cell ``x`` centred on output coordinate ``s * x + (2s - 1) / 2``. The two differ by
+    ``s / 2``, so cropping the ``(h + 1) * s`` deconv output from offset ``s / 2`` (8 for conv5
+    or context; FCN's Crop layer derives its offsets from the same mapping) aligns pixel
+    centres. With the bilinear kernel, image
+    pixel ``i`` then gets ``sum_x f[x] * max(0, 1 - |i - s * x - (s - 1) / 2| / s)``: linear
+    interpolation between cell centres, i.e. ``F.interpolate(..., align_corners=False)``
+    wherever a pixel lies between two cell centres. A constant map therefore comes out constant
+    on pixels ``s / 2 ... s * (h - 1) + s / 2 - 1``; the outer half cells fade towards zero, as
+    in FCN.
+
+    The deconvolution is per class (``groups=num_classes``), which equals FCN's initialisation
+    of a full deconv with the bilinear kernel on its diagonal. As in FCN, whose final upsampling
+    layer is fixed to bilinear interpolation (lr_mult 0), it is not learned unless
+    ``learn_upsampling`` is set. The score conv is zero-initialised, as FCN does for its
+    class-scoring layer.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        in_feature: str,
+        num_classes: int,
+        ignore_value: int = 255,
+        loss_weight: float = 1.0,
+        learn_upsampling: bool = False,
+    ):
+        """
+        Args:
+            input_shape (dict[str, ShapeSpec]): shapes of all available features; only
+                ``in_feature`` is read. Its stride must be an even number.
+            in_feature (str): the feature to segment from (section 3.2: "context").
+            num_classes (int): number of labels, background included (K + 1 for K object
+                categories).
+            ignore_value (int): label of pixels with no loss (crowds, padding, unlabelled
+                images); must not be a class index.
+            loss_weight (float): weight of the loss (section 3.2: 1).
+            learn_upsampling (bool): whether the bilinear deconvolution is trained.
+        """
+        super().__init__()
+        if in_feature not in input_shape:
+            raise ValueError(
+                f"IONSegRegularizerHead: in_feature {in_feature!r} is not an available feature; "
+                f"available: {sorted(input_shape)}."
+            )
+        if num_classes < 1:
+            raise ValueError(f"IONSegRegularizerHead: num_classes must be >= 1, got {num_classes}.")
+        if 0 <= ignore_value < num_classes:
+            raise ValueError(
+                f"IONSegRegularizerHead: ignore_value {ignore_value} is a class index; use a "
+                f"value outside [0, {num_classes - 1}] (e.g. 255)."
+            )
+        shape = input_shape[in_feature]
+        stride = shape.stride
+        if stride is None or stride < 2 or stride % 2 != 0:
+            raise ValueError(
+                f"IONSegRegularizerHead: feature {in_feature!r} has stride {stride}; the "
+                "deconvolution and crop need an even stride >= 2 (e.g. 16 for conv5 / context)."
+            )
+
+        self.in_feature = in_feature
+        self.stride = stride
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+
+        self.score = Conv2d(shape.channels, num_classes, kernel_size=1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+        self.upsample = nn.ConvTranspose2d(
+            num_classes,
+            num_classes,
+            kernel_size=2 * stride,
+            stride=stride,
+            groups=num_classes,
+            bias=False,
+        )
+        with torch.no_grad():
+            self.upsample.weight.copy_(
+                bilinear_upsampling_kernel(2 * stride).expand_as(self.upsample.weight)
+            )
+        self.upsample.weight.requires_grad_(learn_upsampling)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+        if len(in_features) != 1:
+            raise ValueError(
+                "IONSegRegularizerHead reads exactly one feature; MODEL.SEM_SEG_HEAD.IN_FEATURES "
+                f"is {in_features}. Set it to one of {sorted(input_shape)} (e.g. ['context'])."
+            )
+        return {
+            "input_shape": input_shape,
+            "in_feature": in_features[0],
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
+        }
+
+    def forward(
+        self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """
+        Args:
+            features (dict[str, Tensor]): feature maps; ``features[in_feature]`` is (N, C, h, w).
+            targets (Tensor or None): (N, H, W) long labels of the padded images, padded with
+                ``ignore_value`` (``ImageList.from_tensors(..., pad_value=ignore_value)``).
+                Required in training. Pixels of an unlabelled image are all ``ignore_value``.
+
+        Returns:
+            In training, ``(None, {"loss_sem_seg": loss})``; the loss is 0, with a gradient
+            path, when every pixel is ignored. In inference, ``(logits, {})`` with (N, K, H, W)
+            logits for the targets' size when targets are given, else for (h * s, w * s).
+        """
+        x = self.score(features[self.in_feature])
+        if self.training:
+            if targets is None:
+                raise ValueError(
+                    "IONSegRegularizerHead needs targets in training; give unlabelled images "
+                    f"targets filled with ignore_value ({self.ignore_value})."
+                )
+            return None, self.losses(x, targets)
+
+        if targets is not None:
+            height, width = targets.shape[-2:]
+        else:
+            height, width = x.shape[-2] * self.stride, x.shape[-1] * self.stride
+        logits = self.upsample_and_crop(x, height, width)
+        # Pixels beyond the deconvolution's reach (only when the image is larger than the
+        # feature map covers) get zero logits, i.e. a uniform prediction.
+        pad_h, pad_w = height - logits.shape[-2], width - logits.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            logits = F.pad(logits, (0, max(pad_w, 0), 0, max(pad_h, 0)))
+        return logits, {}
+
+    def upsample_and_crop(self, scores: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """
+        Upsample class scores to image resolution with the bilinear deconvolution and FCN's crop.
+
+        Args:
+            scores (Tensor): (N, K, h, w) scores at the feature's stride s.
+            height, width (int): size of the (padded) image.
+
+        Returns:
+            Tensor: (N, K, H', W') with H' = min(height, h * s + s / 2) and likewise W'; the
+            deconvolution reaches no further.
+        """
+        offset = self.stride // 2
+        x = self.upsample(scores)
+        return x[:, :, offset : offset + height, offset : offset + width]
+
+    def losses(self, scores: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Per-pixel softmax cross-entropy averaged over the labelled pixels of the batch.
+
+        Args:
+            scores (Tensor): (N, K, h, w) scores at the feature's stride.
+            targets (Tensor): (N, H, W) long labels, ``ignore_value`` where unlabelled.
+
+        Returns:
+            dict[str, Tensor]: ``{"loss_sem_seg": loss * loss_weight}``.
+        """
+        scores = scores.float()  # https://github.com/pytorch/pytorch/issues/48163
+        logits = self.upsample_and_crop(scores, targets.shape[-2], targets.shape[-1])
+        # Target pixels the deconvolution does not reach count as ignored: dropping them
+        # equals padding the logits with an ignored area.
+        targets = targets[:, : logits.shape[-2], : logits.shape[-1]]
+        # A sum divided by the number of labelled pixels equals F.cross_entropy's "mean", but
+        # gives 0 (not 0 / 0 = NaN) when the batch has no labelled pixel.
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum", ignore_index=self.ignore_value)
+        num_labelled = (targets != self.ignore_value).sum().clamp(min=1)
+        return {"loss_sem_seg": loss_sum / num_labelled * self.loss_weight}

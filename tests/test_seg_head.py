@@ -1,0 +1,243 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_sem_seg_head
+from detectron2.utils.events import EventStorage
+
+from ion_d2.config import add_ion_config
+from ion_d2.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel
+
+IGNORE = 255
+
+
+def make_head(channels=6, num_classes=4, stride=16, **kwargs):
+    input_shape = {
+        "conv5": ShapeSpec(channels=3, stride=16),
+        "context": ShapeSpec(channels=channels, stride=stride),
+    }
+    return IONSegRegularizerHead(
+        input_shape, in_feature="context", num_classes=num_classes, **kwargs
+    )
+
+
+def randomize_scores(head):
+    with torch.no_grad():
+        head.score.weight.normal_(0, 0.5)
+        head.score.bias.normal_(0, 0.5)
+
+
+def interp_matrix(out_size, in_size, stride):
+    """Linear interpolation between feature cell centres, from the geometry alone: image pixel
+    i is centred at i, feature cell x at stride * x + (stride - 1) / 2, and the tent has
+    half-width ``stride``."""
+    i = torch.arange(out_size, dtype=torch.float64)[:, None]
+    centres = stride * torch.arange(in_size, dtype=torch.float64)[None, :] + (stride - 1) / 2
+    return (1 - (i - centres).abs() / stride).clamp(min=0)
+
+
+def reference_logits(head, feature, height, width):
+    weight = head.score.weight.detach().double()[:, :, 0, 0]
+    scores = torch.einsum("kc,nchw->nkhw", weight, feature.double())
+    scores = scores + head.score.bias.detach().double()[None, :, None, None]
+    a_y = interp_matrix(height, feature.shape[-2], head.stride)
+    a_x = interp_matrix(width, feature.shape[-1], head.stride)
+    return torch.einsum("Yh,nkhw,Xw->nkYX", a_y, scores, a_x)
+
+
+def test_bilinear_kernel_is_fcn_filler():
+    # FCN's upsample_filt(4): factor 2, centre 1.5 -> 1 - |k - 1.5| / 2.
+    tent4 = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.allclose(bilinear_upsampling_kernel(4), tent4[:, None] * tent4[None, :])
+    # upsample_filt(3): factor 2, centre 1.
+    tent3 = torch.tensor([0.5, 1.0, 0.5])
+    assert torch.allclose(bilinear_upsampling_kernel(3), tent3[:, None] * tent3[None, :])
+
+
+def test_deconv_init_matches_bilinear_interpolation_in_interior():
+    torch.manual_seed(0)
+    k, s, h, w = 3, 16, 4, 5
+    head = make_head(channels=k, num_classes=k, stride=s).eval()
+    with torch.no_grad():
+        head.score.weight.copy_(torch.eye(k)[:, :, None, None])
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    smooth = torch.stack([torch.sin(0.7 * ys + 0.3 * xs), torch.cos(0.5 * xs), ys * xs / 10])
+    feature = smooth[None]
+
+    logits, extra = head({"context": feature})
+    assert extra == {}
+    assert logits.shape == (1, k, h * s, w * s)
+
+    expected = F.interpolate(feature, scale_factor=s, mode="bilinear", align_corners=False)
+    # Interior: pixels between the first and last feature cell centres (7.5 and 16 * h - 8.5).
+    rows, cols = slice(s // 2, s * (h - 1) + s // 2), slice(s // 2, s * (w - 1) + s // 2)
+    inner = (slice(None), slice(None), rows, cols)
+    assert torch.allclose(logits[inner], expected[inner], atol=1e-5)
+
+    # A constant map stays constant in the interior and fades outside it (FCN's border).
+    const, _ = head({"context": torch.full((1, k, h, w), 2.0)})
+    assert torch.allclose(const[inner], torch.full_like(const[inner], 2.0), atol=1e-5)
+    assert (const[:, :, 0, :] < 2.0).all() and (const[:, :, :, -1] < 2.0).all()
+
+    # A single active cell peaks symmetrically around its centre 16 * (1, 2) + 7.5.
+    delta = torch.zeros(1, k, h, w)
+    delta[0, 0, 1, 2] = 1.0
+    out, _ = head({"context": delta})
+    peak = out[0, 0]
+    assert torch.isclose(peak[23, 39], peak.max()) and torch.isclose(peak[24, 40], peak.max())
+    assert torch.allclose(peak[23 - 5, 39], peak[24 + 5, 39])
+    assert torch.allclose(peak[23, 39 - 9], peak[23, 40 + 9])
+
+
+@pytest.mark.parametrize(
+    "feat_hw,img_hw",
+    [
+        ((4, 5), (64, 80)),  # multiples of the stride
+        ((3, 4), (37, 50)),  # not multiples of 16
+        ((3, 2), (33, 17)),
+        ((2, 3), (45, 60)),  # larger than the deconvolution reaches (2 * 16 + 8 = 40 rows)
+    ],
+)
+def test_output_size_and_alignment(feat_hw, img_hw):
+    torch.manual_seed(1)
+    head = make_head().eval()
+    randomize_scores(head)
+    feature = torch.randn(2, 6, *feat_hw)
+    targets = torch.full((2, *img_hw), IGNORE, dtype=torch.long)
+
+    logits, _ = head({"context": feature}, targets)
+    assert logits.shape == (2, 4, *img_hw)
+    expected = reference_logits(head, feature, *img_hw).float()
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+    no_targets, _ = head({"context": feature})
+    assert no_targets.shape == (2, 4, feat_hw[0] * 16, feat_hw[1] * 16)
+
+
+@pytest.mark.parametrize("feat_hw,img_hw", [((3, 4), (37, 50)), ((2, 3), (45, 60))])
+def test_loss_equals_cross_entropy(feat_hw, img_hw):
+    torch.manual_seed(2)
+    head = make_head().train()
+    randomize_scores(head)
+    feature = torch.randn(2, 6, *feat_hw)
+    targets = torch.randint(0, 4, (2, *img_hw))
+    targets[0, :, -7:] = IGNORE  # padding of a narrower image
+    targets[1, 5:9, 3:20] = IGNORE  # a crowd region
+
+    with EventStorage():
+        result, losses = head({"context": feature}, targets)
+    assert result is None
+    assert set(losses) == {"loss_sem_seg"}
+
+    ref_targets = targets.clone()
+    # Pixels beyond the deconvolution's reach (rows/cols >= s * h + s / 2) are ignored.
+    ref_targets[:, feat_hw[0] * 16 + 8 :, :] = IGNORE
+    ref_targets[:, :, feat_hw[1] * 16 + 8 :] = IGNORE
+    expected = F.cross_entropy(
+        reference_logits(head, feature, *img_hw), ref_targets, ignore_index=IGNORE
+    )
+    assert torch.isclose(losses["loss_sem_seg"].double(), expected, rtol=1e-5)
+
+
+def test_loss_weight_scales():
+    torch.manual_seed(3)
+    feature = torch.randn(1, 6, 3, 3)
+    targets = torch.randint(0, 4, (1, 48, 48))
+    values = []
+    for weight in (1.0, 0.25):
+        torch.manual_seed(4)
+        head = make_head(loss_weight=weight).train()
+        randomize_scores(head)
+        values.append(head({"context": feature}, targets)[1]["loss_sem_seg"])
+    assert torch.isclose(values[1], 0.25 * values[0])
+
+
+def test_zero_init_gives_uniform_prediction():
+    head = make_head(num_classes=5).train()
+    targets = torch.randint(0, 5, (1, 32, 32))
+    loss = head({"context": torch.randn(1, 6, 2, 2)}, targets)[1]["loss_sem_seg"]
+    assert torch.isclose(loss, torch.tensor(math.log(5.0)))
+
+
+def test_all_ignored_gives_zero_loss_with_finite_grads():
+    torch.manual_seed(5)
+    head = make_head().train()
+    randomize_scores(head)
+    feature = torch.randn(2, 6, 3, 3, requires_grad=True)
+    targets = torch.full((2, 48, 48), IGNORE, dtype=torch.long)
+    loss = head({"context": feature}, targets)[1]["loss_sem_seg"]
+    assert loss.item() == 0.0
+    loss.backward()
+    for grad in (feature.grad, head.score.weight.grad, head.score.bias.grad):
+        assert grad is not None and torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_gradients_flow():
+    torch.manual_seed(6)
+    targets = torch.randint(0, 4, (1, 40, 40))
+
+    # Zero-initialised score conv (FCN): the score weights learn, the feature sees no gradient yet.
+    head = make_head().train()
+    feature = torch.randn(1, 6, 3, 3, requires_grad=True)
+    head({"context": feature}, targets)[1]["loss_sem_seg"].backward()
+    assert head.score.weight.grad.abs().sum() > 0
+    assert (feature.grad == 0).all()
+    assert not head.upsample.weight.requires_grad and head.upsample.weight.grad is None
+
+    randomize_scores(head)
+    feature = torch.randn(1, 6, 3, 3, requires_grad=True)
+    head({"context": feature}, targets)[1]["loss_sem_seg"].backward()
+    assert feature.grad.abs().sum() > 0
+
+    learned = make_head(learn_upsampling=True).train()
+    randomize_scores(learned)
+    learned({"context": torch.randn(1, 6, 3, 3)}, targets)[1]["loss_sem_seg"].backward()
+    assert learned.upsample.weight.grad.abs().sum() > 0
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="'res5'.*available"):
+        IONSegRegularizerHead(
+            {"context": ShapeSpec(channels=4, stride=16)}, in_feature="res5", num_classes=3
+        )
+    with pytest.raises(ValueError, match="stride 3"):
+        make_head(stride=3)
+    with pytest.raises(ValueError, match="ignore_value 2"):
+        make_head(num_classes=4, ignore_value=2)
+    with pytest.raises(ValueError, match="needs targets"):
+        make_head().train()({"context": torch.randn(1, 6, 2, 2)})
+
+
+def seg_cfg():
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "IONSegRegularizerHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["context"]
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 0.5
+    return cfg
+
+
+def test_build_from_config():
+    input_shape = {
+        "conv5": ShapeSpec(channels=8, stride=16),
+        "context": ShapeSpec(channels=6, stride=16),
+    }
+    head = build_sem_seg_head(seg_cfg(), input_shape)
+    assert isinstance(head, IONSegRegularizerHead)
+    assert (head.in_feature, head.num_classes, head.ignore_value) == ("context", 5, 255)
+    assert head.loss_weight == 0.5 and head.stride == 16
+    assert head.score.weight.shape == (5, 6, 1, 1)
+    assert head.upsample.weight.shape == (5, 1, 32, 32)
+
+    cfg = seg_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["conv5", "context"]
+    with pytest.raises(ValueError, match="exactly one feature"):
+        build_sem_seg_head(cfg, input_shape)
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p5"]
+    with pytest.raises(ValueError, match="'p5'.*\\['context', 'conv5'\\]"):
+        build_sem_seg_head(cfg, input_shape)
