@@ -148,6 +148,14 @@ class IONVGG16(Backbone):
             for name in self._out_features
         }
 
+    @property
+    def size_divisibility(self) -> int:
+        """
+        Inputs are padded to a multiple of the deepest built stride, so every feature map is
+        exactly the input size divided by its stride (pooling never drops a row or column).
+        """
+        return max(self._out_feature_strides.values())
+
     def freeze(self, freeze_at: int = 0) -> "IONVGG16":
         """
         Freeze conv1 ... conv{freeze_at}, like :meth:`detectron2.modeling.ResNet.freeze`.

@@ -55,7 +55,12 @@ def test_full_width_output_shape():
     assert backbone.conv1_1.weight.shape == (64, 3, 3, 3)
     assert backbone.conv4_3.weight.shape == (512, 512, 3, 3)
     assert backbone.conv5_3.bias.shape == (512,)
-    assert backbone.size_divisibility == 0
+    assert backbone.size_divisibility == 16
+    # Padded to a multiple of 16, every map is exactly input / stride.
+    out = build_backbone(_cfg(width_mult=0.125))(torch.zeros(1, 3, 48, 80))
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [
+        (48 // s, 80 // s) for s in (1, 2, 4, 8, 16)
+    ]
 
 
 def test_width_mult_forward_shapes():
