@@ -1,7 +1,25 @@
 """ion_d2: Inside-Outside Net (Bell et al., CVPR 2016) as a Detectron2 plugin.
 
-Importing this package registers every ION component in Detectron2's registries.
+Importing this package registers every ION component in Detectron2's registries:
+``build_ion_vgg16_backbone`` (BACKBONE), ``IONFCHead`` (ROI_BOX_HEAD), ``IONROIHeads``
+(ROI_HEADS), ``IONSegRegularizerHead`` (SEM_SEG_HEADS), ``IONRCNN`` (META_ARCH) and the context
+modules of ``ION_CONTEXT_REGISTRY``.
 """
+from . import box_head as _box_head  # noqa: F401  (registration only)
 from .config import add_ion_config
+from .context import ION_CONTEXT_REGISTRY, build_ion_context
+from .meta_arch import IONRCNN
+from .roi_heads import IONROIHeads
+from .seg_head import IONSegRegularizerHead
+from .vgg16 import IONVGG16, build_ion_vgg16_backbone
 
-__all__ = ["add_ion_config"]
+__all__ = [
+    "add_ion_config",
+    "ION_CONTEXT_REGISTRY",
+    "build_ion_context",
+    "IONRCNN",
+    "IONROIHeads",
+    "IONSegRegularizerHead",
+    "IONVGG16",
+    "build_ion_vgg16_backbone",
+]

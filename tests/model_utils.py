@@ -1,0 +1,56 @@
+"""Helpers shared by the model tests: tiny configs and random inputs."""
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from ion_d2 import add_ion_config
+
+
+def load_cfg(path: str):
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def shrink_cfg(cfg):
+    """Keep a config's architecture but make it CPU-test sized, without pretrained weights."""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    ion = cfg.MODEL.ION
+    ion.VGG16.WIDTH_MULT = min(ion.VGG16.WIDTH_MULT, 0.125)
+    ion.CONTEXT.IRNN.HIDDEN_DIM = min(ion.CONTEXT.IRNN.HIDDEN_DIM, 16)
+    ion.CONTEXT.CONV.CHANNELS = min(ion.CONTEXT.CONV.CHANNELS, 16)
+    if ion.SKIP_POOL.REDUCE_DIM > 0:
+        ion.SKIP_POOL.REDUCE_DIM = min(ion.SKIP_POOL.REDUCE_DIM, 32)
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = min(cfg.MODEL.ROI_BOX_HEAD.FC_DIM, 64)
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 300
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    return cfg
+
+
+def random_inputs(cfg, n=2, size=(96, 128), with_sem_seg=(True, False), seed=0):
+    """Random images with one or two boxes each; sem_seg for the images flagged in with_sem_seg."""
+    g = torch.Generator().manual_seed(seed)
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    inputs = []
+    for i in range(n):
+        h, w = size
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 90.0, 40.0]]))
+        inst.gt_classes = torch.tensor([i % num_classes, (i + 1) % num_classes])
+        x = {
+            "image": torch.randint(0, 256, (3, h, w), generator=g).float(),
+            "instances": inst,
+            "height": h,
+            "width": w,
+        }
+        if with_sem_seg[i % len(with_sem_seg)]:
+            seg = torch.zeros(h, w, dtype=torch.long)
+            seg[12:60, 10:50] = 1
+            seg[0:4] = 255
+            x["sem_seg"] = seg
+        inputs.append(x)
+    return inputs
