@@ -236,16 +236,30 @@ class _IRNNLayer(nn.Module):
         else:
             self.register_parameter("first_step_bias", None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def direction_states(self, x: Tensor) -> Dict[str, Tensor]:
+        """
+        The hidden maps of each direction (Figure 4: what each cell summarises of the cells to
+        its left, right, above or below).
+
+        Args:
+            x (Tensor): (N, C, H, W) layer input.
+
+        Returns:
+            dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order.
+        """
         hidden = self.input_to_hidden(x)
-        states = []
+        states = {}
         for i, direction in enumerate(self.directions):
             b0 = None if self.first_step_bias is None else self.first_step_bias[i]
             if self.whh is None:
-                states.append(irnn_scan_identity(hidden, direction, b0))
+                states[direction] = irnn_scan_identity(hidden, direction, b0)
             else:
-                states.append(irnn_scan(hidden, self.whh[i], direction, b0))
-        return F.relu(self.hidden_to_output(torch.cat(states, dim=1)))
+                states[direction] = irnn_scan(hidden, self.whh[i], direction, b0)
+        return states
+
+    def forward(self, x: Tensor) -> Tensor:
+        states = self.direction_states(x)
+        return F.relu(self.hidden_to_output(torch.cat(list(states.values()), dim=1)))
 
 
 @ION_CONTEXT_REGISTRY.register()

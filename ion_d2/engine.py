@@ -1,0 +1,39 @@
+"""The trainer used by train_net.py, the demo and the baseline comparison."""
+import os
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from .d2_compat import has_compiled_ops
+from .solver import build_ion_lr_scheduler
+
+__all__ = ["IONTrainer"]
+
+
+class IONTrainer(DefaultTrainer):
+    """
+    :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
+    ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
+    """
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type == "coco":
+            # Without detectron2's compiled ops, evaluate with the official pycocotools code.
+            return COCOEvaluator(
+                dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+            )
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise NotImplementedError(
+            f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
+            "ion_d2 supports 'coco' and 'pascal_voc'."
+        )
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_ion_lr_scheduler(cfg, optimizer)

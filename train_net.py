@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""
+Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
+
+    python train_net.py --config-file configs/ION_VGG16_synthetic.yaml
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+    python train_net.py --config-file <cfg> --resume          # continue an interrupted run
+    python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
+
+The paper's two-stage schedule (section 4.1) is two commands: a stage-1 config, then the
+stage-2 config, whose MODEL.WEIGHTS points at stage 1's model_final.pth (see README.md).
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ion_d2 import add_ion_config
+from ion_d2.engine import IONTrainer as Trainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
