@@ -12,4 +12,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) tools/demo_main.py
+	$(PY) tools/run_demo.py
+
+compare: setup
+	$(PY) benchmarks/compare_baseline.py

@@ -36,7 +36,8 @@ def add_ion_config(cfg: CN) -> None:
     # ---------------------------------------------------------------------------------------
     _C.MODEL.ION.CONTEXT = CN()
     # Name in ION_CONTEXT_REGISTRY: "IRNN" (Table 7d, the paper's model), "StackedConv"
-    # (Table 7a/b), "GlobalAvgPool" (Table 7c, ParseNet), or "" for no context module.
+    # (Table 7a/b), "GlobalAvgPool" (Table 7c, ParseNet), "IRNNAndStackedConv" (Table 10c: both,
+    # adding "context_conv" for the ROI heads to pool), or "" for no context module.
     _C.MODEL.ION.CONTEXT.NAME = "IRNN"
     # The backbone feature the context module reads (section 3.2: conv5; "res4"/"p5" for
     # ResNet-C4/FPN backbones).

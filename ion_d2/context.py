@@ -517,3 +517,46 @@ class GlobalAvgPool(nn.Module):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}
+
+
+@ION_CONTEXT_REGISTRY.register()
+class IRNNAndStackedConv(nn.Module):
+    """
+    Table 10c: an :class:`IRNN` and a :class:`StackedConv` side by side on the same input
+    feature, so the ROI heads can pool from both: the IRNN's output is "context" (plus its
+    intermediate layers with ``IRNN.OUTPUT_ALL_LAYERS``), the convs' output "context_conv".
+    """
+
+    @configurable
+    def __init__(self, *, irnn: nn.Module, stacked_conv: nn.Module):
+        """
+        Args:
+            irnn (IRNN): the recurrent context branch.
+            stacked_conv (StackedConv): the convolutional branch.
+        """
+        super().__init__()
+        self.irnn = irnn
+        self.stacked_conv = stacked_conv
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:
+        return {"irnn": IRNN(cfg, input_shape), "stacked_conv": StackedConv(cfg, input_shape)}
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The IRNN branch's layers (for inspection, as :attr:`IRNN.layers`)."""
+        return self.irnn.layers
+
+    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """
+        Returns:
+            dict[str, Tensor]: the IRNN's outputs and ``"context_conv"``.
+        """
+        out = self.irnn(features)
+        out["context_conv"] = self.stacked_conv(features)["context"]
+        return out
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        shapes = self.irnn.output_shape()
+        shapes["context_conv"] = self.stacked_conv.output_shape()["context"]
+        return shapes

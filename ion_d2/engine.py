@@ -1,5 +1,7 @@
 """The trainer used by train_net.py, the demo and the baseline comparison."""
+import logging
 import os
+from typing import Any, Dict, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -8,7 +10,9 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from .d2_compat import has_compiled_ops
 from .solver import build_ion_lr_scheduler
 
-__all__ = ["IONTrainer"]
+__all__ = ["IONTrainer", "train_and_evaluate"]
+
+logger = logging.getLogger(__name__)
 
 
 class IONTrainer(DefaultTrainer):
@@ -37,3 +41,28 @@ class IONTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_ion_lr_scheduler(cfg, optimizer)
+
+
+def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[str, Any]]:
+    """
+    Train ``cfg`` with :class:`IONTrainer` (resuming from the last checkpoint in
+    ``cfg.OUTPUT_DIR`` when ``resume``; a finished run is not trained again), then evaluate the
+    final model once on ``cfg.DATASETS.TEST``.
+
+    Returns:
+        tuple: the trainer (its ``model`` is the trained model) and the evaluation results,
+        as returned by :meth:`DefaultTrainer.test`.
+    """
+    train_cfg = cfg.clone()
+    train_cfg.defrost()
+    # Evaluate once, below, instead of in the trainer's final EvalHook as well.
+    train_cfg.DATASETS.TEST = ()
+    train_cfg.freeze()
+    trainer = IONTrainer(train_cfg)
+    trainer.resume_or_load(resume=resume)
+    if trainer.start_iter < train_cfg.SOLVER.MAX_ITER:
+        trainer.train()
+    else:
+        logger.info(f"{train_cfg.OUTPUT_DIR} holds a finished run; not training again.")
+    trainer.model.eval()
+    return trainer, IONTrainer.test(cfg, trainer.model)

@@ -430,3 +430,27 @@ def test_stacked_conv_bad_config_raises(key, value, match):
     cfg.MODEL.ION.CONTEXT.CONV[key] = value
     with pytest.raises(ValueError, match=match):
         build_ion_context(cfg, INPUT_SHAPE)
+
+
+def test_irnn_and_stacked_conv_table_10c():
+    from ion_d2.context import IRNN, IRNNAndStackedConv, StackedConv
+
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.MODEL.ION.CONTEXT.NAME = "IRNNAndStackedConv"
+    cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 3
+    cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 5
+    shapes = {"conv5": ShapeSpec(channels=4, stride=16)}
+    module = build_ion_context(cfg, shapes)
+    assert isinstance(module, IRNNAndStackedConv)
+    x = torch.randn(2, 4, 5, 6)
+    out = module({"conv5": x})
+    assert set(out) == {"context", "context_conv"}
+    assert torch.allclose(out["context"], module.irnn({"conv5": x})["context"])
+    assert torch.allclose(out["context_conv"], module.stacked_conv({"conv5": x})["context"])
+    assert out["context_conv"].shape == (2, 5, 5, 6)
+    assert {k: (v.channels, v.stride) for k, v in module.output_shape().items()} == {
+        "context": (4, 16),
+        "context_conv": (5, 16),
+    }
+    assert isinstance(module.irnn, IRNN) and isinstance(module.stacked_conv, StackedConv)
