@@ -4,6 +4,7 @@
 detectron2 itself is not listed in install_requires: it is not on PyPI under its own name.
 `make setup` (tools/setup_env.sh) installs it; see README.md.
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -10,6 +10,7 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
 The paper's two-stage schedule (section 4.1) is two commands: a stage-1 config, then the
 stage-2 config, whose MODEL.WEIGHTS points at stage 1's model_final.pth (see README.md).
 """
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch

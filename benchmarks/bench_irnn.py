@@ -18,6 +18,7 @@ baseline's output relative to the baseline's largest value. Example::
 
     python benchmarks/bench_irnn.py --height 38 --width 50 --hidden 512
 """
+
 import argparse
 import statistics
 import time

@@ -7,6 +7,7 @@ schedule, seed and data, evaluates both with the stock COCOEvaluator, and prints
 AP50, APs, and the mean AP over the classes that need context, for each model and ION minus
 baseline. Finished runs in the output folder are reused, interrupted ones resumed.
 """
+
 import argparse
 import json
 import logging

@@ -5,6 +5,7 @@ Importing this package registers every ION component in Detectron2's registries:
 (ROI_HEADS), ``IONSegRegularizerHead`` (SEM_SEG_HEADS), ``IONRCNN`` (META_ARCH) and the context
 modules of ``ION_CONTEXT_REGISTRY``.
 """
+
 from . import box_head as _box_head  # noqa: F401  (registration only)
 from . import data as _data  # noqa: F401  (registers the bundled datasets)
 from .config import add_ion_config

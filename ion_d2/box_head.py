@@ -1,14 +1,14 @@
 """VGG16's fc6/fc7 as Fast R-CNN's (and ION's) box head."""
+
 from typing import List
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
+from torch import nn
 
 __all__ = ["IONFCHead"]
 

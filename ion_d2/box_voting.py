@@ -1,4 +1,5 @@
 """Weighted box voting after NMS ("W" in Tables 1-3; section 4.2, after MR-CNN)."""
+
 from typing import List, Tuple
 
 import torch

@@ -3,6 +3,7 @@
 Section and table numbers refer to Bell et al., "Inside-Outside Net: Detecting Objects in
 Context with Skip Pooling and Recurrent Neural Networks", CVPR 2016.
 """
+
 from detectron2.config import CfgNode as CN
 
 

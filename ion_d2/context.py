@@ -9,16 +9,16 @@ are the alternatives compared in Table 7.
 The directional recurrences are the module-level functions :func:`irnn_scan` (learned recurrent
 transition ``Whh``) and :func:`irnn_scan_identity` (``Whh = I``, closed form, no step loop).
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
+from torch import Tensor, nn
 
 __all__ = [
     "ION_CONTEXT_REGISTRY",
@@ -72,7 +72,7 @@ def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Option
         registered = sorted(k for k, _ in ION_CONTEXT_REGISTRY)
         raise KeyError(
             f"cfg.MODEL.ION.CONTEXT.NAME={name!r} is not in the ION_CONTEXT registry; "
-            f"registered names: {registered} (or \"\" for no context module)."
+            f'registered names: {registered} (or "" for no context module).'
         )
     return ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
 

@@ -1,4 +1,5 @@
 """Facts about the installed detectron2 that ion_d2 adapts to."""
+
 import functools
 
 

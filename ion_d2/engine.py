@@ -1,4 +1,5 @@
 """The trainer used by train_net.py, the demo and the baseline comparison."""
+
 import logging
 import os
 from typing import Any, Dict, Tuple

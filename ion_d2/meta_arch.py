@@ -1,4 +1,5 @@
 """IONRCNN: Generalized R-CNN with ION's context features and segmentation regularizer."""
+
 import logging
 from typing import Dict, List, Optional
 
@@ -66,7 +67,9 @@ class IONRCNN(GeneralizedRCNN):
         context = build_ion_context(cfg, feature_shapes)
         if context is not None:
             feature_shapes.update(context.output_shape())
-        sem_seg_head = build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
+        sem_seg_head = (
+            build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
+        )
         return {
             "backbone": backbone,
             "context": context,
@@ -108,7 +111,9 @@ class IONRCNN(GeneralizedRCNN):
                 targets.append(x["sem_seg"].to(self.device))
             else:
                 targets.append(
-                    torch.full((h, w), self.sem_seg_ignore_value, dtype=torch.long, device=self.device)
+                    torch.full(
+                        (h, w), self.sem_seg_ignore_value, dtype=torch.long, device=self.device
+                    )
                 )
         return ImageList.from_tensors(
             targets, self.backbone.size_divisibility, pad_value=self.sem_seg_ignore_value

@@ -1,4 +1,5 @@
 """ION's ROI heads: skip pooling from several layers plus the context features (section 3.1)."""
+
 import logging
 from typing import Dict, List
 
@@ -58,7 +59,7 @@ class IONROIHeads(StandardROIHeads):
         if missing:
             raise ValueError(
                 f"MODEL.ROI_HEADS.IN_FEATURES names {missing}, which the model does not produce; "
-                f"available features: {sorted(input_shape)} (\"context\" needs "
+                f'available features: {sorted(input_shape)} ("context" needs '
                 "MODEL.META_ARCHITECTURE 'IONRCNN' with MODEL.ION.CONTEXT.NAME set)."
             )
         resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION

@@ -5,15 +5,15 @@ deconvolution and crop layer as implemented by Long et al. The deconvolution ups
 with a 32x32 kernel, and we add an extra softmax loss layer with a weight of 1". The head is
 dropped at test time, so it changes no detection output and costs no inference time.
 """
+
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["IONSegRegularizerHead", "bilinear_upsampling_kernel"]
 

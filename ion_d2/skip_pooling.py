@@ -1,4 +1,5 @@
 """Skip pooling: ION's multi-layer ROI descriptor (section 3.1, Figure 1, Tables 4-5)."""
+
 import logging
 from typing import List
 
@@ -87,13 +88,17 @@ class IONSkipPooler(nn.Module):
         if not input_shapes:
             raise ValueError("IONSkipPooler needs at least one input feature.")
         if norm not in NORM_MODES:
-            raise ValueError(f"Unknown L2 normalisation mode {norm!r}; expected one of {NORM_MODES}.")
+            raise ValueError(
+                f"Unknown L2 normalisation mode {norm!r}; expected one of {NORM_MODES}."
+            )
         if norm != "none" and scale not in SCALE_MODES:
             raise ValueError(f"Unknown scale mode {scale!r}; expected one of {SCALE_MODES}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Concat dropout must be in [0, 1); got {dropout}.")
         if out_channels < 0:
-            raise ValueError(f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}.")
+            raise ValueError(
+                f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}."
+            )
 
         self.poolers = nn.ModuleList(
             ROIPooler(

@@ -1,4 +1,5 @@
 """ION's learning-rate schedule (section 4.1)."""
+
 import torch
 from detectron2.solver import build_lr_scheduler
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler

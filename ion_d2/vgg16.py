@@ -4,12 +4,12 @@ ION (section 3) builds on Fast R-CNN's VGG16: 13 3x3 convolutions with ReLU and 
 max-pool after conv1_2, conv2_2, conv3_3 and conv4_3. pool5 is left out because the ROI pooling
 layer takes its place.
 """
+
 from typing import Dict, List, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 

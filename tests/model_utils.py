@@ -1,4 +1,5 @@
 """Helpers shared by the model tests: tiny configs and random inputs."""
+
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from pycocotools import mask as mask_util
-
 from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import read_image
+from PIL import Image
+from pycocotools import mask as mask_util
 
 from ion_d2.data.coco_semseg import attach_sem_seg_files, coco_to_semseg_labels
 

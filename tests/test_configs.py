@@ -1,5 +1,6 @@
 """Every YAML in configs/ builds a model that trains a step and runs inference on CPU, as
 DensePose's test_setup.py does for its configs."""
+
 import glob
 import os
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-
 from model_utils import load_cfg, random_inputs, shrink_cfg
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -3,9 +3,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+
 from ion_d2.config import add_ion_config
 from ion_d2.context import (
     ION_CONTEXT_REGISTRY,

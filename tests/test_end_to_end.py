@@ -1,6 +1,9 @@
 """A few-iteration train + evaluate + predict on a tiny slice of the bundled dataset."""
+
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -10,12 +13,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from model_utils import load_cfg
 
 from ion_d2.data import register_ion_synthetic
 from ion_d2.engine import train_and_evaluate
-from model_utils import load_cfg
 
-TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +78,56 @@ def test_train_evaluate_predict_and_reload(synth_slice, tmp_path):
     rgb = image[:, :, ::-1] if pred_cfg.INPUT.FORMAT == "RGB" else image
     with torch.no_grad():
         b = model(
-            [{"image": torch.as_tensor(rgb.transpose(2, 0, 1).astype("float32")),
-              "height": image.shape[0], "width": image.shape[1]}]
+            [
+                {
+                    "image": torch.as_tensor(rgb.transpose(2, 0, 1).astype("float32")),
+                    "height": image.shape[0],
+                    "width": image.shape[1],
+                }
+            ]
         )[0]["instances"]
     assert len(a) == len(b) > 0
     assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-4)
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
+
+    # BGR uint8 images of any size.
+    rng = np.random.RandomState(0)
+    for h, w in ((37, 53), (250, 90)):
+        out = predictor(rng.randint(0, 256, size=(h, w, 3), dtype=np.uint8))["instances"]
+        assert out.image_size == (h, w)
+        boxes = out.pred_boxes.tensor
+        assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+
+    # tools/predict.py on a folder writes one visualised PNG per image.
+    image_dir = os.path.dirname(DatasetCatalog.get(val)[0]["file_name"])
+    vis_dir = tmp_path / "vis"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "predict.py"),
+            "--config-file",
+            TINY,
+            "--weights",
+            weights,
+            "--input",
+            image_dir,
+            "--output",
+            str(vis_dir),
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "6",
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+            str(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(os.listdir(vis_dir))
+    assert written == sorted(os.listdir(image_dir))
+    assert (
+        cv2.imread(str(vis_dir / written[0])).shape[:2]
+        == cv2.imread(os.path.join(image_dir, written[0])).shape[:2]
+    )
 
     # A second call finds the finished run and does not train again.
     trainer2, _ = train_and_evaluate(cfg)

@@ -1,5 +1,6 @@
 """The environment ion_d2 stands on: detectron2 imports, its compiled-op fallback, a stock
 predictor and the COCO evaluator, all on CPU."""
+
 import json
 import subprocess
 import sys
@@ -74,8 +75,13 @@ def test_default_predictor_stock_r50_c4_on_cpu():
     assert resized.shape == (160, 200, 3)
     with torch.no_grad():
         direct = predictor.model(
-            [{"image": torch.as_tensor(resized.transpose(2, 0, 1).astype("float32")),
-              "height": 120, "width": 150}]
+            [
+                {
+                    "image": torch.as_tensor(resized.transpose(2, 0, 1).astype("float32")),
+                    "height": 120,
+                    "width": 150,
+                }
+            ]
         )[0]["instances"]
     assert len(direct) == len(instances)
     assert torch.allclose(direct.pred_boxes.tensor, boxes, atol=1e-3)

@@ -1,5 +1,6 @@
 """IONRCNN's data flow: context features, the training-only segmentation regularizer, and ION's
 heads swapped into a stock Detectron2 config."""
+
 import os
 
 import pytest
@@ -9,15 +10,18 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from model_utils import load_cfg, random_inputs, shrink_cfg
 
 from ion_d2 import IONRCNN, add_ion_config
-from model_utils import load_cfg, random_inputs, shrink_cfg
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
 def _strip(inputs):
-    return [{k: v for k, v in x.items() if k not in ("instances", "sem_seg", "proposals")} for x in inputs]
+    return [
+        {k: v for k, v in x.items() if k not in ("instances", "sem_seg", "proposals")}
+        for x in inputs
+    ]
 
 
 def test_context_feature_is_added_with_conv5_shape():
@@ -88,7 +92,9 @@ def test_precomputed_proposals_as_in_the_paper():
     inputs = random_inputs(cfg)
     for x in inputs:
         props = Instances((x["height"], x["width"]))
-        props.proposal_boxes = Boxes(torch.tensor([[8.0, 10.0, 52.0, 58.0], [0.0, 0.0, 60.0, 60.0]]))
+        props.proposal_boxes = Boxes(
+            torch.tensor([[8.0, 10.0, 52.0, 58.0], [0.0, 0.0, 60.0, 60.0]])
+        )
         props.objectness_logits = torch.ones(2)
         x["proposals"] = props
     model.train()
@@ -110,10 +116,14 @@ def test_swap_ion_heads_into_stock_r50_fpn_config():
     # The exact lines of README.md, "ION's heads in your own config".
     cfg.merge_from_list(
         [
-            "MODEL.META_ARCHITECTURE", "IONRCNN",
-            "MODEL.ION.CONTEXT.IN_FEATURE", "p5",
-            "MODEL.ROI_HEADS.NAME", "IONROIHeads",
-            "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'context']",
+            "MODEL.META_ARCHITECTURE",
+            "IONRCNN",
+            "MODEL.ION.CONTEXT.IN_FEATURE",
+            "p5",
+            "MODEL.ROI_HEADS.NAME",
+            "IONROIHeads",
+            "MODEL.ROI_HEADS.IN_FEATURES",
+            "['p2', 'p3', 'p4', 'p5', 'context']",
         ]
     )
     cfg.MODEL.DEVICE = "cpu"
@@ -124,7 +134,11 @@ def test_swap_ion_heads_into_stock_r50_fpn_config():
     model = build_model(cfg)
     pooler = model.roi_heads.box_pooler
     assert [p.level_poolers[0].spatial_scale for p in pooler.poolers] == [
-        1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 32
+        1 / 4,
+        1 / 8,
+        1 / 16,
+        1 / 32,
+        1 / 32,
     ]
     model.train()
     with EventStorage():

@@ -1,4 +1,5 @@
 """IONROIHeads and box voting, following detectron2's tests/modeling/test_roi_heads.py."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -156,8 +157,13 @@ def test_box_voting_by_hand():
     )
     scores = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
     (result,) = box_voting_inference(
-        [boxes], [scores], [(100, 100)],
-        score_thresh=0.05, nms_thresh=0.5, topk_per_image=100, vote_iou=0.5,
+        [boxes],
+        [scores],
+        [(100, 100)],
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk_per_image=100,
+        vote_iou=0.5,
     )
     assert torch.allclose(result.scores, torch.tensor([0.9, 0.3]))
     voted = (0.9 * boxes[0] + 0.6 * boxes[1]) / 1.5
@@ -167,8 +173,13 @@ def test_box_voting_by_hand():
     boxes2 = torch.cat([boxes, boxes], dim=1)  # K=2
     scores2 = torch.tensor([[0.9, 0.0, 0.1], [0.0, 0.6, 0.4], [0.3, 0.0, 0.7]])
     (result2,) = box_voting_inference(
-        [boxes2], [scores2], [(100, 100)],
-        score_thresh=0.05, nms_thresh=0.5, topk_per_image=100, vote_iou=0.5,
+        [boxes2],
+        [scores2],
+        [(100, 100)],
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk_per_image=100,
+        vote_iou=0.5,
     )
     kept0 = result2.pred_boxes.tensor[result2.scores == 0.9][0]
     assert torch.allclose(kept0, boxes[0])

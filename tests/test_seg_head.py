@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
-
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
 from detectron2.utils.events import EventStorage
+from torch.nn import functional as F
 
 from ion_d2.config import add_ion_config
 from ion_d2.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel

@@ -1,4 +1,5 @@
 """Skip pooling (section 3.1, Tables 4-5) against a hand computation with torchvision's ops."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,12 +9,18 @@ from torchvision.ops import roi_pool
 
 from ion_d2.skip_pooling import IONSkipPooler, l2_normalize_rois
 
-SHAPES = [ShapeSpec(channels=3, stride=4), ShapeSpec(channels=5, stride=8), ShapeSpec(channels=4, stride=16)]
+SHAPES = [
+    ShapeSpec(channels=3, stride=4),
+    ShapeSpec(channels=5, stride=8),
+    ShapeSpec(channels=4, stride=16),
+]
 
 
 def _features(n=2, size=64):
     g = torch.Generator().manual_seed(0)
-    return [torch.rand(n, s.channels, size // s.stride, size // s.stride, generator=g) for s in SHAPES]
+    return [
+        torch.rand(n, s.channels, size // s.stride, size // s.stride, generator=g) for s in SHAPES
+    ]
 
 
 def _boxes():
@@ -25,7 +32,10 @@ def _boxes():
 
 def _rois(boxes):
     return torch.cat(
-        [torch.cat([torch.full((len(b), 1), float(i)), b.tensor], dim=1) for i, b in enumerate(boxes)]
+        [
+            torch.cat([torch.full((len(b), 1), float(i)), b.tensor], dim=1)
+            for i, b in enumerate(boxes)
+        ]
     )
 
 
@@ -47,8 +57,14 @@ def test_l2_normalize_modes_by_hand():
 @pytest.mark.parametrize("norm,default_scale", [("roi", 1000.0), ("location", 130.0)])
 def test_matches_reference_computation(norm, default_scale):
     pooler = IONSkipPooler(
-        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool",
-        norm=norm, scale="learned", out_channels=6, dropout=0.0,
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm=norm,
+        scale="learned",
+        out_channels=6,
+        dropout=0.0,
     )
     assert isinstance(pooler.scale, torch.nn.Parameter)
     assert torch.all(pooler.scale == default_scale)
@@ -77,8 +93,15 @@ def test_matches_reference_computation(norm, default_scale):
 
 def test_fixed_scale_no_reduce_and_no_norm():
     fixed = IONSkipPooler(
-        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool",
-        norm="roi", scale="fixed", scale_init=50.0, out_channels=0, dropout=0.0,
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm="roi",
+        scale="fixed",
+        scale_init=50.0,
+        out_channels=0,
+        dropout=0.0,
     )
     assert not any(True for _ in fixed.parameters())
     out = fixed(_features(), _boxes())
@@ -88,8 +111,13 @@ def test_fixed_scale_no_reduce_and_no_norm():
     assert torch.allclose(norms, torch.full_like(norms, 50.0), rtol=1e-4)
 
     plain = IONSkipPooler(
-        input_shapes=SHAPES[:1], output_size=7, sampling_ratio=0, pooler_type="ROIPool",
-        norm="none", out_channels=0, dropout=0.0,
+        input_shapes=SHAPES[:1],
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm="none",
+        out_channels=0,
+        dropout=0.0,
     )
     feats, boxes = _features(), _boxes()
     ref = roi_pool(feats[0], _rois(boxes), output_size=7, spatial_scale=0.25)
@@ -98,8 +126,13 @@ def test_fixed_scale_no_reduce_and_no_norm():
 
 def test_dropout_after_concat_and_empty_boxes():
     pooler = IONSkipPooler(
-        input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIAlignV2",
-        norm="roi", out_channels=0, dropout=0.25,
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIAlignV2",
+        norm="roi",
+        out_channels=0,
+        dropout=0.25,
     )
     feats, boxes = _features(), _boxes()
     pooler.train()

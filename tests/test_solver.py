@@ -1,4 +1,5 @@
 """Section 4.1's learning-rate schedule: exponential decay from BASE_LR to ION_END_LR."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """The bundled synthetic dataset (ion_d2.data.synthetic): determinism, COCO validity, label maps,
 the context rules, the size distribution and lazy registration."""
+
 import contextlib
 import io
 import json
@@ -8,14 +9,13 @@ import os
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from ion_d2.data import synthetic
 from ion_d2.data.synthetic import (

@@ -1,4 +1,5 @@
 """train_net.py as a user runs it: train, resume an interrupted run, evaluate only."""
+
 import json
 import os
 import subprocess
@@ -12,14 +13,22 @@ def _run(tmp_path, *overrides, flags=()):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY, *flags]
     common = [
-        "DATASETS.TRAIN", "('ion_synth_train',)",
-        "DATASETS.TEST", "('ion_synth_val',)",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "6",
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "10",
-        "INPUT.MIN_SIZE_TEST", "64",
-        "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.TRAIN",
+        "('ion_synth_train',)",
+        "DATASETS.TEST",
+        "('ion_synth_val',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "6",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "10",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
     ]
-    proc = subprocess.run(cmd + common + list(overrides), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd + common + list(overrides), env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

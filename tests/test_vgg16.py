@@ -1,4 +1,5 @@
 """IONVGG16 backbone, IONFCHead box head and the ImageNet VGG16 weight converter."""
+
 import importlib.util
 import logging
 import os

@@ -1,6 +1,7 @@
 """The paper's dataset settings at toy size: a tiny Pascal VOC folder and a tiny COCO json,
 registered the way Detectron2's builtins are, trained for a few iterations with the stock
 DefaultTrainer machinery and evaluated with the matching stock evaluator."""
+
 import json
 import os
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+from model_utils import load_cfg
 
 from ion_d2.engine import IONTrainer
-from model_utils import load_cfg
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 CLASSES = ("cat", "dog", "car")

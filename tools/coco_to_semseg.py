@@ -9,6 +9,7 @@ Example::
 
 See :mod:`ion_d2.data.coco_semseg` for the label format and how to register the dataset.
 """
+
 import argparse
 
 from detectron2.utils.logger import setup_logger

@@ -26,6 +26,7 @@ Usage::
 
     python tools/convert_vgg16_to_d2.py vgg16-397923af.pth vgg16_ion_d2.pth
 """
+
 import argparse
 import logging
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -165,8 +166,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     input_format, pixel_mean, pixel_std = INPUT_SETTINGS[layout]
     logger.info(
         "These weights need, in your config:\n"
-        "  INPUT:\n    FORMAT: \"%s\"\n"
-        "  MODEL:\n    WEIGHTS: \"%s\"\n    PIXEL_MEAN: %s\n    PIXEL_STD: %s",
+        '  INPUT:\n    FORMAT: "%s"\n'
+        '  MODEL:\n    WEIGHTS: "%s"\n    PIXEL_MEAN: %s\n    PIXEL_STD: %s',
         input_format,
         args.output,
         pixel_mean,

@@ -10,6 +10,7 @@ below are compiled-only, and each raises :class:`CompiledOpUnavailableError` nam
 
 This file is never installed over a compiled detectron2.
 """
+
 import torch
 
 # Marker read by ``ion_d2.d2_compat.has_compiled_ops()``.

@@ -13,6 +13,7 @@ Run with the environment's interpreter (``make setup`` does this).  Three cases,
    error.  The distribution is renamed ``detectron2`` so that installing a full build later
    replaces it cleanly.
 """
+
 import argparse
 import os
 import shutil
@@ -35,6 +36,7 @@ try:
 except ImportError:
     print("broken"); sys.exit()
 print("fallback" if getattr(C, "ION_D2_FALLBACK", False) else "compiled")
+print(C.__file__)
 """
 
 
@@ -48,10 +50,20 @@ def _pip(*args):
 
 
 def probe() -> str:
+    """Returns "none", "broken", "fallback" or "compiled" (see _PROBE)."""
+    return _probe_lines()[0]
+
+
+def _probe_lines():
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd="/"
     )
-    return out.stdout.strip()
+    return out.stdout.split()
+
+
+def _installed_fallback_is_current() -> bool:
+    lines = _probe_lines()
+    return Path(lines[1]).read_bytes() == FALLBACK.read_bytes()
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -93,7 +105,7 @@ def install_python_only(work: Path) -> None:
     setup_py.write_text(text)
     shutil.copyfile(FALLBACK, src / "detectron2" / "_C.py")
     # Dependencies are installed by tools/setup_env.sh in versions that work together.
-    _pip("install", "--no-deps", "--no-build-isolation", src)
+    _pip("install", "--no-deps", "--no-build-isolation", "--force-reinstall", src)
 
 
 def main() -> None:
@@ -123,7 +135,7 @@ def main() -> None:
     if state == "compiled":
         print("detectron2: a compiled detectron2 is already installed; keeping it")
         return
-    if state == "fallback":
+    if state == "fallback" and _installed_fallback_is_current():
         print("detectron2: Python-only v0.6 with ion_d2's _C fallback is already installed")
         return
     install_python_only(Path(args.work_dir))

@@ -5,6 +5,7 @@ Run a config + weights on images (files or a folder) and write visualised PNGs.
     python tools/predict.py --config-file configs/ION_VGG16_synthetic.yaml \
         --weights output/demo/model_final.pth --input img1.png dir/ --output vis/
 """
+
 import argparse
 import glob
 import os
@@ -25,7 +26,9 @@ def list_images(inputs):
     for item in inputs:
         if os.path.isdir(item):
             paths += sorted(
-                p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(IMAGE_EXTENSIONS)
+                p
+                for p in glob.glob(os.path.join(item, "*"))
+                if p.lower().endswith(IMAGE_EXTENSIONS)
             )
         elif os.path.isfile(item):
             paths.append(item)

@@ -5,6 +5,7 @@ on the CPU, evaluate with the stock COCOEvaluator, run DefaultPredictor on held-
 and plot the training losses and the first IRNN layer's context features (section 3.2,
 Figure 4). Run again after an interruption to resume from the last checkpoint.
 """
+
 import argparse
 import json
 import logging
@@ -39,6 +40,9 @@ def parse_args():
     )
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--num-vis", type=int, default=8, help="held-out images to visualise")
+    parser.add_argument(
+        "--vis-score", type=float, default=0.5, help="minimum score of a drawn prediction"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args()
 
@@ -87,7 +91,7 @@ def plot_losses(metrics_file: str, out_file: str) -> None:
     plt.close(fig)
 
 
-def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int) -> list:
+def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int, min_score: float):
     os.makedirs(out_dir, exist_ok=True)
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
@@ -98,8 +102,10 @@ def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int) -> lis
     for d in DatasetCatalog.get(dataset_name)[:num]:
         image = cv2.imread(d["file_name"])  # BGR uint8, as DefaultPredictor expects
         instances = predictor(image)["instances"].to("cpu")
+        instances = instances[instances.scores >= min_score]
         rgb = image[:, :, ::-1]
-        gt = Visualizer(rgb, metadata, scale=2.0).draw_dataset_dict(d).get_image()
+        boxes_only = {k: v for k, v in d.items() if k != "sem_seg_file_name"}
+        gt = Visualizer(rgb, metadata, scale=2.0).draw_dataset_dict(boxes_only).get_image()
         pred = Visualizer(rgb, metadata, scale=2.0).draw_instance_predictions(instances)
         panel = np.concatenate([gt, pred.get_image()], axis=1)
         path = os.path.join(out_dir, os.path.splitext(os.path.basename(d["file_name"]))[0])
@@ -107,14 +113,6 @@ def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int) -> lis
         cv2.imwrite(path, panel[:, :, ::-1])
         written.append(path)
     return written
-
-
-@torch.no_grad()
-def _direction_states(model, image_rgb_chw):
-    images = model.preprocess_image([{"image": image_rgb_chw}])
-    features = model.backbone(images.tensor)
-    first_layer = model.context.layers[0]
-    return features, first_layer, images
 
 
 def plot_context_features(model, cfg, dataset_name: str, out_file: str) -> None:
@@ -175,8 +173,8 @@ def main():
 
     train_name, test_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     logger.info("Preparing the bundled dataset (generated on first use) ...")
-    for name in (train_name, test_name):
-        logger.info(f"{name}: {len(DatasetCatalog.get(name))} images")
+    sizes = {name: len(DatasetCatalog.get(name)) for name in (train_name, test_name)}
+    logger.info(f"Images: {sizes}")
 
     trainer, results = train_and_evaluate(cfg, resume=True)
     bbox = results["bbox"]
@@ -191,7 +189,7 @@ def main():
     else:
         context_png = None
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
-    written = visualise_predictions(cfg, test_name, vis_dir, args.num_vis)
+    written = visualise_predictions(cfg, test_name, vis_dir, args.num_vis, args.vis_score)
 
     minutes = (time.time() - start) / 60
     print("\n" + "=" * 78)
@@ -202,8 +200,11 @@ def main():
     print(f"  loss curves:       {loss_png}")
     if context_png:
         print(f"  context features:  {context_png}")
-    print(f"  predictions:       {vis_dir}/ ({len(written)} PNGs, ground truth | prediction)")
-    print(f"\nCOCO bbox AP on {test_name} ({len(DatasetCatalog.get(test_name))} images):")
+    print(
+        f"  predictions:       {vis_dir}/ ({len(written)} PNGs: ground truth | predictions "
+        f"with score >= {args.vis_score})"
+    )
+    print(f"\nCOCO bbox AP on {test_name} ({sizes[test_name]} images):")
     print(format_ap_table(bbox))
     print("=" * 78)
 

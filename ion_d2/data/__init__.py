@@ -4,6 +4,7 @@ Importing this package registers the bundled synthetic dataset as "ion_synth_tra
 "ion_synth_val" under ``$DETECTRON2_DATASETS`` (default "./datasets"), as Detectron2 registers
 its builtin datasets; the data is generated on first use.
 """
+
 from .coco_semseg import attach_sem_seg_files, coco_to_semseg_labels
 from .synthetic import (
     CONTEXT_CLASSES,

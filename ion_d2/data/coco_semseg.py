@@ -26,16 +26,16 @@ and set ``MODEL.SEM_SEG_HEAD.NUM_CLASSES = K + 1`` (81 for COCO's 80 categories:
 plus one label per category) and ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255``. Label ``i + 1`` is
 the category with contiguous id ``i`` in ``load_coco_json``'s mapping (categories sorted by id).
 """
+
 import json
 import logging
 import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+from detectron2.utils.file_io import PathManager
 from PIL import Image
 from pycocotools import mask as mask_util
-
-from detectron2.utils.file_io import PathManager
 
 __all__ = ["coco_to_semseg_labels", "attach_sem_seg_files", "IGNORE_LABEL", "BACKGROUND_LABEL"]
 

@@ -29,6 +29,7 @@ object (occluded parts included, as occlusion never hides more than
 ``segmentation`` is that mask as compressed RLE; ``iscrowd`` is 0; category ids are 1..K in the
 order of :data:`THING_CLASSES`.
 """
+
 import functools
 import json
 import logging
@@ -39,11 +40,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
-from PIL import Image
-from tqdm import tqdm
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from PIL import Image
+from tqdm import tqdm
 
 __all__ = [
     "GENERATOR_VERSION",
