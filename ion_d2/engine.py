@@ -7,6 +7,7 @@ from typing import Any, Dict, Tuple
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
 from .solver import build_ion_lr_scheduler
@@ -59,6 +60,9 @@ def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[st
     # Evaluate once, below, instead of in the trainer's final EvalHook as well.
     train_cfg.DATASETS.TEST = ()
     train_cfg.freeze()
+    # Section 4.1: a fixed seed, so that variants trained one after the other in one process
+    # see the same images in the same order.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     trainer = IONTrainer(train_cfg)
     trainer.resume_or_load(resume=resume)
     if trainer.start_iter < train_cfg.SOLVER.MAX_ITER:

@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
@@ -168,7 +167,6 @@ def main():
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logger(output=cfg.OUTPUT_DIR)
     setup_logger(output=cfg.OUTPUT_DIR, name="ion_d2")
-    seed_all_rng(cfg.SEED)
     start = time.time()
 
     train_name, test_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
