@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK = REPO / "tools" / "d2_fallback_C.py"
@@ -49,21 +50,17 @@ def _pip(*args):
     _run([sys.executable, "-m", "pip", *args])
 
 
-def probe() -> str:
-    """Returns "none", "broken", "fallback" or "compiled" (see _PROBE)."""
-    return _probe_lines()[0]
-
-
-def _probe_lines():
+def probe() -> Tuple[str, Optional[Path]]:
+    """
+    Returns:
+        tuple: the state, "none", "broken", "fallback" or "compiled" (see _PROBE), and the path
+        of the importable ``detectron2._C`` (None when there is none).
+    """
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd="/"
     )
-    return out.stdout.split()
-
-
-def _installed_fallback_is_current() -> bool:
-    lines = _probe_lines()
-    return Path(lines[1]).read_bytes() == FALLBACK.read_bytes()
+    lines = out.stdout.split()
+    return lines[0], Path(lines[1]) if len(lines) > 1 else None
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -122,7 +119,7 @@ def main() -> None:
             )
         # The user's checkout compiles against the torch already in this environment.
         _pip("install", "--no-build-isolation", user_d2)
-        state = probe()
+        state, _ = probe()
         if state != "compiled":
             sys.exit(
                 f"ION_D2_DETECTRON2={user_d2!r} installed, but detectron2._C is {state!r}, not a "
@@ -131,15 +128,15 @@ def main() -> None:
         print(f"detectron2: using your build from {user_d2}")
         return
 
-    state = probe()
+    state, c_module = probe()
     if state == "compiled":
         print("detectron2: a compiled detectron2 is already installed; keeping it")
         return
-    if state == "fallback" and _installed_fallback_is_current():
+    if state == "fallback" and c_module.read_bytes() == FALLBACK.read_bytes():
         print("detectron2: Python-only v0.6 with ion_d2's _C fallback is already installed")
         return
     install_python_only(Path(args.work_dir))
-    state = probe()
+    state, _ = probe()
     if state != "fallback":
         sys.exit(f"detectron2 install failed: detectron2._C is {state!r} after installing.")
     print("detectron2: installed Python-only v0.6 with ion_d2's _C fallback")

@@ -90,15 +90,14 @@ def plot_losses(metrics_file: str, out_file: str) -> None:
     plt.close(fig)
 
 
-def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int, min_score: float):
+def visualise_predictions(cfg, dataset_dicts, metadata, out_dir: str, num: int, min_score: float):
     os.makedirs(out_dir, exist_ok=True)
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
     pred_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     predictor = DefaultPredictor(pred_cfg)
-    metadata = MetadataCatalog.get(dataset_name)
     written = []
-    for d in DatasetCatalog.get(dataset_name)[:num]:
+    for d in dataset_dicts[:num]:
         image = cv2.imread(d["file_name"])  # BGR uint8, as DefaultPredictor expects
         instances = predictor(image)["instances"].to("cpu")
         instances = instances[instances.scores >= min_score]
@@ -114,14 +113,13 @@ def visualise_predictions(cfg, dataset_name: str, out_dir: str, num: int, min_sc
     return written
 
 
-def plot_context_features(model, cfg, dataset_name: str, out_file: str) -> None:
+def plot_context_features(model, cfg, dataset_dict: dict, out_file: str) -> None:
     """
     Figure 4's idea on one held-out image: the first IRNN layer's hidden state per direction
     (mean over channels; what each cell summarises to its left/right/above/below), and for the
     centre cell, which conv5 cells each direction's state depends on (gradient magnitude).
     """
-    d = DatasetCatalog.get(dataset_name)[0]
-    bgr = cv2.imread(d["file_name"])
+    bgr = cv2.imread(dataset_dict["file_name"])
     image = bgr if cfg.INPUT.FORMAT == "BGR" else bgr[:, :, ::-1]
     tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
     model.eval()
@@ -171,8 +169,9 @@ def main():
 
     train_name, test_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     logger.info("Preparing the bundled dataset (generated on first use) ...")
-    sizes = {name: len(DatasetCatalog.get(name)) for name in (train_name, test_name)}
-    logger.info(f"Images: {sizes}")
+    logger.info(f"{train_name}: {len(DatasetCatalog.get(train_name))} images")
+    test_dicts = DatasetCatalog.get(test_name)
+    logger.info(f"{test_name}: {len(test_dicts)} images")
 
     trainer, results = train_and_evaluate(cfg, resume=True)
     bbox = results["bbox"]
@@ -183,11 +182,13 @@ def main():
     plot_losses(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), loss_png)
     context_png = os.path.join(cfg.OUTPUT_DIR, "context_features.png")
     if trainer.model.context is not None and hasattr(trainer.model.context, "layers"):
-        plot_context_features(trainer.model, cfg, test_name, context_png)
+        plot_context_features(trainer.model, cfg, test_dicts[0], context_png)
     else:
         context_png = None
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
-    written = visualise_predictions(cfg, test_name, vis_dir, args.num_vis, args.vis_score)
+    written = visualise_predictions(
+        cfg, test_dicts, MetadataCatalog.get(test_name), vis_dir, args.num_vis, args.vis_score
+    )
 
     minutes = (time.time() - start) / 60
     print("\n" + "=" * 78)
@@ -202,7 +203,7 @@ def main():
         f"  predictions:       {vis_dir}/ ({len(written)} PNGs: ground truth | predictions "
         f"with score >= {args.vis_score})"
     )
-    print(f"\nCOCO bbox AP on {test_name} ({sizes[test_name]} images):")
+    print(f"\nCOCO bbox AP on {test_name} ({len(test_dicts)} images):")
     print(format_ap_table(bbox))
     print("=" * 78)
 

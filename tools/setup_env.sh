@@ -42,9 +42,7 @@ PY="$VENV/bin/python"
 # pip 26 refuses to even download an sdist from PyPI whose metadata names a URL dependency,
 # which pb1-detectron2's optional [all] extra does; pip 25 downloads it.
 "$PY" -m pip install -q "pip>=23,<26" "setuptools<81" wheel
-# torch first and alone, so that nothing else can pull in a different build of it.
-# shellcheck disable=SC2086
-"$PY" -m pip install -q $TORCH_REQ
+# torch is pinned in every install so that nothing else can pull in a different build of it.
 # shellcheck disable=SC2086
 "$PY" -m pip install -q -r tools/requirements-detectron2.txt $TORCH_REQ
 "$PY" tools/install_detectron2.py
