@@ -17,11 +17,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ion_d2.data import synthetic
-from ion_d2.data.synthetic import (
+from ion_d2.data.synthetic import generate_synthetic_dataset, register_ion_synthetic, render
+from ion_d2.data.synthetic.glyphs import render_glyph
+from ion_d2.data.synthetic.meta import (
     CLASS_GLYPHS,
     CONTEXT_MARGIN,
     CONTEXT_MIN_VISIBLE,
+    IGNORE_LABEL,
+    IMAGE_SIZE_RANGE,
     MAX_OCCLUDED_FRACTION,
     MOON_ID,
     MOON_MIN_GAP,
@@ -29,9 +32,6 @@ from ion_d2.data.synthetic import (
     SEM_SEG_CLASSES,
     THING_CLASSES,
     WATER_ID,
-    generate_synthetic_dataset,
-    register_ion_synthetic,
-    render_glyph,
 )
 
 NUM_IMAGES = 8
@@ -125,7 +125,7 @@ def test_complete_split_is_skipped_and_resized_split_is_regenerated(tmp_path, mo
         raise AssertionError("a complete split was drawn again")
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "_render_sample", fail)
+        m.setattr(render, "render_sample", fail)
         assert generate_synthetic_dataset(root, split="train", num_images=5, seed=SEED) == (
             json_file
         )
@@ -145,7 +145,7 @@ def test_json_loads_with_detectron2_and_boxes_lie_inside_images(dataset):
     assert len(dicts) == NUM_IMAGES
     assert sum(len(d["annotations"]) for d in dicts) == len(dataset["coco"]["annotations"]) > 0
     for d in dicts:
-        lo, hi = synthetic.IMAGE_SIZE_RANGE
+        lo, hi = IMAGE_SIZE_RANGE
         assert lo <= d["height"] <= hi and lo <= d["width"] <= hi
         assert dataset["images"][d["image_id"]].shape == (d["height"], d["width"], 3)
         for ann in d["annotations"]:
@@ -179,7 +179,7 @@ def test_label_maps_match_annotations(dataset):
     by_image = {}
     for ann in dataset["coco"]["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    allowed = set(range(len(SEM_SEG_CLASSES))) | {synthetic.IGNORE_LABEL}
+    allowed = set(range(len(SEM_SEG_CLASSES))) | {IGNORE_LABEL}
     for image_id, label in dataset["labels"].items():
         assert label.dtype == np.uint8 and label.ndim == 2
         assert set(np.unique(label).tolist()) <= allowed

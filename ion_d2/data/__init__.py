@@ -15,4 +15,15 @@ from .synthetic import (
     register_ion_synthetic,
 )
 
+__all__ = [
+    "attach_sem_seg_files",
+    "coco_to_semseg_labels",
+    "generate_synthetic_dataset",
+    "register_ion_synthetic",
+    "CONTEXT_CLASSES",
+    "THING_CLASSES",
+    "TRAIN_DATASET_NAME",
+    "VAL_DATASET_NAME",
+]
+
 register_ion_synthetic()
