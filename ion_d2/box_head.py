@@ -2,26 +2,23 @@
 
 from typing import List
 
-import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
-from torch import nn
+from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 
 __all__ = ["IONFCHead"]
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class IONFCHead(nn.Module):
+class IONFCHead(FastRCNNConvFCHead):
     """
-    Fully connected layers, each followed by ReLU and dropout: VGG16's fc6 and fc7 with
-    Fast R-CNN's dropout (ION section 3; "D" in Tables 1-3 removes the dropout).
-
-    The linear layers are named ``fc1``, ``fc2``, ... as in
-    :class:`detectron2.modeling.roi_heads.FastRCNNConvFCHead`, so checkpoints of the two heads
-    are interchangeable.
+    :class:`FastRCNNConvFCHead` without convs whose fc layers are each followed by ReLU and
+    dropout: VGG16's fc6 and fc7 with Fast R-CNN's dropout (ION section 3; "D" in Tables 1-3
+    removes the dropout). Its parameters are the parent's (``fc1``, ``fc2``, ...), so
+    checkpoints of the two heads are interchangeable.
     """
 
     @configurable
@@ -34,26 +31,19 @@ class IONFCHead(nn.Module):
             dropout (float): dropout probability after every fc layer's ReLU, in [0, 1);
                 0 disables dropout.
         """
-        super().__init__()
         if len(fc_dims) == 0:
             raise ValueError("IONFCHead needs at least one fc layer; got fc_dims=[].")
-        bad_dims = [d for d in fc_dims if d < 1]
-        if bad_dims:
+        if any(d < 1 for d in fc_dims):
             raise ValueError(f"IONFCHead needs positive fc_dims, got {list(fc_dims)}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"IONFCHead needs dropout in [0, 1), got {dropout}.")
-
+        input_shape = ShapeSpec(
+            channels=input_shape.channels,
+            height=input_shape.height or 1,
+            width=input_shape.width or 1,
+        )
+        super().__init__(input_shape, conv_dims=[], fc_dims=list(fc_dims))
         self.dropout = float(dropout)
-        in_dim = input_shape.channels * (input_shape.height or 1) * (input_shape.width or 1)
-        # A plain list: the layers are registered once, under their checkpoint names.
-        self.fcs = []
-        for k, fc_dim in enumerate(fc_dims, start=1):
-            fc = nn.Linear(in_dim, fc_dim)
-            weight_init.c2_xavier_fill(fc)
-            self.add_module(f"fc{k}", fc)
-            self.fcs.append(fc)
-            in_dim = fc_dim
-        self._output_size = in_dim
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -82,11 +72,3 @@ class IONFCHead(nn.Module):
             if self.dropout > 0:
                 x = F.dropout(x, p=self.dropout, training=self.training)
         return x
-
-    @property
-    def output_shape(self) -> ShapeSpec:
-        """
-        Returns:
-            ShapeSpec: the output feature shape, ``channels=fc_dims[-1]``.
-        """
-        return ShapeSpec(channels=self._output_size)

@@ -1,0 +1,50 @@
+"""Checkpoints written by ion_d2 0.1.0 (commit 18d178f) load into today's models unchanged.
+
+The fixtures were produced by that commit's code: ``state_dict_keys_v0.1.0.json`` holds, for
+every config then in configs/, the resolved config (built with ``shrink_cfg``) and its model's
+state-dict keys and shapes; ``ion_tiny_v0.1.0.pt`` a tiny ION model's resolved config, weights and
+the detections it gave on one image. Configs are rebuilt from the stored dumps, so later edits
+of the YAML files do not change what is checked: the code that turns a config into a model.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+
+from ion_d2 import add_ion_config
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+with open(os.path.join(FIXTURES, "state_dict_keys_v0.1.0.json")) as f:
+    OLD_MODELS = json.load(f)
+
+
+def _cfg_from_dump(dump: str) -> CfgNode:
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(dump))
+    return cfg
+
+
+@pytest.mark.parametrize("config", sorted(OLD_MODELS))
+def test_state_dict_keys_and_shapes_unchanged(config):
+    old = OLD_MODELS[config]
+    model = build_model(_cfg_from_dump(old["config"]))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == old["state_dict"]
+
+
+def test_old_checkpoint_loads_and_detects_the_same():
+    blob = torch.load(os.path.join(FIXTURES, "ion_tiny_v0.1.0.pt"), weights_only=False)
+    model = build_model(_cfg_from_dump(blob["config"])).eval()
+    model.load_state_dict(blob["model"], strict=True)
+    image = blob["image"]
+    with torch.no_grad():
+        out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])
+    instances = out[0]["instances"]
+    assert len(instances) == len(blob["scores"]) > 0
+    torch.testing.assert_close(instances.pred_boxes.tensor, blob["pred_boxes"])
+    torch.testing.assert_close(instances.scores, blob["scores"])
+    assert torch.equal(instances.pred_classes, blob["pred_classes"])
