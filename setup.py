@@ -22,6 +22,10 @@ setup(
         # that servers and CI machines lack.
         "opencv-python-headless",
         "numpy",
+        # tools/voc_to_semseg.py reads SBD's MATLAB label files with scipy.io.loadmat.
+        "scipy",
+        # Progress bars of the data tools.
+        "tqdm",
     ],
     extras_require={"test": ["pytest"]},
 )

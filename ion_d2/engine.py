@@ -4,12 +4,17 @@ import logging
 import os
 from typing import Any, Dict, Tuple
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
+from .data.semseg_check import check_sem_seg_labels
 from .solver import build_ion_lr_scheduler
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
@@ -22,6 +27,27 @@ class IONTrainer(DefaultTrainer):
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
     ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
     """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """
+        See :meth:`DefaultTrainer.build_train_loader`. With ``MODEL.ION.SEG_LOSS_ON`` it first
+        checks that training images carry segmentation labels (:func:`check_sem_seg_labels`:
+        an error when none does), on the dataset dicts the loader then uses, so that they are
+        loaded once.
+        """
+        # The dicts _train_loader_from_config would load.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        if cfg.MODEL.ION.SEG_LOSS_ON:
+            check_sem_seg_labels(dataset, cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, dataset=dataset)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

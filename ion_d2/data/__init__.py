@@ -2,10 +2,14 @@
 
 Importing this package registers the bundled synthetic dataset as "ion_synth_train" and
 "ion_synth_val" under ``$DETECTRON2_DATASETS`` (default "./datasets"), as Detectron2 registers
-its builtin datasets; the data is generated on first use.
+its builtin datasets; the data is generated on first use. It also registers Detectron2's builtin
+VOC and COCO training sets with ION's segmentation labels as ``<builtin name>_ionseg`` (see
+:mod:`ion_d2.data.builtin_ionseg`).
 """
 
+from .builtin_ionseg import ION_SEG_SUFFIX, register_all_ionseg
 from .coco_semseg import attach_sem_seg_files, coco_to_semseg_labels
+from .semseg_check import check_sem_seg_labels
 from .synthetic import (
     CONTEXT_CLASSES,
     THING_CLASSES,
@@ -27,3 +31,4 @@ __all__ = [
 ]
 
 register_ion_synthetic()
+register_all_ionseg()
