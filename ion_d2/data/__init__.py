@@ -20,9 +20,12 @@ from .synthetic import (
 )
 
 __all__ = [
+    "ION_SEG_SUFFIX",
     "attach_sem_seg_files",
+    "check_sem_seg_labels",
     "coco_to_semseg_labels",
     "generate_synthetic_dataset",
+    "register_all_ionseg",
     "register_ion_synthetic",
     "CONTEXT_CLASSES",
     "THING_CLASSES",
