@@ -8,7 +8,9 @@ experiments, we are using selective search for object proposals". Those files ar
 distributed with ion_d2; :func:`compute_selective_search_proposals` recomputes such boxes with
 OpenCV's implementation (``cv2.ximgproc.segmentation``, in the ``opencv-contrib`` wheels) and
 post-processes them as py-faster-rcnn loads proposal files: duplicates removed, boxes narrower or
-lower than ``min_size`` pixels removed, the first ``top_k`` kept.
+lower than ``min_size`` pixels removed, the first ``top_k`` kept. OpenCV's implementation is not
+the original MATLAB code of those files (its fast mode uses k = 150, 300, 450 for the initial
+segmentation, for one), so the boxes are of the same kind but not the same boxes.
 
 The file is a pickle that ``detectron2.data.load_proposals_into_dataset`` reads
 (``DATASETS.PROPOSAL_FILES_TRAIN/TEST`` with ``MODEL.LOAD_PROPOSALS``)::
@@ -79,7 +81,8 @@ class SelectiveSearchConfig:
 
     Attributes:
         mode (str): "fast" (``switchToSelectiveSearchFast``: HSV and Lab, 3 values of k, 2
-            similarity strategies; the setting Uijlings et al. and R-CNN/Fast R-CNN used) or
+            similarity strategies; R-CNN's boxes, which Fast R-CNN reused, came from the fast
+            mode of the original code) or
             "quality" (``switchToSelectiveSearchQuality``: 5 colour spaces, 5 values of k, 4
             strategies; slower and more boxes).
         top_k (int): boxes kept per image, in selective search's rank order (the paper:
