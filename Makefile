@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export ION_D2_VENV := $(VENV)
+# `make compare PROPOSALS=ss`: the comparison on selective-search proposals instead of an RPN.
+PROPOSALS ?= rpn
 
 .PHONY: setup test demo compare
 
@@ -15,4 +17,4 @@ demo: setup
 	$(PY) tools/run_demo.py
 
 compare: setup
-	$(PY) benchmarks/compare_baseline.py
+	$(PY) benchmarks/compare_baseline.py --proposals $(PROPOSALS)

@@ -3,9 +3,34 @@
 
 detectron2 itself is not listed in install_requires: it is not on PyPI under its own name.
 `make setup` (tools/setup_env.sh) installs it; see README.md.
+
+OpenCV: the plain, contrib and GUI wheels of OpenCV all install the same `cv2` package, so an
+environment must hold exactly one of them (two overwrite each other's files, and removing
+either breaks `cv2`). A pip extra cannot swap one for another, so the environment variable
+ION_D2_OPENCV picks the one ion_d2 requires:
+  headless (default)  opencv-python-headless
+  contrib             opencv-contrib-python-headless: the same plus cv2.ximgproc, which
+                      tools/selective_search_proposals.py needs (`make setup` uses it)
+  none                require none: keep the cv2 you installed yourself (e.g. a CUDA build)
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+# Headless: ion_d2 never opens a window, and the GUI build needs libGL / X libraries that servers
+# and CI machines lack.
+OPENCV_WHEELS = {
+    "headless": ["opencv-python-headless"],
+    "contrib": ["opencv-contrib-python-headless"],
+    "none": [],
+}
+opencv_choice = os.environ.get("ION_D2_OPENCV") or "headless"
+if opencv_choice not in OPENCV_WHEELS:
+    raise ValueError(
+        f"ION_D2_OPENCV={opencv_choice!r}; expected one of {sorted(OPENCV_WHEELS)} "
+        "(see setup.py's docstring)."
+    )
 
 setup(
     name="ion_d2",
@@ -18,9 +43,7 @@ setup(
         "torchvision",
         "fvcore",
         "pycocotools>=2.0.2",
-        # Headless: ion_d2 never opens a window, and the GUI build needs libGL / X libraries
-        # that servers and CI machines lack.
-        "opencv-python-headless",
+        *OPENCV_WHEELS[opencv_choice],
         "numpy",
         # tools/voc_to_semseg.py reads SBD's MATLAB label files with scipy.io.loadmat.
         "scipy",

@@ -6,6 +6,10 @@ Trains configs/FastRCNN_VGG16_synthetic.yaml and configs/ION_VGG16_synthetic.yam
 schedule, seed and data, evaluates both with the stock COCOEvaluator, and prints one table: AP,
 AP50, APs, and the mean AP over the classes that need context, for each model and ION minus
 baseline. Finished runs in the output folder are reused, interrupted ones resumed.
+
+With --proposals ss both train and test on selective-search proposals as in the paper
+(configs/*_synthetic_SS.yaml) instead of an RPN; the proposal files the configs name are
+computed first when missing (tools/selective_search_proposals.py).
 """
 
 import argparse
@@ -18,13 +22,21 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
+from ion_d2.data.selective_search import compute_selective_search_proposals
 from ion_d2.engine import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = (
-    ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic.yaml", "baseline"),
-    ("ION", "ION_VGG16_synthetic.yaml", "ion"),
-)
+# (label, config, output subfolder) per proposal method.
+MODELS = {
+    "rpn": (
+        ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic.yaml", "baseline"),
+        ("ION", "ION_VGG16_synthetic.yaml", "ion"),
+    ),
+    "ss": (
+        ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic_SS.yaml", "baseline_ss"),
+        ("ION", "ION_VGG16_synthetic_SS.yaml", "ion_ss"),
+    ),
+}
 logger = logging.getLogger("ion_d2.compare")
 
 
@@ -36,6 +48,18 @@ def _cfg(config_name, output_dir, opts):
     cfg.OUTPUT_DIR = output_dir
     cfg.freeze()
     return cfg
+
+
+def ensure_proposal_files(cfg, workers):
+    """Compute the selective-search files a config loads, for those that do not exist yet."""
+    if not cfg.MODEL.LOAD_PROPOSALS:
+        return
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    files = list(cfg.DATASETS.PROPOSAL_FILES_TRAIN) + list(cfg.DATASETS.PROPOSAL_FILES_TEST)
+    for name, path in zip(names, files):
+        if not os.path.exists(path):
+            logger.info(f"Computing selective-search proposals of {name!r} into {path}")
+            compute_selective_search_proposals(name, path, workers=workers)
 
 
 def summarise(bbox, context_classes):
@@ -51,30 +75,47 @@ def summarise(bbox, context_classes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "compare"))
+    parser.add_argument(
+        "--proposals",
+        choices=sorted(MODELS),
+        default="rpn",
+        help="rpn: an RPN on conv5 (default); ss: precomputed selective-search boxes, as the "
+        "paper (computed first when the configs' files are missing)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="selective-search processes"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for both configs")
     args = parser.parse_args()
     setup_logger(output=args.output_dir)
     setup_logger(output=args.output_dir, name="ion_d2")
 
+    models = MODELS[args.proposals]
     rows = {}
-    for label, config_name, subdir in MODELS:
+    for label, config_name, subdir in models:
         cfg = _cfg(config_name, os.path.join(args.output_dir, subdir), args.opts)
+        ensure_proposal_files(cfg, args.workers)
         logger.info(f"Training {label}: {config_name}, {cfg.SOLVER.MAX_ITER} iterations")
         _, results = train_and_evaluate(cfg, resume=True)
         context_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("context_classes", [])
         rows[label] = summarise(results["bbox"], context_classes)
         rows[label].update({k: v for k, v in results["bbox"].items() if k.startswith("AP-")})
 
-    base, ion = (rows[m[0]] for m in MODELS)
+    base, ion = (rows[m[0]] for m in models)
     keys = ["AP", "AP50", "APs", "AP context classes"]
     keys += sorted(k for k in ion if k.startswith("AP-"))
     lines = [f"{'':<22}" + "".join(f"{k:>20}" for k in ("baseline", "ION", "ION - baseline"))]
     for k in keys:
         lines.append(f"{k:<22}{base[k]:>20.2f}{ion[k]:>20.2f}{ion[k] - base[k]:>+20.2f}")
     table = "\n".join(lines)
-    with open(os.path.join(args.output_dir, "compare.json"), "w") as f:
+    json_name = "compare.json" if args.proposals == "rpn" else f"compare_{args.proposals}.json"
+    with open(os.path.join(args.output_dir, json_name), "w") as f:
         json.dump(rows, f, indent=2)
-    print("\nCOCO bbox AP on the bundled val split (same schedule, seed and data):")
+    proposals = {"rpn": "RPN", "ss": "selective-search"}[args.proposals]
+    print(
+        f"\nCOCO bbox AP on the bundled val split ({proposals} proposals; same schedule, seed "
+        "and data):"
+    )
     print(table)
 
 

@@ -15,6 +15,7 @@ from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
 from .data.semseg_check import check_sem_seg_labels
+from .evaluation import PascalVOCBySizeEvaluator
 from .solver import build_ion_lr_scheduler
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
@@ -54,12 +55,20 @@ class IONTrainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if cfg.TEST.ION_VOC_AP_BY_SIZE and evaluator_type != "pascal_voc":
+            raise ValueError(
+                f"TEST.ION_VOC_AP_BY_SIZE is True but {dataset_name!r} has evaluator_type "
+                f"{evaluator_type!r}; it applies to 'pascal_voc' datasets only (COCOEvaluator "
+                "reports APs/APm/APl itself). Set it to False or test on VOC-format datasets only."
+            )
         if evaluator_type == "coco":
             # Without detectron2's compiled ops, evaluate with the official pycocotools code.
             return COCOEvaluator(
                 dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
             )
         if evaluator_type == "pascal_voc":
+            if cfg.TEST.ION_VOC_AP_BY_SIZE:
+                return PascalVOCBySizeEvaluator(dataset_name)
             return PascalVOCDetectionEvaluator(dataset_name)
         raise NotImplementedError(
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "

@@ -33,7 +33,8 @@ def shrink_cfg(cfg):
 
 
 def random_inputs(cfg, n=2, size=(96, 128), with_sem_seg=(True, False), seed=0):
-    """Random images with one or two boxes each; sem_seg for the images flagged in with_sem_seg."""
+    """Random images with one or two boxes each; sem_seg for the images flagged in with_sem_seg;
+    random precomputed "proposals" when the config loads them (MODEL.LOAD_PROPOSALS)."""
     g = torch.Generator().manual_seed(seed)
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     inputs = []
@@ -53,5 +54,21 @@ def random_inputs(cfg, n=2, size=(96, 128), with_sem_seg=(True, False), seed=0):
             seg[12:60, 10:50] = 1
             seg[0:4] = 255
             x["sem_seg"] = seg
+        if cfg.MODEL.LOAD_PROPOSALS:
+            x["proposals"] = random_proposals((h, w), 20, g)
         inputs.append(x)
     return inputs
+
+
+def random_proposals(image_size, n, generator):
+    """``n`` random boxes inside ``image_size`` as precomputed proposals (best-ranked first)."""
+    h, w = image_size
+    xy = torch.rand(n, 2, generator=generator) * torch.tensor([w - 8.0, h - 8.0])
+    wh = 4 + torch.rand(n, 2, generator=generator) * torch.tensor([w / 2.0, h / 2.0])
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(max=h)
+    proposals = Instances((h, w))
+    proposals.proposal_boxes = Boxes(boxes)
+    proposals.objectness_logits = -torch.arange(n, dtype=torch.float32)
+    return proposals

@@ -27,7 +27,9 @@ def test_config_trains_and_predicts(path):
     inputs = random_inputs(cfg)
     with EventStorage():
         losses = model(inputs)
-    expected = {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    expected = {"loss_cls", "loss_box_reg"}
+    if not cfg.MODEL.LOAD_PROPOSALS:
+        expected |= {"loss_rpn_cls", "loss_rpn_loc"}
     if cfg.MODEL.ION.SEG_LOSS_ON:
         expected.add("loss_sem_seg")
     assert set(losses) == expected
@@ -41,3 +43,13 @@ def test_config_trains_and_predicts(path):
     assert len(outputs) == len(inputs)
     for out, x in zip(outputs, inputs):
         assert out["instances"].image_size == (x["height"], x["width"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_precomputed_proposal_files_match_datasets(path):
+    """A config that loads proposals names one file per dataset, in the datasets' order."""
+    cfg = load_cfg(path)
+    assert cfg.MODEL.LOAD_PROPOSALS == (cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals")
+    if cfg.MODEL.LOAD_PROPOSALS:
+        assert len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) == len(cfg.DATASETS.TRAIN)
+        assert len(cfg.DATASETS.PROPOSAL_FILES_TEST) == len(cfg.DATASETS.TEST)

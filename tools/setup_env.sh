@@ -39,6 +39,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+# Exactly one OpenCV wheel: the contrib one (tools/requirements-detectron2.txt), which ion_d2
+# then requires instead of the plain one (setup.py). All OpenCV wheels install the same `cv2`
+# folder, so another one beside it would overwrite its files, and removing either would break
+# `cv2`; remove any other (earlier setups installed the plain wheel) together with the contrib
+# one, which the requirements below then install afresh.
+others=$("$PY" -m pip list --format=freeze 2>/dev/null | cut -d= -f1 \
+  | grep -i -x -E 'opencv[-_](contrib[-_])?python([-_]headless)?' \
+  | grep -i -v -x -E 'opencv[-_]contrib[-_]python[-_]headless' || true)
+if [ -n "$others" ]; then
+  echo "setup: replacing $(echo $others) with opencv-contrib-python-headless"
+  # shellcheck disable=SC2086
+  "$PY" -m pip uninstall -q -y $others opencv-contrib-python-headless
+fi
+export ION_D2_OPENCV=contrib
 # pip 26 refuses to even download an sdist from PyPI whose metadata names a URL dependency,
 # which pb1-detectron2's optional [all] extra does; pip 25 downloads it.
 "$PY" -m pip install -q "pip>=23,<26" "setuptools<81" wheel

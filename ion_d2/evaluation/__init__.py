@@ -1,0 +1,5 @@
+"""Evaluators beyond Detectron2's stock ones."""
+
+from .voc_size import AREA_RANGES, PascalVOCBySizeEvaluator, voc_ap_in_area_range
+
+__all__ = ["AREA_RANGES", "PascalVOCBySizeEvaluator", "voc_ap_in_area_range"]
