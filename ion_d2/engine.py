@@ -10,7 +10,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
-from .solver import build_ion_lr_scheduler
+from .solver import build_ion_lr_scheduler, build_ion_optimizer
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
-    ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
+    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`) and
+    gradient clipping (:func:`build_ion_optimizer`).
     """
 
     @classmethod
@@ -39,6 +40,10 @@ class IONTrainer(DefaultTrainer):
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
             "ion_d2 supports 'coco' and 'pascal_voc'."
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_ion_optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
