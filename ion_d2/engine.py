@@ -10,6 +10,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
+from .skip_pool_scale import measure_skip_pool_scale
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
@@ -20,9 +21,19 @@ logger = logging.getLogger(__name__)
 class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
-    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`) and
-    gradient clipping (:func:`build_ion_optimizer`).
+    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`),
+    gradient clipping (:func:`build_ion_optimizer`) and, with ``SKIP_POOL.SCALE_INIT`` -1, the
+    skip-pooling scale measured in :meth:`resume_or_load` (:func:`measure_skip_pool_scale`).
     """
+
+    def resume_or_load(self, resume: bool = True):
+        """
+        See :meth:`DefaultTrainer.resume_or_load`. Then, before the first step, measures the
+        skip-pooling scale on the training set when the config asks for it and the loaded
+        weights do not hold it (section 5.2).
+        """
+        super().resume_or_load(resume=resume)
+        measure_skip_pool_scale(self.cfg, self.model, start_iter=self.start_iter)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
