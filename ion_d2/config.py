@@ -82,9 +82,25 @@ def add_ion_config(cfg: CN) -> None:
     # Re-scaling after normalisation (section 3.1, Table 5): "learned" (a learnable per-channel
     # scale) or "fixed" (a constant). Ignored when NORM is "none".
     _C.MODEL.ION.SKIP_POOL.SCALE = "learned"
-    # Initial (or fixed) scale; 0 picks the paper's measured norms (section 5.2): 1000 for
-    # "roi" normalisation, 130 for "location".
+    # Initial (or fixed) scale. Section 5.2: "To determine the initial scale, we measure the mean
+    # scale of features pooled from conv5 on the training set, and use that as the fixed scale.
+    # Using Fast R-CNN, we measured the mean norm to be approximately 1000 when summing over all
+    # entries, and 130 when summing across channels."
+    # -1: that procedure. Before the first training step IONTrainer runs the model (no grad;
+    #     eval mode, but BatchNorm with batch statistics as in training) on the first
+    #     SCALE_MEASURE_IMAGES training images, pools their proposals from every feature of
+    #     MODEL.ROI_HEADS.IN_FEATURES, logs each feature's mean L2 norm (per ROI for NORM "roi",
+    #     per location for "location") and sets every channel of the scale to the mean norm of
+    #     MODEL.ION.CONTEXT.IN_FEATURE (conv5: the amplitude fc6 was trained on). One scale for
+    #     all layers, as the paper: after L2 normalisation they have equal amplitude (Table 4's
+    #     point), which per-layer norms would undo. Skipped when the loaded weights hold the
+    #     scale (stage 2 from stage 1); a model neither measured nor loaded refuses to run.
+    # 0: the paper's constants, 1000 for "roi" and 130 for "location" (Caffe VGG16 conv5,
+    #     mean-subtracted input). > 0: that value.
     _C.MODEL.ION.SKIP_POOL.SCALE_INIT = 0.0
+    # Number of training images (the first ones of DATASETS.TRAIN) SCALE_INIT -1 measures on
+    # (section 5.2 measured on "the training set"); >= 1.
+    _C.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES = 100
     # Output channels of the 1x1 conv (Xavier init) after the concat: 512, fc6's input shape
     # (section 3.1). 0 removes the conv: with one feature and NORM "none" that is plain Fast
     # R-CNN pooling (Table 4's conv5-only baseline).

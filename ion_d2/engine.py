@@ -16,7 +16,8 @@ from detectron2.utils.env import seed_all_rng
 from .d2_compat import has_compiled_ops
 from .data.semseg_check import check_sem_seg_labels
 from .evaluation import PascalVOCBySizeEvaluator
-from .solver import build_ion_lr_scheduler
+from .skip_pool_scale import measure_skip_pool_scale
+from .solver import build_ion_lr_scheduler, build_ion_optimizer
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -26,8 +27,19 @@ logger = logging.getLogger(__name__)
 class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
-    ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
+    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`),
+    gradient clipping (:func:`build_ion_optimizer`) and, with ``SKIP_POOL.SCALE_INIT`` -1, the
+    skip-pooling scale measured in :meth:`resume_or_load` (:func:`measure_skip_pool_scale`).
     """
+
+    def resume_or_load(self, resume: bool = True):
+        """
+        See :meth:`DefaultTrainer.resume_or_load`. Then, before the first step, measures the
+        skip-pooling scale on the training set when the config asks for it and the loaded
+        weights do not hold it (section 5.2).
+        """
+        super().resume_or_load(resume=resume)
+        measure_skip_pool_scale(self.cfg, self.model, start_iter=self.start_iter)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -74,6 +86,10 @@ class IONTrainer(DefaultTrainer):
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
             "ion_d2 supports 'coco' and 'pascal_voc'."
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_ion_optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

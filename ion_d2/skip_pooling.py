@@ -11,7 +11,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-__all__ = ["IONSkipPooler", "l2_normalize_rois", "NORM_MODES", "SCALE_MODES"]
+__all__ = ["IONSkipPooler", "l2_normalize_rois", "NORM_MODES", "SCALE_MODES", "MEASURE_SCALE"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,8 @@ NORM_MODES = ("roi", "location", "none")
 SCALE_MODES = ("learned", "fixed")
 # Mean norms of conv5 features pooled by Fast R-CNN on the training set (section 5.2).
 _DEFAULT_SCALE = {"roi": 1000.0, "location": 130.0}
+# scale_init asking for the scale to be measured (MODEL.ION.SKIP_POOL.SCALE_INIT -1).
+MEASURE_SCALE = -1.0
 
 
 def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
@@ -78,7 +80,9 @@ class IONSkipPooler(nn.Module):
             scale (str): "learned" (per-channel, as the paper's scale layer) or "fixed"
                 (section 5.2). Unused when ``norm`` is "none".
             scale_init (float): initial or fixed scale; 0 picks 1000 for "roi" and 130 for
-                "location" normalisation (section 5.2).
+                "location" normalisation (section 5.2); :data:`MEASURE_SCALE` (-1) leaves it to
+                be measured (:func:`ion_d2.skip_pool_scale.measure_skip_pool_scale`) or loaded
+                from a checkpoint, and :meth:`forward` refuses to run until then.
             out_channels (int): channels of the 1x1 conv output (512 in the paper); 0 skips
                 the conv, so the output has the concatenated channels (with one feature and
                 ``norm="none"`` this is plain Fast R-CNN pooling).
@@ -93,6 +97,11 @@ class IONSkipPooler(nn.Module):
             )
         if norm != "none" and scale not in SCALE_MODES:
             raise ValueError(f"Unknown scale mode {scale!r}; expected one of {SCALE_MODES}.")
+        if not (scale_init >= 0 or scale_init == MEASURE_SCALE):
+            raise ValueError(
+                f"scale_init (MODEL.ION.SKIP_POOL.SCALE_INIT) must be -1 (measure it), 0 (the "
+                f"paper's 1000 / 130) or > 0; got {scale_init}."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Concat dropout must be in [0, 1); got {dropout}.")
         if out_channels < 0:
@@ -111,10 +120,14 @@ class IONSkipPooler(nn.Module):
         )
         self.norm = norm
         in_channels = sum(s.channels for s in input_shapes)
+        # True until the scale is measured or loaded (scale_init -1); plain Python state, so a
+        # checkpoint never records it: loading one that holds the scale clears it.
+        self.scale_pending = norm != "none" and scale_init == MEASURE_SCALE
         if norm == "none":
             self.scale = None
         else:
-            init = scale_init if scale_init > 0 else _DEFAULT_SCALE[norm]
+            # NaN while pending, so that a scale that was never set cannot pass for a value.
+            init = float("nan") if self.scale_pending else (scale_init or _DEFAULT_SCALE[norm])
             values = torch.full((in_channels,), float(init))
             if scale == "learned":
                 self.scale = nn.Parameter(values)
@@ -131,6 +144,23 @@ class IONSkipPooler(nn.Module):
             self.reduce = None
             self.out_channels = in_channels
 
+    def set_scale(self, value: float) -> None:
+        """
+        Set every channel of the scale to ``value`` (a measured mean norm, section 5.2).
+        """
+        if self.scale is None:
+            raise ValueError("This IONSkipPooler has no scale (norm 'none').")
+        if not value > 0:
+            raise ValueError(f"The skip-pooling scale must be > 0; got {value}.")
+        with torch.no_grad():
+            self.scale.fill_(float(value))
+        self.scale_pending = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.scale is not None and prefix + "scale" in state_dict:
+            self.scale_pending = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """
         Args:
@@ -143,6 +173,14 @@ class IONSkipPooler(nn.Module):
         if len(x) != len(self.poolers):
             raise ValueError(
                 f"IONSkipPooler was built for {len(self.poolers)} features but got {len(x)}."
+            )
+        if self.scale_pending:
+            raise RuntimeError(
+                "MODEL.ION.SKIP_POOL.SCALE_INIT is -1 (measure the scale on the training set, "
+                "section 5.2) but the scale was neither measured nor loaded: train with "
+                "ion_d2.engine.IONTrainer (its resume_or_load measures it), call "
+                "ion_d2.skip_pool_scale.measure_skip_pool_scale, load weights that hold it, or "
+                "set SCALE_INIT to 0 (the paper's constants) or a value > 0."
             )
         pooled = [
             l2_normalize_rois(pooler([feature], box_lists), self.norm)

@@ -1,11 +1,72 @@
-"""ION's learning-rate schedule (section 4.1)."""
+"""ION's solver (section 4.1): the learning-rate schedule and global gradient-norm clipping."""
+
+import logging
+from typing import Type
 
 import torch
-from detectron2.solver import build_lr_scheduler
+from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import ExponentialParamScheduler
 
-__all__ = ["build_ion_lr_scheduler"]
+__all__ = ["build_ion_lr_scheduler", "build_ion_optimizer", "CLIP_TYPES"]
+
+logger = logging.getLogger(__name__)
+
+# Detectron2's own SOLVER.CLIP_GRADIENTS.CLIP_TYPEs ("value", "norm": each parameter tensor
+# separately) and ours, "full_model" (one L2 norm over every parameter, as Caffe's solver).
+CLIP_TYPES = ("value", "norm", "full_model")
+
+
+def build_ion_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """
+    Build Detectron2's optimizer (:func:`detectron2.solver.build_optimizer`: SGD with its param
+    groups for ``SOLVER.BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS`` and ``WEIGHT_DECAY_NORM``).
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` "full_model" adds section 4.1's clipping: before each
+    step the gradients of ALL parameters of all param groups are rescaled together so that
+    their joint L2 norm is at most ``CLIP_VALUE`` (:func:`torch.nn.utils.clip_grad_norm_`), as
+    Caffe's ``SGDSolver::ClipGradients`` does. Other clip types are left to Detectron2.
+    """
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        raise ValueError(
+            f"Unknown SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r}; expected one of "
+            f"{CLIP_TYPES}."
+        )
+    if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+        return build_optimizer(cfg, model)
+    if not clip.CLIP_VALUE > 0:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0 for CLIP_TYPE 'full_model'; got "
+            f"{clip.CLIP_VALUE}."
+        )
+    d2_cfg = cfg.clone()
+    d2_cfg.defrost()
+    d2_cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    optimizer = build_optimizer(d2_cfg, model)
+    clipped_type = _with_full_model_clipping(type(optimizer), clip.CLIP_VALUE, clip.NORM_TYPE)
+    num_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    logger.info(
+        f"Clipping the L{clip.NORM_TYPE:g} norm of the gradients of all {num_params} parameter "
+        f"tensors together at {clip.CLIP_VALUE:g} (SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model')."
+    )
+    return clipped_type(optimizer.param_groups, **optimizer.defaults)
+
+
+def _with_full_model_clipping(
+    optimizer_type: Type[torch.optim.Optimizer], max_norm: float, norm_type: float
+) -> Type[torch.optim.Optimizer]:
+    # As DETR's Detectron2 port does: a subclass whose step() first clips the gradients of
+    # every param group together (Detectron2's "norm" clips each tensor on its own, which
+    # changes the update's direction).
+    class FullModelGradientClipping(optimizer_type):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelGradientClipping.__name__ = optimizer_type.__name__ + "WithFullModelGradientClip"
+    FullModelGradientClipping.__qualname__ = FullModelGradientClipping.__name__
+    return FullModelGradientClipping
 
 
 def build_ion_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):

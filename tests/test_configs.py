@@ -10,6 +10,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from model_utils import load_cfg, random_inputs, shrink_cfg
 
+from ion_d2.skip_pool_scale import measure_skip_pool_scale
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
@@ -23,8 +25,10 @@ def test_configs_found():
 def test_config_trains_and_predicts(path):
     cfg = shrink_cfg(load_cfg(path))
     model = build_model(cfg)
-    model.train()
     inputs = random_inputs(cfg)
+    # SKIP_POOL.SCALE_INIT -1 (the paper's presets): measured as IONTrainer does, on these inputs.
+    measure_skip_pool_scale(cfg, model, batches=[inputs])
+    model.train()
     with EventStorage():
         losses = model(inputs)
     expected = {"loss_cls", "loss_box_reg"}
@@ -53,3 +57,43 @@ def test_precomputed_proposal_files_match_datasets(path):
     if cfg.MODEL.LOAD_PROPOSALS:
         assert len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) == len(cfg.DATASETS.TRAIN)
         assert len(cfg.DATASETS.PROPOSAL_FILES_TEST) == len(cfg.DATASETS.TEST)
+
+
+PAPER_PRESETS = [
+    f"{arch}_VGG16_{data}_stage{stage}.yaml"
+    for arch, data in [("ION", "VOC0712"), ("ION", "COCO"), ("FastRCNN", "VOC0712")]
+    for stage in (1, 2)
+]
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_use_fast_rcnn_and_ion_training_details(name):
+    cfg = load_cfg(os.path.join(CONFIG_DIR, name))
+    roi = cfg.MODEL.ROI_HEADS
+    # Fast R-CNN's sampling and test NMS (lib/fast_rcnn/config.py).
+    assert list(roi.IOU_THRESHOLDS) == [0.1, 0.5] and list(roi.IOU_LABELS) == [-1, 0, 1]
+    assert roi.POSITIVE_FRACTION == 0.25 and roi.BATCH_SIZE_PER_IMAGE == 128
+    assert roi.PROPOSAL_APPEND_GT and roi.NMS_THRESH_TEST == 0.3
+    assert tuple(cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS) == (10.0, 10.0, 5.0, 5.0)
+    assert cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA == 1.0
+    # Biases: lr_mult 2, decay_mult 0.
+    assert cfg.SOLVER.BIAS_LR_FACTOR == 2.0 and cfg.SOLVER.WEIGHT_DECAY_BIAS == 0.0
+    # Section 4.1: one gradient norm over all parameters, 20 on the batch-mean loss.
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 20.0
+    assert clip.NORM_TYPE == 2.0
+    # Section 5.2: the skip-pooling scale measured on the training set.
+    assert cfg.MODEL.ION.SKIP_POOL.SCALE_INIT == -1.0
+    assert cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES == 100
+
+
+@pytest.mark.parametrize("name", ["ION_VGG16_synthetic.yaml", "FastRCNN_VGG16_synthetic.yaml"])
+def test_synthetic_configs_keep_the_settings_readme_was_measured_with(name):
+    cfg = load_cfg(os.path.join(CONFIG_DIR, name))
+    roi = cfg.MODEL.ROI_HEADS
+    assert list(roi.IOU_THRESHOLDS) == [0.5] and list(roi.IOU_LABELS) == [0, 1]
+    assert roi.NMS_THRESH_TEST == 0.5
+    assert cfg.SOLVER.BIAS_LR_FACTOR == 1.0 and cfg.SOLVER.WEIGHT_DECAY_BIAS is None
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    assert clip.CLIP_TYPE == "norm" and clip.CLIP_VALUE == 80.0
+    assert cfg.MODEL.ION.SKIP_POOL.SCALE_INIT == 100.0

@@ -1,12 +1,15 @@
 """IONROIHeads and box voting, following detectron2's tests/modeling/test_roi_heads.py."""
 
+import os
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from model_utils import load_cfg, shrink_cfg
 
 from ion_d2.box_voting import box_voting_inference
 from ion_d2.config import add_ion_config
@@ -199,3 +202,44 @@ def test_box_voting_inference_through_roi_heads():
     assert (r.pred_boxes.tensor[:, 0::2] <= IMAGE[1]).all()
     assert (r.pred_boxes.tensor[:, 1::2] <= IMAGE[0]).all()
     assert (r.pred_boxes.tensor >= 0).all()
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.mark.parametrize(
+    "config,low_overlap_is_background",
+    [("ION_VGG16_VOC0712_stage1.yaml", False), ("ION_VGG16_synthetic.yaml", True)],
+)
+def test_fast_rcnn_sampling_ignores_proposals_below_0_1_iou(config, low_overlap_is_background):
+    # Fast R-CNN (BG_THRESH_LO 0.1): background is IoU in [0.1, 0.5); below 0.1 is never
+    # sampled. The synthetic config keeps Detectron2's rule (every IoU < 0.5 is background).
+    cfg = shrink_cfg(load_cfg(os.path.join(CONFIGS, config)))
+    shapes = {
+        "conv3": ShapeSpec(channels=4, stride=4),
+        "conv4": ShapeSpec(channels=4, stride=8),
+        "conv5": ShapeSpec(channels=4, stride=16),
+        "context": ShapeSpec(channels=4, stride=16),
+    }
+    heads = build_roi_heads(cfg, shapes)
+    gt = Instances((100, 100), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 40.0, 40.0]])))
+    gt.gt_classes = torch.tensor([1])
+    low = torch.tensor([[36.0, 0.0, 76.0, 40.0], [0.0, 36.0, 40.0, 76.0], [37.0, 37.0, 77.0, 77.0]])
+    mid = torch.tensor([[22.0, 0.0, 62.0, 40.0]])
+    boxes = Boxes(torch.cat([low, mid]))
+    ious = pairwise_iou(boxes, gt.gt_boxes)[:, 0]
+    assert (ious[:3] < 0.1).all() and (ious[:3] > 0).all() and 0.25 < ious[3] < 0.35
+    proposals = Instances((100, 100), proposal_boxes=boxes)
+    proposals.objectness_logits = torch.zeros(4)
+    background = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with EventStorage():
+            (sampled,) = heads.label_and_sample_proposals([proposals], [gt])
+        bg_boxes = sampled.proposal_boxes.tensor[sampled.gt_classes == background]
+        low_sampled = [any(torch.equal(b, x) for x in sampled.proposal_boxes.tensor) for b in low]
+        assert all(low_sampled) if low_overlap_is_background else not any(low_sampled)
+        # The IoU-0.3 proposal is a background sample either way.
+        assert any(torch.equal(b, mid[0]) for b in bg_boxes)
+        # The ground truth, appended to the proposals, is the one foreground.
+        assert (sampled.gt_classes == 1).sum() == 1

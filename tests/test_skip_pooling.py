@@ -153,6 +153,7 @@ def test_dropout_after_concat_and_empty_boxes():
         ({"dropout": 1.0}, "1.0"),
         ({"out_channels": -1}, "-1"),
         ({"input_shapes": []}, "at least one"),
+        ({"scale_init": -2.0}, r"-1 \(measure it\).*got -2.0"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

@@ -61,3 +61,105 @@ def test_other_schedulers_fall_through_and_bad_values_raise():
     assert lrs[10] == pytest.approx(5e-3) and lrs[55] == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="ION_END_LR > 0.*-1"):
         _lrs(_cfg(end=-1.0), 1)
+
+
+# --- Section 4.1's gradient clipping: one L2 norm over every parameter (Caffe's solver) -------
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.fc2 = torch.nn.Linear(4, 2)
+
+
+def _clip_cfg(clip_type="full_model", value=20.0):
+    cfg = _cfg()
+    cfg.SOLVER.BASE_LR = 0.1
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    cfg.SOLVER.BIAS_LR_FACTOR = 2.0
+    cfg.SOLVER.WEIGHT_DECAY_BIAS = 0.0
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = clip_type
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = value
+    return cfg
+
+
+def _step_with_grads(cfg, scale):
+    """One optimizer step with hand-set gradients; returns the model, the gradients set, the
+    parameters before the step and the optimizer."""
+    from ion_d2.engine import IONTrainer
+
+    model = _TwoLayers()
+    optimizer = IONTrainer.build_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(0)
+    grads, before = {}, {}
+    for name, p in model.named_parameters():
+        p.grad = torch.randn(p.shape, generator=g) * scale
+        grads[name] = p.grad.clone()
+        before[name] = p.detach().clone()
+    optimizer.step()
+    return model, grads, before, optimizer
+
+
+def _global_norm(tensors):
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).item()
+
+
+def test_full_model_clipping_rescales_all_groups_together():
+    cfg = _clip_cfg(value=20.0)
+    model, grads, before, optimizer = _step_with_grads(cfg, scale=100.0)
+    # Detectron2's param groups are kept: biases at 2x the LR without decay, norm layers
+    # without decay.
+    lrs = {id(p): grp["lr"] for grp in optimizer.param_groups for p in grp["params"]}
+    decays = {id(p): grp["weight_decay"] for grp in optimizer.param_groups for p in grp["params"]}
+    assert len({lr for lr in lrs.values()}) == 2
+    assert lrs[id(model.fc1.bias)] == pytest.approx(0.2)
+    assert lrs[id(model.fc1.weight)] == pytest.approx(0.1)
+    assert decays[id(model.fc1.bias)] == 0.0 and decays[id(model.norm.weight)] == 0.0
+
+    total = _global_norm(grads.values())
+    assert total > 20.0
+    factor = 20.0 / total
+    used = {}
+    for name, p in model.named_parameters():
+        # The gradient the optimizer used: (before - after) / lr of the parameter's group.
+        used[name] = (before[name] - p.detach()) / lrs[id(p)]
+        # Same direction: every tensor scaled by ONE factor.
+        assert torch.allclose(used[name], grads[name] * factor, rtol=1e-4, atol=1e-5)
+    assert _global_norm(used.values()) == pytest.approx(20.0, rel=1e-4)
+
+
+def test_full_model_clipping_leaves_small_gradients_untouched():
+    model, grads, before, optimizer = _step_with_grads(_clip_cfg(value=20.0), scale=0.01)
+    assert _global_norm(grads.values()) < 20.0
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name])
+        lr = 0.2 if name.endswith("bias") else 0.1
+        assert torch.allclose(p.detach(), before[name] - lr * grads[name], atol=1e-7)
+
+
+def test_per_tensor_norm_clipping_is_detectron2s_and_changes_the_direction():
+    # Detectron2's "norm" clips each tensor on its own: every tensor ends at norm <= 20, the
+    # whole update is far above 20 and no longer parallel to the gradient.
+    model, grads, before, optimizer = _step_with_grads(_clip_cfg("norm", 20.0), scale=100.0)
+    assert "WithFullModelGradientClip" not in type(optimizer).__name__
+    clipped = [p.grad for p in model.parameters()]
+    assert _global_norm(clipped) > 21.0
+    ratios = [
+        (c.norm() / grads[n].norm()).item() for (n, _), c in zip(model.named_parameters(), clipped)
+    ]
+    assert max(ratios) / min(ratios) > 1.5
+
+
+@pytest.mark.parametrize(
+    "clip_type,value,match",
+    [("global", 20.0, "'global'.*full_model"), ("full_model", 0.0, "CLIP_VALUE.*0.0")],
+)
+def test_bad_clipping_settings_raise(clip_type, value, match):
+    from ion_d2.engine import IONTrainer
+
+    with pytest.raises(ValueError, match=match):
+        IONTrainer.build_optimizer(_clip_cfg(clip_type, value), _TwoLayers())

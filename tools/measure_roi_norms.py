@@ -1,33 +1,33 @@
 #!/usr/bin/env python
 """
-Measure the mean L2 norm of ROI-pooled features on the training set (section 5.2), to choose
-MODEL.ION.SKIP_POOL.SCALE_INIT for a trunk other than ImageNet VGG16 (whose conv5 gives the
-paper's 1000 per ROI and 130 per location).
+Measure the mean L2 norm of ROI-pooled features on the training set (section 5.2), as
+MODEL.ION.SKIP_POOL.SCALE_INIT -1 does before training (ion_d2.skip_pool_scale).
 
     python tools/measure_roi_norms.py --config-file configs/ION_VGG16_synthetic.yaml \
-        --num-batches 20 [MODEL.WEIGHTS path/to/weights.pth]
+        --num-images 100 [MODEL.WEIGHTS path/to/weights.pth]
 
-For each feature in MODEL.ROI_HEADS.IN_FEATURES it pools the ground-truth boxes of
-``--num-batches`` training batches and prints the mean norm over all entries of each ROI
-("roi" normalisation) and across channels at each cell ("location" normalisation).
+On the first ``--num-images`` training images (default: MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES)
+it pools the model's proposals (its proposal generator, or the precomputed proposals with
+MODEL.LOAD_PROPOSALS) from each feature in MODEL.ROI_HEADS.IN_FEATURES and prints the mean norm
+over all entries of each ROI ("roi" normalisation) and across channels at each cell
+("location"), and the scale SCALE_INIT -1 would start from: the reference feature's
+(MODEL.ION.CONTEXT.IN_FEATURE) norm for SKIP_POOL.NORM.
 """
 
 import argparse
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
-from detectron2.modeling.poolers import ROIPooler
 
 from ion_d2 import add_ion_config
+from ion_d2.skip_pool_scale import measure_pooled_norms, training_batches
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--num-batches", type=int, default=20)
+    parser.add_argument("--num-images", type=int, default=None)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
 
@@ -36,41 +36,23 @@ def main():
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    num_images = args.num_images or cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    # Training mode, as the features are seen during training (BatchNorm uses batch stats).
-    model.train()
-    shapes = dict(model.backbone.output_shape())
-    if model.context is not None:
-        shapes.update(model.context.output_shape())
-    names = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-    res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
-    poolers = {
-        n: ROIPooler(
-            res,
-            (1.0 / shapes[n].stride,),
-            cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-            cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
-        )
-        for n in names
-    }
-    sums = {n: [0.0, 0.0] for n in names}
-    count = 0
-    loader = iter(build_detection_train_loader(cfg))
-    with torch.no_grad():
-        for _ in range(args.num_batches):
-            batch = next(loader)
-            features = model.extract_features(model.preprocess_image(batch))
-            boxes = [x["instances"].gt_boxes.to(model.device) for x in batch]
-            for n in names:
-                pooled = poolers[n]([features[n]], boxes)
-                sums[n][0] += pooled.flatten(1).norm(dim=1).sum().item()
-                sums[n][1] += pooled.norm(dim=1).mean(dim=(1, 2)).sum().item()
-            count += sum(len(b) for b in boxes)
-    print(f"Mean L2 norm of {count} pooled ground-truth boxes ({args.num_batches} batches):")
+    norms = measure_pooled_norms(model, training_batches(cfg, num_images))
+
+    print(
+        f"Mean L2 norm of {norms.num_rois} proposals pooled on {norms.num_images} training "
+        "images:"
+    )
     print(f"{'feature':<12}{'per ROI':>12}{'per location':>16}")
-    for n in names:
-        print(f"{n:<12}{sums[n][0] / count:>12.1f}{sums[n][1] / count:>16.1f}")
+    for name in norms.per_roi:
+        print(f"{name:<12}{norms.per_roi[name]:>12.1f}{norms.per_location[name]:>16.2f}")
+    reference = cfg.MODEL.ION.CONTEXT.IN_FEATURE
+    mode = cfg.MODEL.ION.SKIP_POOL.NORM
+    if reference in norms.per_roi and mode != "none":
+        value = (norms.per_roi if mode == "roi" else norms.per_location)[reference]
+        print(f"SCALE_INIT -1 would set the scale to {value:.4g} ({reference}, NORM {mode!r}).")
 
 
 if __name__ == "__main__":
