@@ -132,25 +132,17 @@ def _first_cells(direction: str, valid_cells: Tensor, height: int, width: int) -
     return first[:, None]
 
 
-def _scan_input(
+def _add_first_step_bias(
     x: Tensor, direction: str, first_step_bias: Optional[Tensor], valid_cells: Optional[Tensor]
 ) -> Tensor:
-    """
-    The scan's input with every cell outside the valid ones set to 0 and ``b0`` added at each
-    image's own first cell. A scan then starts every image at its own edge: from ``h = 0`` in
-    the padding, ``ReLU(Whh @ 0 + 0) = 0`` until it enters the image.
-    """
-    if valid_cells is None and first_step_bias is None:
+    """``x`` plus ``b0`` at each image's own first cell of the scan (None: the map's edge)."""
+    if first_step_bias is None:
         return x
     n, _, height, width = x.shape
     if valid_cells is None:
         valid_cells = torch.tensor([[height, width]], device=x.device).expand(n, 2)
-    else:
-        x = x.masked_fill(~valid_cell_mask(valid_cells, height, width), 0.0)
-    if first_step_bias is not None:
-        first = _first_cells(direction, valid_cells, height, width)
-        x = torch.where(first, x + first_step_bias.view(1, -1, 1, 1), x)
-    return x
+    first = _first_cells(direction, valid_cells, height, width)
+    return torch.where(first, x + first_step_bias.view(1, -1, 1, 1), x)
 
 
 def _zero_outside(x: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
@@ -163,7 +155,10 @@ def _zero_outside(x: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
 def _valid_cells_of(
     image_sizes: Optional[Sequence[Tuple[int, int]]], stride: int, x: Tensor
 ) -> Optional[Tensor]:
-    """Valid cells of the (N, C, H, W) feature ``x`` at ``stride``, or None without sizes."""
+    """
+    Valid cells of the (N, C, H, W) feature ``x`` at ``stride``; None without sizes or when
+    every image covers the whole map (then there is no padding to ignore, and nothing to pay).
+    """
     if image_sizes is None:
         return None
     if len(image_sizes) != x.shape[0]:
@@ -171,7 +166,10 @@ def _valid_cells_of(
             f"Got {len(image_sizes)} image sizes for a batch of {x.shape[0]} feature maps; "
             "expected one (h, w) per image."
         )
-    return valid_cell_counts(image_sizes, stride, x.shape[-2], x.shape[-1], x.device)
+    height, width = x.shape[-2:]
+    if all(-(-h // stride) >= height and -(-w // stride) >= width for h, w in image_sizes):
+        return None
+    return valid_cell_counts(image_sizes, stride, height, width, x.device)
 
 
 def irnn_scan(
@@ -206,8 +204,15 @@ def irnn_scan(
     Returns:
         Tensor: (N, C, H, W) hidden states; at each cell, the state after consuming that cell.
     """
+    # Zeroed outside the valid cells, the input keeps h = 0 in the padding before an image
+    # (ReLU(Whh @ 0 + 0) = 0), so each image's scan starts at its own edge.
+    x = _add_first_step_bias(_zero_outside(x, valid_cells), direction, first_step_bias, valid_cells)
+    return _zero_outside(_learned_recurrence(x, whh, direction), valid_cells)
+
+
+def _learned_recurrence(x: Tensor, whh: Tensor, direction: str) -> Tensor:
+    """:func:`irnn_scan` over the whole map, ``b0`` already in ``x``."""
     dim, reverse = _scan_dim(direction)
-    x = _scan_input(x, direction, first_step_bias, valid_cells)
     n, c, height, width = x.shape
     # Sequence-first, channels-last layout: seq[t] is a contiguous (batch, C) slab, where the
     # batch holds every row (or column) of every image.
@@ -226,10 +231,8 @@ def irnn_scan(
         states[t] = h
     out = torch.stack(states, dim=0)  # (L, batch, C)
     if dim == 3:
-        out = out.view(width, n, height, c).permute(1, 3, 2, 0)
-    else:
-        out = out.view(height, n, width, c).permute(1, 3, 0, 2)
-    return _zero_outside(out, valid_cells)
+        return out.view(width, n, height, c).permute(1, 3, 2, 0)
+    return out.view(height, n, width, c).permute(1, 3, 0, 2)
 
 
 def irnn_scan_identity(
@@ -261,16 +264,21 @@ def irnn_scan_identity(
     Returns:
         Tensor: (N, C, H, W) hidden states.
     """
-    dim, reverse = _scan_dim(direction)
     # A reversed scan of an image narrower than the map first crosses the padding: with its
     # input zeroed, S stays 0 there and the recursion enters the image from h = 0.
-    x = _scan_input(x, direction, first_step_bias, valid_cells)
+    x = _add_first_step_bias(_zero_outside(x, valid_cells), direction, first_step_bias, valid_cells)
+    return _zero_outside(_identity_recurrence(x, direction), valid_cells)
+
+
+def _identity_recurrence(x: Tensor, direction: str) -> Tensor:
+    """:func:`irnn_scan_identity` over the whole map, ``b0`` already in ``x``."""
+    dim, reverse = _scan_dim(direction)
     if reverse:
         x = x.flip(dim)
     prefix = torch.cumsum(x, dim=dim)
     running_min = torch.cummin(prefix, dim=dim).values.clamp(max=0)
     h = prefix - running_min
-    return _zero_outside(h.flip(dim) if reverse else h, valid_cells)
+    return h.flip(dim) if reverse else h
 
 
 class _IRNNLayer(nn.Module):
@@ -337,7 +345,19 @@ class _IRNNLayer(nn.Module):
             dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order; 0
             outside the valid cells.
         """
+        states = self._scans(x, valid_cells)
+        return {d: _zero_outside(h, valid_cells) for d, h in states.items()}
+
+    def _scans(self, x: Tensor, valid_cells: Optional[Tensor]) -> Dict[str, Tensor]:
+        """
+        :meth:`direction_states` (each equal to :func:`irnn_scan` / :func:`irnn_scan_identity`
+        of its input-to-hidden map), but with arbitrary values outside the valid cells: the
+        padding is zeroed once in the shared input rather than in each scan's input and output.
+        """
         hidden = self.input_to_hidden(x)
+        if valid_cells is not None:
+            # In place: the conv's backward does not need its output.
+            hidden.masked_fill_(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
         if self.shared_input_to_hidden:
             inputs = [hidden] * len(self.directions)
         else:
@@ -345,18 +365,22 @@ class _IRNNLayer(nn.Module):
         states = {}
         for i, direction in enumerate(self.directions):
             b0 = None if self.first_step_bias is None else self.first_step_bias[i]
+            h = _add_first_step_bias(inputs[i], direction, b0, valid_cells)
             if self.whh is None:
-                states[direction] = irnn_scan_identity(inputs[i], direction, b0, valid_cells)
+                states[direction] = _identity_recurrence(h, direction)
             else:
-                states[direction] = irnn_scan(inputs[i], self.whh[i], direction, b0, valid_cells)
+                states[direction] = _learned_recurrence(h, self.whh[i], direction)
         return states
 
     def forward(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
-        states = self.direction_states(x, valid_cells)
-        concat = self.dropout(torch.cat(list(states.values()), dim=1))
-        # The output conv's bias makes the padding nonzero again; it must not reach the next
-        # layer, the ROI pooler or the seg head.
-        return _zero_outside(F.relu(self.hidden_to_output(concat)), valid_cells)
+        # The states outside the valid cells only reach the output there (1x1 conv), which is
+        # zeroed: the output conv's bias must not reach the next layer, the ROI pooler or the
+        # seg head. Zeroed before the ReLU, in place (the conv's backward does not need it).
+        concat = self.dropout(torch.cat(list(self._scans(x, valid_cells).values()), dim=1))
+        out = self.hidden_to_output(concat)
+        if valid_cells is not None:
+            out.masked_fill_(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
+        return F.relu(out)
 
 
 @ION_CONTEXT_REGISTRY.register()

@@ -674,3 +674,22 @@ def test_image_sizes_must_match_batch():
     model = build_ion_context(_cfg(), INPUT_SHAPE)
     with pytest.raises(ValueError, match="3 image sizes for a batch of 2"):
         model({"conv5": torch.randn(2, C, H, W)}, [(10, 10)] * 3)
+
+
+@pytest.mark.parametrize("recurrent", ["learned", "removed"])
+def test_irnn_gradcheck_with_image_sizes(recurrent):
+    cfg = _cfg(RECURRENT=recurrent, FIRST_STEP_BIAS=True)
+    cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 2
+    model = build_ion_context(cfg, {"conv5": ShapeSpec(channels=2, stride=16)}).double()
+    with torch.no_grad():  # positive weights keep the ReLUs mostly open: gradients to check
+        for p in model.parameters():
+            p.copy_(p.abs() + 0.05)
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    sizes = [(33, 40), (48, 64)]  # 3 x 3 and 3 x 4 cells
+    assert torch.autograd.gradcheck(
+        lambda t: model({"conv5": t}, sizes)["context"], (x,), eps=1e-6, atol=1e-5
+    )
+    # No gradient reaches the padding (and some reaches the image: the check is not vacuous).
+    out = model({"conv5": x}, sizes)["context"]
+    out[0].pow(2).sum().backward()
+    assert (x.grad[0, :, :, 3] == 0).all() and (x.grad[0, :, :, :3] != 0).any()
