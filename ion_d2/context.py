@@ -182,7 +182,7 @@ def irnn_scan(
     """
     One direction of an IRNN with a learned recurrent transition:
     ``h_t = ReLU(Whh @ h_{t-1} + x_t)`` with ``h_{-1} = 0``, where ``t`` runs along the
-    direction (section 3.2). ``x`` is the output of the shared input-to-hidden 1x1 conv.
+    direction (section 3.2). ``x`` is the output of the input-to-hidden 1x1 conv.
 
     All rows (for "right"/"left") or columns (for "down"/"up") of all images advance together:
     each step is a single ``(N*H, C) x (C, C)`` (or ``(N*W, C) x (C, C)``) matrix multiply, so
