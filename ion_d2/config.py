@@ -31,6 +31,18 @@ def add_ion_config(cfg: CN) -> None:
     # Normalization after each conv ("" = none, as in VGG16; or "BN", "GN", "FrozenBN", ...).
     _C.MODEL.ION.VGG16.NORM = ""
 
+    # Run the backbone (any MODEL.BACKBONE, not only VGG16) once per group of equally padded
+    # images, each group padded only to the backbone's size_divisibility, and zero-pad the
+    # features to the batch's size: a conv at an image's border then sees the zeros it sees
+    # alone, not the activations of the batch's padding, so no feature depends on the other
+    # images. Section 4.1: "We use 4 images per mini-batch, implemented as 4 forward/backward
+    # passes of single image mini-batches, with gradient accumulation." Images of one size
+    # take a single batched pass either way. Costs: with mixed sizes one pass per size (on a
+    # GPU a batched trunk is faster); BatchNorm in training mode (VGG16.NORM "BN") computes its
+    # statistics per group, as it would per image in the paper's single-image passes. False
+    # gives Detectron2's usual single pass over the padded batch.
+    _C.MODEL.ION.BACKBONE_PER_IMAGE = True
+
     # ---------------------------------------------------------------------------------------
     # Context module (section 3.2, Figure 3; alternatives of Table 7). It reads one backbone
     # feature and adds a feature named "context" with that feature's stride.
@@ -61,6 +73,18 @@ def add_ion_config(cfg: CN) -> None:
     # heads can pool from them (Table 10b: "pool out of both IRNNs"). The top layer is always
     # "context".
     _C.MODEL.ION.CONTEXT.IRNN.OUTPUT_ALL_LAYERS = False
+    # One input-to-hidden 1x1 conv shared by the directions (True), or one per direction. Section
+    # 3.2: "the input-to-hidden transition is a 1x1 convolution, and that it can be shared
+    # across different directions. Sharing this transition allows us to remove 6 conv layers in
+    # total with a negligible effect on accuracy (-0.1 mAP)." False stacks the directions' convs
+    # in one conv's output channels (a checkpoint of the other setting does not load).
+    _C.MODEL.ION.CONTEXT.IRNN.SHARED_INPUT_TO_HIDDEN = True
+    # Dropout between each IRNN layer's concat of the directions and its hidden-to-output 1x1
+    # conv, in training only; 0 removes it (the "D" setting of Tables 1-3). Section 3.2 item 2:
+    # "To prevent overfitting, we include dropout layers (p = 0.25) after each concat layer in
+    # all experiments. We later found that in fact the model is underfitting and there is no
+    # need for dropout anywhere in the network."
+    _C.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25
 
     _C.MODEL.ION.CONTEXT.CONV = CN()
     # Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5. Each conv is followed by ReLU.

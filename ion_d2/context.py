@@ -20,6 +20,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
+from .padding import valid_cell_counts, valid_cell_mask
+
 __all__ = [
     "ION_CONTEXT_REGISTRY",
     "build_ion_context",
@@ -40,9 +42,14 @@ The registered object is called with ``(cfg, input_shape)``, where ``input_shape
 ``dict[str, ShapeSpec]`` of the backbone's features, and must return an ``nn.Module`` that reads
 ``cfg.MODEL.ION.CONTEXT.IN_FEATURE`` and has:
 
-* ``forward(features: dict[str, Tensor]) -> dict[str, Tensor]``: reads
-  ``features[in_feature]`` of shape (N, C, H, W) and returns at least ``{"context": Tensor}``
-  of shape (N, C', H, W);
+* ``forward(features: dict[str, Tensor], image_sizes: list[tuple[int, int]] | None = None)
+  -> dict[str, Tensor]``: reads ``features[in_feature]`` of shape (N, C, H, W) and returns at
+  least ``{"context": Tensor}`` of shape (N, C', H, W). ``image_sizes`` are the images' (h, w)
+  before the batch was padded (``ImageList.image_sizes``; None: every image fills the tensor).
+  The output must not depend on the batch's padding: at stride ``s`` image ``i`` owns its
+  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.padding`); the module neither
+  reads the other cells nor writes anything but 0 there, so an image's context is the same
+  alone and in any batch;
 * ``output_shape() -> dict[str, ShapeSpec]``: channels and stride (the input feature's) of
   every returned feature.
 """
@@ -110,13 +117,72 @@ def _scan_dim(direction: str) -> Tuple[int, bool]:
     raise ValueError(f"Unknown IRNN direction {direction!r}; expected one of {IRNN_DIRECTIONS}.")
 
 
+def _first_cells(direction: str, valid_cells: Tensor, height: int, width: int) -> Tensor:
+    """(N, 1, H, W) bool: the first cell of every scan line inside each image's valid cells."""
+    dim, reverse = _scan_dim(direction)
+    rows = torch.arange(height, device=valid_cells.device)[None, :]
+    cols = torch.arange(width, device=valid_cells.device)[None, :]
+    valid_h, valid_w = valid_cells[:, :1], valid_cells[:, 1:]
+    if dim == 3:
+        start = cols == (valid_w - 1 if reverse else 0)
+        first = (rows < valid_h)[:, :, None] & start[:, None, :]
+    else:
+        start = rows == (valid_h - 1 if reverse else 0)
+        first = start[:, :, None] & (cols < valid_w)[:, None, :]
+    return first[:, None]
+
+
+def _add_first_step_bias(
+    x: Tensor, direction: str, first_step_bias: Optional[Tensor], valid_cells: Optional[Tensor]
+) -> Tensor:
+    """``x`` plus ``b0`` at each image's own first cell of the scan (None: the map's edge)."""
+    if first_step_bias is None:
+        return x
+    n, _, height, width = x.shape
+    if valid_cells is None:
+        valid_cells = torch.tensor([[height, width]], device=x.device).expand(n, 2)
+    first = _first_cells(direction, valid_cells, height, width)
+    return torch.where(first, x + first_step_bias.view(1, -1, 1, 1), x)
+
+
+def _zero_outside(x: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
+    """``x`` with 0 outside each image's valid cells (unchanged when ``valid_cells`` is None)."""
+    if valid_cells is None:
+        return x
+    return x.masked_fill(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
+
+
+def _valid_cells_of(
+    image_sizes: Optional[Sequence[Tuple[int, int]]], stride: int, x: Tensor
+) -> Optional[Tensor]:
+    """
+    Valid cells of the (N, C, H, W) feature ``x`` at ``stride``; None without sizes or when
+    every image covers the whole map (then there is no padding to ignore, and nothing to pay).
+    """
+    if image_sizes is None:
+        return None
+    if len(image_sizes) != x.shape[0]:
+        raise ValueError(
+            f"Got {len(image_sizes)} image sizes for a batch of {x.shape[0]} feature maps; "
+            "expected one (h, w) per image."
+        )
+    height, width = x.shape[-2:]
+    if all(-(-h // stride) >= height and -(-w // stride) >= width for h, w in image_sizes):
+        return None
+    return valid_cell_counts(image_sizes, stride, height, width, x.device)
+
+
 def irnn_scan(
-    x: Tensor, whh: Tensor, direction: str, first_step_bias: Optional[Tensor] = None
+    x: Tensor,
+    whh: Tensor,
+    direction: str,
+    first_step_bias: Optional[Tensor] = None,
+    valid_cells: Optional[Tensor] = None,
 ) -> Tensor:
     """
     One direction of an IRNN with a learned recurrent transition:
     ``h_t = ReLU(Whh @ h_{t-1} + x_t)`` with ``h_{-1} = 0``, where ``t`` runs along the
-    direction (section 3.2). ``x`` is the output of the shared input-to-hidden 1x1 conv.
+    direction (section 3.2). ``x`` is the output of the input-to-hidden 1x1 conv.
 
     All rows (for "right"/"left") or columns (for "down"/"up") of all images advance together:
     each step is a single ``(N*H, C) x (C, C)`` (or ``(N*W, C) x (C, C)``) matrix multiply, so
@@ -130,10 +196,22 @@ def irnn_scan(
             left), "down" (along H, top to bottom) or "up" (along H, bottom to top).
         first_step_bias (Tensor or None): (C,) bias ``b0`` added to ``x`` at the first step of
             the scan (section 3.2 item 3), or None.
+        valid_cells (Tensor or None): (N, 2) long, the rows and columns of each image's valid
+            cells (:func:`ion_d2.padding.valid_cell_counts`); the scan ignores ``x`` outside
+            them, starts at each image's own edge (``b0`` at its own first cell, e.g. its last
+            valid column for "left") and returns 0 outside them. None: the whole map is valid.
 
     Returns:
         Tensor: (N, C, H, W) hidden states; at each cell, the state after consuming that cell.
     """
+    # Zeroed outside the valid cells, the input keeps h = 0 in the padding before an image
+    # (ReLU(Whh @ 0 + 0) = 0), so each image's scan starts at its own edge.
+    x = _add_first_step_bias(_zero_outside(x, valid_cells), direction, first_step_bias, valid_cells)
+    return _zero_outside(_learned_recurrence(x, whh, direction), valid_cells)
+
+
+def _learned_recurrence(x: Tensor, whh: Tensor, direction: str) -> Tensor:
+    """:func:`irnn_scan` over the whole map, ``b0`` already in ``x``."""
     dim, reverse = _scan_dim(direction)
     n, c, height, width = x.shape
     # Sequence-first, channels-last layout: seq[t] is a contiguous (batch, C) slab, where the
@@ -148,11 +226,8 @@ def irnn_scan(
     states: List[Optional[Tensor]] = [None] * length
     h: Optional[Tensor] = None
     for t in steps:
-        x_t = seq[t]
-        if h is None:
-            h = torch.relu(x_t if first_step_bias is None else x_t + first_step_bias)
-        else:
-            h = torch.relu(torch.addmm(x_t, h, whh_t))
+        # The first step has h_{-1} = 0, so Whh @ h_{-1} vanishes.
+        h = torch.relu(seq[t] if h is None else torch.addmm(seq[t], h, whh_t))
         states[t] = h
     out = torch.stack(states, dim=0)  # (L, batch, C)
     if dim == 3:
@@ -161,7 +236,10 @@ def irnn_scan(
 
 
 def irnn_scan_identity(
-    x: Tensor, direction: str, first_step_bias: Optional[Tensor] = None
+    x: Tensor,
+    direction: str,
+    first_step_bias: Optional[Tensor] = None,
+    valid_cells: Optional[Tensor] = None,
 ) -> Tensor:
     """
     One direction of an IRNN with the recurrent transition removed (``Whh = I``, section 3.2
@@ -181,16 +259,22 @@ def irnn_scan_identity(
         direction (str): "right", "left", "down" or "up" (see :func:`irnn_scan`).
         first_step_bias (Tensor or None): (C,) bias ``b0`` added to ``x`` at the first step of
             the scan, or None.
+        valid_cells (Tensor or None): each image's valid cells, see :func:`irnn_scan`.
 
     Returns:
         Tensor: (N, C, H, W) hidden states.
     """
+    # A reversed scan of an image narrower than the map first crosses the padding: with its
+    # input zeroed, S stays 0 there and the recursion enters the image from h = 0.
+    x = _add_first_step_bias(_zero_outside(x, valid_cells), direction, first_step_bias, valid_cells)
+    return _zero_outside(_identity_recurrence(x, direction), valid_cells)
+
+
+def _identity_recurrence(x: Tensor, direction: str) -> Tensor:
+    """:func:`irnn_scan_identity` over the whole map, ``b0`` already in ``x``."""
     dim, reverse = _scan_dim(direction)
     if reverse:
         x = x.flip(dim)
-    if first_step_bias is not None:
-        first = x.narrow(dim, 0, 1) + first_step_bias.view(1, -1, 1, 1)
-        x = torch.cat([first, x.narrow(dim, 1, x.shape[dim] - 1)], dim=dim)
     prefix = torch.cumsum(x, dim=dim)
     running_min = torch.cummin(prefix, dim=dim).values.clamp(max=0)
     h = prefix - running_min
@@ -199,9 +283,9 @@ def irnn_scan_identity(
 
 class _IRNNLayer(nn.Module):
     """
-    One IRNN layer of Figure 3: a 1x1 input-to-hidden conv shared by all directions, one
-    recurrence per direction, concatenation of the directions' hidden maps, and a 1x1
-    hidden-to-output conv back to the input's channels followed by ReLU.
+    One IRNN layer of Figure 3: a 1x1 input-to-hidden conv (shared by all directions, or one per
+    direction), one recurrence per direction, concatenation of the directions' hidden maps,
+    dropout, and a 1x1 hidden-to-output conv back to the input's channels followed by ReLU.
     """
 
     def __init__(
@@ -211,11 +295,20 @@ class _IRNNLayer(nn.Module):
         directions: Sequence[str],
         learned_recurrent: bool,
         first_step_bias: bool,
+        shared_input_to_hidden: bool = True,
+        concat_dropout: float = 0.0,
     ):
         super().__init__()
         self.directions = tuple(directions)
+        self.shared_input_to_hidden = shared_input_to_hidden
         num_dirs = len(self.directions)
-        self.input_to_hidden = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+        # Unshared, the directions' 1x1 convs are stacked on the output channels of one conv
+        # (direction d owns channels d * hidden_dim ... (d + 1) * hidden_dim - 1): the same
+        # parameters and outputs as separate convs, in one call.
+        self.input_to_hidden = nn.Conv2d(
+            in_channels, hidden_dim * (1 if shared_input_to_hidden else num_dirs), kernel_size=1
+        )
+        self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
         self.hidden_to_output = nn.Conv2d(num_dirs * hidden_dim, in_channels, kernel_size=1)
         # Caffe's "xavier" filler (uniform, variance 1/fan_in, zero bias): fan_in grows with the
         # number of concatenated directions, so the output conv starts correspondingly smaller
@@ -236,30 +329,58 @@ class _IRNNLayer(nn.Module):
         else:
             self.register_parameter("first_step_bias", None)
 
-    def direction_states(self, x: Tensor) -> Dict[str, Tensor]:
+    def direction_states(
+        self, x: Tensor, valid_cells: Optional[Tensor] = None
+    ) -> Dict[str, Tensor]:
         """
         The hidden maps of each direction (Figure 4: what each cell summarises of the cells to
         its left, right, above or below).
 
         Args:
             x (Tensor): (N, C, H, W) layer input.
+            valid_cells (Tensor or None): (N, 2) valid rows and columns of each image (see
+                :func:`irnn_scan`); None: the whole map.
 
         Returns:
-            dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order.
+            dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order; 0
+            outside the valid cells.
+        """
+        states = self._scans(x, valid_cells)
+        return {d: _zero_outside(h, valid_cells) for d, h in states.items()}
+
+    def _scans(self, x: Tensor, valid_cells: Optional[Tensor]) -> Dict[str, Tensor]:
+        """
+        :meth:`direction_states` (each equal to :func:`irnn_scan` / :func:`irnn_scan_identity`
+        of its input-to-hidden map), but with arbitrary values outside the valid cells: the
+        padding is zeroed once in the shared input rather than in each scan's input and output.
         """
         hidden = self.input_to_hidden(x)
+        if valid_cells is not None:
+            # In place: the conv's backward does not need its output.
+            hidden.masked_fill_(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
+        if self.shared_input_to_hidden:
+            inputs = [hidden] * len(self.directions)
+        else:
+            inputs = hidden.chunk(len(self.directions), dim=1)
         states = {}
         for i, direction in enumerate(self.directions):
             b0 = None if self.first_step_bias is None else self.first_step_bias[i]
+            h = _add_first_step_bias(inputs[i], direction, b0, valid_cells)
             if self.whh is None:
-                states[direction] = irnn_scan_identity(hidden, direction, b0)
+                states[direction] = _identity_recurrence(h, direction)
             else:
-                states[direction] = irnn_scan(hidden, self.whh[i], direction, b0)
+                states[direction] = _learned_recurrence(h, self.whh[i], direction)
         return states
 
-    def forward(self, x: Tensor) -> Tensor:
-        states = self.direction_states(x)
-        return F.relu(self.hidden_to_output(torch.cat(list(states.values()), dim=1)))
+    def forward(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
+        # The states outside the valid cells only reach the output there (1x1 conv), which is
+        # zeroed: the output conv's bias must not reach the next layer, the ROI pooler or the
+        # seg head. Zeroed before the ReLU, in place (the conv's backward does not need it).
+        concat = self.dropout(torch.cat(list(self._scans(x, valid_cells).values()), dim=1))
+        out = self.hidden_to_output(concat)
+        if valid_cells is not None:
+            out.masked_fill_(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
+        return F.relu(out)
 
 
 @ION_CONTEXT_REGISTRY.register()
@@ -267,13 +388,17 @@ class IRNN(nn.Module):
     """
     Stacked 4-direction IRNN context module (section 3.2, Figure 3, Tables 8-10).
 
-    Each layer computes ``x -> ReLU(conv1x1(concat_d(scan_d(conv1x1(x)))))``: an input-to-hidden
-    1x1 conv (with bias) shared by the directions; per direction ``d`` the recurrence
-    ``h_t = ReLU(Whh_d h_{t-1} + x_t)`` moving right, left, down or up
-    (:func:`irnn_scan`, or :func:`irnn_scan_identity` when ``Whh`` is removed); the directions'
-    hidden maps concatenated on channels in the order right, left, down, up; and a 1x1
-    hidden-to-output conv back to the layer's input channels, followed by ReLU. The output thus
-    has the input feature's channels and spatial size.
+    Each layer computes ``x -> ReLU(conv1x1(dropout(concat_d(scan_d(conv1x1(x))))))``: an
+    input-to-hidden 1x1 conv (with bias) shared by the directions (or one per direction); per
+    direction ``d`` the recurrence ``h_t = ReLU(Whh_d h_{t-1} + x_t)`` moving right, left, down
+    or up (:func:`irnn_scan`, or :func:`irnn_scan_identity` when ``Whh`` is removed); the
+    directions' hidden maps concatenated on channels in the order right, left, down, up;
+    dropout (training only); and a 1x1 hidden-to-output conv back to the layer's input channels,
+    followed by ReLU. The output thus has the input feature's channels and spatial size.
+
+    Given the images' sizes, every layer works on each image's valid cells only
+    (:mod:`ion_d2.padding`): the scans start at the image's own edges and the padding stays 0,
+    so an image's context does not depend on the rest of its batch.
     """
 
     @configurable
@@ -289,10 +414,10 @@ class IRNN(nn.Module):
         directions: str = "all",
         first_step_bias: bool = False,
         output_all_layers: bool = False,
+        shared_input_to_hidden: bool = True,
+        concat_dropout: float = 0.25,
     ):
         """
-        NOTE: this interface is experimental.
-
         Args:
             in_feature (str): name of the feature to read (e.g. "conv5").
             in_channels (int): channels of that feature; also the output channels.
@@ -307,6 +432,10 @@ class IRNN(nn.Module):
                 at the first step of each scan (section 3.2 item 3).
             output_all_layers (bool): also return layer ``i < num_layers`` as
                 ``"context_{i}"`` (Table 10b); the top layer is always ``"context"``.
+            shared_input_to_hidden (bool): one input-to-hidden 1x1 conv for all directions
+                (section 3.2), or one per direction.
+            concat_dropout (float): dropout probability in [0, 1) between each layer's concat
+                and its hidden-to-output conv (section 3.2 item 2: 0.25); 0 removes it.
         """
         super().__init__()
         if recurrent not in _IRNN_RECURRENT:
@@ -325,6 +454,10 @@ class IRNN(nn.Module):
             raise ValueError(f"IRNN hidden_dim={hidden_dim} is invalid; expected an int >= 1.")
         if in_channels < 1:
             raise ValueError(f"IRNN in_channels={in_channels} is invalid; expected an int >= 1.")
+        if not 0.0 <= concat_dropout < 1.0:
+            raise ValueError(
+                f"IRNN concat_dropout={concat_dropout} is invalid; expected a float in [0, 1)."
+            )
 
         self.in_feature = in_feature
         self._out_channels = in_channels
@@ -343,6 +476,8 @@ class IRNN(nn.Module):
                     layer_dirs,
                     learned_recurrent=recurrent == "learned",
                     first_step_bias=first_step_bias,
+                    shared_input_to_hidden=shared_input_to_hidden,
+                    concat_dropout=concat_dropout,
                 )
             )
         self.layers = nn.ModuleList(layers)
@@ -353,15 +488,17 @@ class IRNN(nn.Module):
         irnn = cfg.MODEL.ION.CONTEXT.IRNN
         # fmt: off
         return {
-            "in_feature":        in_feature,
-            "in_channels":       shape.channels,
-            "stride":            shape.stride,
-            "hidden_dim":        irnn.HIDDEN_DIM,
-            "num_layers":        irnn.NUM_LAYERS,
-            "recurrent":         irnn.RECURRENT,
-            "directions":        irnn.DIRECTIONS,
-            "first_step_bias":   irnn.FIRST_STEP_BIAS,
-            "output_all_layers": irnn.OUTPUT_ALL_LAYERS,
+            "in_feature":             in_feature,
+            "in_channels":            shape.channels,
+            "stride":                 shape.stride,
+            "hidden_dim":             irnn.HIDDEN_DIM,
+            "num_layers":             irnn.NUM_LAYERS,
+            "recurrent":              irnn.RECURRENT,
+            "directions":             irnn.DIRECTIONS,
+            "first_step_bias":        irnn.FIRST_STEP_BIAS,
+            "output_all_layers":      irnn.OUTPUT_ALL_LAYERS,
+            "shared_input_to_hidden": irnn.SHARED_INPUT_TO_HIDDEN,
+            "concat_dropout":         irnn.CONCAT_DROPOUT,
         }
         # fmt: on
 
@@ -371,20 +508,28 @@ class IRNN(nn.Module):
             names = [f"context_{i}" for i in range(1, len(self.layers))]
         return names + ["context"]
 
-    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Dict[str, Tensor]:
         """
         Args:
             features (dict[str, Tensor]): backbone features; reads ``features[in_feature]``
                 of shape (N, C, H, W).
+            image_sizes (list[tuple[int, int]] or None): (h, w) of each image before padding
+                (``ImageList.image_sizes``); None: every image fills the whole map.
 
         Returns:
             dict[str, Tensor]: ``{"context": (N, C, H, W)}``, plus ``"context_1"``, ...,
-            ``"context_{L-1}"`` for the intermediate layers when ``output_all_layers``.
+            ``"context_{L-1}"`` for the intermediate layers when ``output_all_layers``; 0
+            outside each image's valid cells.
         """
         x = _get_feature(features, self.in_feature)
+        valid_cells = _valid_cells_of(image_sizes, self._stride, x)
         outputs = []
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, valid_cells)
             outputs.append(x)
         if not self.output_all_layers:
             outputs = outputs[-1:]
@@ -401,7 +546,9 @@ class IRNN(nn.Module):
 class StackedConv(nn.Module):
     """
     Stacked convolutions as context (Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5): ``num_layers``
-    ``kernel_size`` x ``kernel_size`` convs (same padding), each followed by ReLU.
+    ``kernel_size`` x ``kernel_size`` convs (same padding), each followed by ReLU. Given the
+    images' sizes, the cells outside each image's valid cells are zeroed before every conv and
+    at the output, so a conv at an image's border sees the zeros it would see alone.
     """
 
     @configurable
@@ -416,8 +563,6 @@ class StackedConv(nn.Module):
         channels: int = 512,
     ):
         """
-        NOTE: this interface is experimental.
-
         Args:
             in_feature (str): name of the feature to read.
             in_channels (int): channels of that feature.
@@ -469,12 +614,17 @@ class StackedConv(nn.Module):
         }
         # fmt: on
 
-    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, channels, H, W)}``."""
         x = _get_feature(features, self.in_feature)
+        valid_cells = _valid_cells_of(image_sizes, self._stride, x)
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return {"context": x}
+            x = F.relu(conv(_zero_outside(x, valid_cells)))
+        return {"context": _zero_outside(x, valid_cells)}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}
@@ -484,14 +634,13 @@ class StackedConv(nn.Module):
 class GlobalAvgPool(nn.Module):
     """
     Global average pooling as context (Table 7c, ParseNet): the feature is averaged over H and W
-    and tiled ("unpooled") back to H x W. No parameters.
+    and tiled ("unpooled") back to H x W. No parameters. Given the images' sizes, each image is
+    averaged over its valid cells and its average tiled over them (0 elsewhere).
     """
 
     @configurable
     def __init__(self, *, in_feature: str, in_channels: int, stride: int):
         """
-        NOTE: this interface is experimental.
-
         Args:
             in_feature (str): name of the feature to read.
             in_channels (int): channels of that feature; also the output channels.
@@ -507,13 +656,22 @@ class GlobalAvgPool(nn.Module):
         in_feature, shape = _in_feature_shape(cfg, input_shape)
         return {"in_feature": in_feature, "in_channels": shape.channels, "stride": shape.stride}
 
-    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, C, H, W)}``."""
         x = _get_feature(features, self.in_feature)
-        pooled = x.mean(dim=(2, 3), keepdim=True)
+        valid_cells = _valid_cells_of(image_sizes, self._stride, x)
+        if valid_cells is None:
+            pooled = x.mean(dim=(2, 3), keepdim=True)
+        else:
+            area = valid_cells.prod(dim=1).to(x.dtype).view(-1, 1, 1, 1)
+            pooled = _zero_outside(x, valid_cells).sum(dim=(2, 3), keepdim=True) / area
         # A real (contiguous) tile rather than a stride-0 view, so that consumers may write to
         # it or hand it to kernels that assume dense storage.
-        return {"context": pooled.expand_as(x).contiguous()}
+        return {"context": _zero_outside(pooled.expand_as(x).contiguous(), valid_cells)}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}
@@ -547,13 +705,19 @@ class IRNNAndStackedConv(nn.Module):
         """The IRNN branch's layers (for inspection, as :attr:`IRNN.layers`)."""
         return self.irnn.layers
 
-    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Dict[str, Tensor]:
         """
+        See :meth:`IRNN.forward`.
+
         Returns:
             dict[str, Tensor]: the IRNN's outputs and ``"context_conv"``.
         """
-        out = self.irnn(features)
-        out["context_conv"] = self.stacked_conv(features)["context"]
+        out = self.irnn(features, image_sizes)
+        out["context_conv"] = self.stacked_conv(features, image_sizes)["context"]
         return out
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

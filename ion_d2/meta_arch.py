@@ -1,9 +1,11 @@
 """IONRCNN: Generalized R-CNN with ION's context features and segmentation regularizer."""
 
+import inspect
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import (
     META_ARCH_REGISTRY,
@@ -33,7 +35,12 @@ class IONRCNN(GeneralizedRCNN):
     (RPN, or precomputed proposals as in the paper); ROI heads that may pool "context"
     (:class:`IONROIHeads`); and, in training only, a semantic segmentation loss on the context
     features (``MODEL.ION.SEG_LOSS_ON``, section 3.2, Table 6). With no context module and no
-    segmentation loss it is exactly :class:`GeneralizedRCNN`.
+    segmentation loss it is exactly :class:`GeneralizedRCNN` (up to the per-size backbone passes
+    of ``MODEL.ION.BACKBONE_PER_IMAGE`` when the batch mixes sizes).
+
+    An image's features do not depend on the rest of its batch, as in the paper's single-image
+    passes: the backbone runs once per padded size (``backbone_per_image``) and the context
+    module and seg head see each image's size (``ImageList.image_sizes``), ignoring the padding.
     """
 
     @configurable
@@ -43,6 +50,7 @@ class IONRCNN(GeneralizedRCNN):
         context: Optional[nn.Module] = None,
         sem_seg_head: Optional[nn.Module] = None,
         sem_seg_ignore_value: int = 255,
+        backbone_per_image: bool = True,
         **kwargs,
     ):
         """
@@ -53,12 +61,24 @@ class IONRCNN(GeneralizedRCNN):
                 following ``SEM_SEG_HEADS_REGISTRY``'s contract; never run at inference.
             sem_seg_ignore_value (int): label of unlabelled pixels, also used for images that
                 have no "sem_seg" (they add no loss).
+            backbone_per_image (bool): run the backbone once per group of images that pad to
+                the same size alone, and zero-pad the features to the batch's size (see
+                :meth:`backbone_features`); False: one pass over the padded batch.
             kwargs: see :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
         self.context = context
         self.sem_seg_head = sem_seg_head
         self.sem_seg_ignore_value = sem_seg_ignore_value
+        self.backbone_per_image = backbone_per_image
+        self._seg_head_takes_image_sizes = sem_seg_head is not None and (
+            "image_sizes" in inspect.signature(sem_seg_head.forward).parameters
+        )
+        if sem_seg_head is not None and not self._seg_head_takes_image_sizes:
+            logger.warning(
+                f"{type(sem_seg_head).__name__}.forward takes no image_sizes: its loss near an "
+                "image's border may depend on the batch's padding."
+            )
 
     @classmethod
     def from_config(cls, cfg):
@@ -77,6 +97,7 @@ class IONRCNN(GeneralizedRCNN):
             "roi_heads": build_roi_heads(cfg, feature_shapes),
             "sem_seg_head": sem_seg_head,
             "sem_seg_ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
             "input_format": cfg.INPUT.FORMAT,
             "vis_period": cfg.VIS_PERIOD,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -88,10 +109,51 @@ class IONRCNN(GeneralizedRCNN):
         Returns:
             dict[str, Tensor]: the backbone's features plus the context module's.
         """
-        features = self.backbone(images.tensor)
+        features = self.backbone_features(images)
         if self.context is not None:
-            features.update(self.context(features))
+            features.update(self.context(features, images.image_sizes))
         return features
+
+    def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """
+        The backbone's features of the padded batch. With ``backbone_per_image``, each group of
+        images that pad to the same size alone runs in its own pass, on the crop of
+        ``images.tensor`` to that size (what ``ImageList.from_tensors`` of the group gives, as
+        the batch is padded with 0), and every feature map is zero-padded to the batch's size:
+        an image's features are then those it gets alone, and beyond them lie the zeros that
+        a consumer's zero padding would show it alone.
+
+        Args:
+            images (ImageList): the normalised, padded batch (:meth:`preprocess_image`).
+
+        Returns:
+            dict[str, Tensor]: the backbone's features, of the sizes a single batched pass gives.
+        """
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, image_size in enumerate(images.image_sizes):
+            groups.setdefault(self._padded_size(image_size), []).append(i)
+        if not self.backbone_per_image or len(groups) == 1:
+            return self.backbone(images.tensor)
+        per_image: List[Dict[str, torch.Tensor]] = [{} for _ in images.image_sizes]
+        for (height, width), indices in groups.items():
+            group_features = self.backbone(images.tensor[indices, :, :height, :width])
+            for name, feature in group_features.items():
+                for k, i in enumerate(indices):
+                    per_image[i][name] = feature[k]
+        return {name: _zero_pad_and_stack([f[name] for f in per_image]) for name in per_image[0]}
+
+    def _padded_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The size :meth:`preprocess_image` pads an image to when it is alone in its batch."""
+        # Detectron2 after v0.6 also pads to the backbone's padding_constraints.
+        constraints = getattr(self.backbone, "padding_constraints", None) or {}
+        square_size = constraints.get("square_size", 0)
+        if square_size > 0:
+            return square_size, square_size
+        divisor = constraints.get("size_divisibility", self.backbone.size_divisibility)
+        height, width = (int(x) for x in image_size)
+        if divisor > 1:
+            height, width = (-(-x // divisor) * divisor for x in (height, width))
+        return height, width
 
     def _proposals(self, batched_inputs, images, features, gt_instances):
         if self.proposal_generator is not None:
@@ -145,10 +207,21 @@ class IONRCNN(GeneralizedRCNN):
         losses.update(detector_losses)
         losses.update(proposal_losses)
         if self.sem_seg_head is not None:
-            targets = self._sem_seg_targets(batched_inputs, images)
-            _, seg_losses = self.sem_seg_head(features, targets)
-            losses.update(seg_losses)
+            losses.update(self._sem_seg_losses(batched_inputs, images, features))
         return losses
+
+    def _sem_seg_losses(self, batched_inputs, images: ImageList, features) -> Dict:
+        num_labelled = sum("sem_seg" in x for x in batched_inputs)
+        # How much of the batch the regularizer sees (e.g. COCO images without stuff labels).
+        get_event_storage().put_scalar(
+            "ion/sem_seg_labelled_fraction", num_labelled / len(batched_inputs)
+        )
+        targets = self._sem_seg_targets(batched_inputs, images)
+        if self._seg_head_takes_image_sizes:
+            _, seg_losses = self.sem_seg_head(features, targets, image_sizes=images.image_sizes)
+        else:
+            _, seg_losses = self.sem_seg_head(features, targets)
+        return seg_losses
 
     def inference(
         self,
@@ -176,3 +249,10 @@ class IONRCNN(GeneralizedRCNN):
             width = inputs.get("width", image_size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+
+def _zero_pad_and_stack(maps: List[torch.Tensor]) -> torch.Tensor:
+    """Stack (C, H_i, W_i) maps into (N, C, max H_i, max W_i), zero-padded at bottom and right."""
+    height = max(m.shape[-2] for m in maps)
+    width = max(m.shape[-1] for m in maps)
+    return torch.stack([F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps])

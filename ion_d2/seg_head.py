@@ -6,7 +6,7 @@ with a 32x32 kernel, and we add an extra softmax loss layer with a weight of 1".
 dropped at test time, so it changes no detection output and costs no inference time.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -14,6 +14,8 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
+
+from .padding import valid_cell_counts, valid_cell_mask
 
 __all__ = ["IONSegRegularizerHead", "bilinear_upsampling_kernel"]
 
@@ -55,6 +57,11 @@ class IONSegRegularizerHead(nn.Module):
     wherever a pixel lies between two cell centres. A constant map therefore comes out constant
     on pixels ``s / 2 ... s * (h - 1) + s / 2 - 1``; the outer half cells fade towards zero, as
     in FCN.
+
+    Given the images' sizes, the scores outside each image's valid cells (:mod:`ion_d2.padding`)
+    are set to 0 before upsampling: the score conv's bias at the batch's padding would otherwise
+    bleed into the image's border pixels through the 2s-wide kernel, while an image alone has
+    nothing beyond its edge.
 
     The deconvolution is per class (``groups=num_classes``), which equals FCN's initialisation
     of a full deconv with the bilinear kernel on its diagonal. As in FCN, whose final upsampling
@@ -148,7 +155,10 @@ class IONSegRegularizerHead(nn.Module):
         }
 
     def forward(
-        self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
+        self,
+        features: Dict[str, torch.Tensor],
+        targets: Optional[torch.Tensor] = None,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """
         Args:
@@ -156,6 +166,8 @@ class IONSegRegularizerHead(nn.Module):
             targets (Tensor or None): (N, H, W) long labels of the padded images, padded with
                 ``ignore_value`` (``ImageList.from_tensors(..., pad_value=ignore_value)``).
                 Required in training. Pixels of an unlabelled image are all ``ignore_value``.
+            image_sizes (list[tuple[int, int]] or None): (h, w) of each image before padding
+                (``ImageList.image_sizes``); None: every image fills the whole feature map.
 
         Returns:
             In training, ``(None, {"loss_sem_seg": loss})``; the loss is 0, with a gradient
@@ -163,6 +175,9 @@ class IONSegRegularizerHead(nn.Module):
             logits for the targets' size when targets are given, else for (h * s, w * s).
         """
         x = self.score(features[self.in_feature])
+        if image_sizes is not None:
+            counts = valid_cell_counts(image_sizes, self.stride, x.shape[-2], x.shape[-1], x.device)
+            x = x.masked_fill(~valid_cell_mask(counts, x.shape[-2], x.shape[-1]), 0.0)
         if self.training:
             if targets is None:
                 raise ValueError(

@@ -36,6 +36,8 @@ def _cfg(name="IRNN", **irnn):
     cfg.MODEL.ION.CONTEXT.NAME = name
     cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = HIDDEN
     cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 3
+    # The naive references have no dropout; the dropout tests set it explicitly.
+    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.0
     for key, value in irnn.items():
         cfg.MODEL.ION.CONTEXT.IRNN[key.upper()] = value
     return cfg
@@ -94,6 +96,15 @@ def naive_conv1x1(x, weight, bias):
     return out
 
 
+def naive_input_to_hidden(layer, d):
+    """Direction d's input-to-hidden conv: the shared one, or its own (its block of channels)."""
+    conv = layer.input_to_hidden
+    if layer.shared_input_to_hidden:
+        return conv.weight, conv.bias
+    k = conv.out_channels // len(layer.directions)
+    return conv.weight[d * k : (d + 1) * k], conv.bias[d * k : (d + 1) * k]
+
+
 def naive_irnn(module, x, num_layers, directions, output_all_layers):
     outputs = {}
     for k in range(num_layers):
@@ -102,9 +113,10 @@ def naive_irnn(module, x, num_layers, directions, output_all_layers):
             dirs = DIRECTIONS
         else:
             dirs = ("right", "left") if k % 2 == 0 else ("down", "up")
-        hidden = naive_conv1x1(x, layer.input_to_hidden.weight, layer.input_to_hidden.bias)
         states = []
         for d, direction in enumerate(dirs):
+            weight, bias = naive_input_to_hidden(layer, d)
+            hidden = naive_conv1x1(x, weight, bias)
             whh = None if layer.whh is None else layer.whh[d]
             b0 = None if layer.first_step_bias is None else layer.first_step_bias[d]
             states.append(naive_scan(hidden, whh, direction, b0))
@@ -247,7 +259,8 @@ def test_irnn_float32_matches_naive(recurrent):
     with torch.no_grad():
         ref = naive_irnn(model, x, 2, "all", False)["context"]
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # float32 against a float32 cell loop: rounding grows with the values (~40 here).
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
 
 
 def test_irnn_parameters():
@@ -440,6 +453,7 @@ def test_irnn_and_stacked_conv_table_10c():
     cfg.MODEL.ION.CONTEXT.NAME = "IRNNAndStackedConv"
     cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 3
     cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 5
+    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.0
     shapes = {"conv5": ShapeSpec(channels=4, stride=16)}
     module = build_ion_context(cfg, shapes)
     assert isinstance(module, IRNNAndStackedConv)
@@ -454,3 +468,228 @@ def test_irnn_and_stacked_conv_table_10c():
         "context_conv": (5, 16),
     }
     assert isinstance(module.irnn, IRNN) and isinstance(module.stacked_conv, StackedConv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input-to-hidden per direction and concat dropout (section 3.2)
+# ----------------------------------------------------------------------------------------------
+def test_default_checkpoint_keys_unchanged():
+    cfg = _cfg(FIRST_STEP_BIAS=True)
+    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25  # the default
+    model = build_ion_context(cfg, INPUT_SHAPE)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {}
+    for i in range(2):
+        expected.update(
+            {
+                f"layers.{i}.input_to_hidden.weight": (HIDDEN, C, 1, 1),
+                f"layers.{i}.input_to_hidden.bias": (HIDDEN,),
+                f"layers.{i}.hidden_to_output.weight": (C, 4 * HIDDEN, 1, 1),
+                f"layers.{i}.hidden_to_output.bias": (C,),
+                f"layers.{i}.whh": (4, HIDDEN, HIDDEN),
+                f"layers.{i}.first_step_bias": (4, HIDDEN),
+            }
+        )
+    assert shapes == expected
+
+
+@pytest.mark.parametrize("recurrent", ["learned", "removed"])
+def test_input_to_hidden_per_direction_matches_naive(recurrent):
+    cfg = _cfg(RECURRENT=recurrent, FIRST_STEP_BIAS=True, SHARED_INPUT_TO_HIDDEN=False)
+    model = build_ion_context(cfg, INPUT_SHAPE).double()
+    _randomize(model)
+    layer = model.layers[0]
+    # 4 directions' convs: 3 more weights and biases than the shared conv, per layer (the 6
+    # convs of section 3.2 over 2 layers).
+    assert layer.input_to_hidden.weight.shape == (4 * HIDDEN, C, 1, 1)
+    assert layer.input_to_hidden.bias.shape == (4 * HIDDEN,)
+    x = torch.randn(2, C, H, W, dtype=torch.float64)
+
+    # One direction, cell by cell, with its own conv.
+    d = DIRECTIONS.index("left")
+    weight, bias = layer.input_to_hidden.weight, layer.input_to_hidden.bias
+    hidden = torch.zeros(2, HIDDEN, H, W, dtype=torch.float64)
+    for b, i, j in itertools.product(range(2), range(H), range(W)):
+        hidden[b, :, i, j] = weight[d * HIDDEN : (d + 1) * HIDDEN, :, 0, 0] @ x[b, :, i, j]
+        hidden[b, :, i, j] += bias[d * HIDDEN : (d + 1) * HIDDEN]
+    whh = None if layer.whh is None else layer.whh[d]
+    ref = naive_scan(hidden, whh, "left", layer.first_step_bias[d])
+    states = layer.direction_states(x)
+    torch.testing.assert_close(states["left"], ref, rtol=0, atol=1e-12)
+    # The directions' inputs differ (a shared conv would give "right" the same input).
+    assert not torch.allclose(states["right"], naive_scan(hidden, whh, "right"))
+
+    out = model({"conv5": x})["context"]
+    torch.testing.assert_close(
+        out, naive_irnn(model, x, 2, "all", False)["context"], atol=1e-10, rtol=0
+    )
+
+
+def _concat_of(layer, fn):
+    """Run fn() and return what layer's hidden-to-output conv received."""
+    seen = []
+    handle = layer.hidden_to_output.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return seen[0], out
+
+
+def test_concat_dropout_in_training_only():
+    p = 0.25
+    cfg = _cfg(HIDDEN_DIM=16, CONCAT_DROPOUT=p)
+    model = build_ion_context(cfg, INPUT_SHAPE)
+    _randomize(model, whh_noise=0.0)
+    x = torch.randn(2, C, 8, 8)
+    layer = model.layers[0]
+
+    model.eval()
+    clean, out_eval = _concat_of(layer, lambda: model({"conv5": x})["context"])
+    torch.testing.assert_close(out_eval, naive_irnn(model, x, 2, "all", False)["context"])
+    clean_again, _ = _concat_of(layer, lambda: model({"conv5": x})["context"])
+    assert torch.equal(clean, clean_again)
+
+    model.train()
+    dropped, out_train = _concat_of(layer, lambda: model({"conv5": x})["context"])
+    assert not torch.allclose(out_train, out_eval)
+    active = clean > 0
+    zeroed = (dropped[active] == 0).float().mean().item()
+    assert active.sum() > 1000 and abs(zeroed - p) < 0.05
+    kept = dropped[active] != 0
+    torch.testing.assert_close(dropped[active][kept], clean[active][kept] / (1 - p))
+
+    model = build_ion_context(_cfg(CONCAT_DROPOUT=0.0), INPUT_SHAPE).train()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert torch.equal(model({"conv5": x})["context"], model.eval()({"conv5": x})["context"])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_concat_dropout_bad_value_raises(p):
+    with pytest.raises(ValueError, match=rf"concat_dropout={p}.*\[0, 1\)"):
+        build_ion_context(_cfg(CONCAT_DROPOUT=p), INPUT_SHAPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch independence: an image's context alone equals its context beside a larger image
+# ----------------------------------------------------------------------------------------------
+STRIDE = 16
+SIZE_A, SIZE_B = (40, 60), (80, 96)  # 3 x 4 and 5 x 6 valid cells at stride 16
+CELLS_A = (3, 4)
+
+
+def _batch_with_garbage(a, b, a_first):
+    """A (N=1, C, 3, 4) and B (1, C, 5, 6) in one (2, C, 5, 6) map, A's padding random (as the
+    padding's activations in a trunk would be)."""
+    padded = torch.randn(1, a.shape[1], *b.shape[-2:], dtype=a.dtype) * 3
+    padded[..., : a.shape[-2], : a.shape[-1]] = a
+    batch = torch.cat([padded, b] if a_first else [b, padded])
+    sizes = [SIZE_A, SIZE_B] if a_first else [SIZE_B, SIZE_A]
+    return batch, sizes
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("learned", [True, False])
+def test_scans_start_at_each_images_edge(direction, learned):
+    a = torch.randn(1, HIDDEN, *CELLS_A, dtype=torch.float64)
+    b = torch.randn(1, HIDDEN, 5, 6, dtype=torch.float64)
+    whh = torch.eye(HIDDEN, dtype=torch.float64) + 0.3 * torch.randn(HIDDEN, HIDDEN).double()
+    b0 = torch.randn(HIDDEN, dtype=torch.float64)
+    batch, _ = _batch_with_garbage(a, b, a_first=True)
+    valid = torch.tensor([list(CELLS_A), [5, 6]])
+
+    if learned:
+        out = irnn_scan(batch, whh, direction, b0, valid)
+    else:
+        out = irnn_scan_identity(batch, direction, b0, valid)
+    ref_whh = whh if learned else None
+    torch.testing.assert_close(
+        out[:1, :, :3, :4], naive_scan(a, ref_whh, direction, b0), atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(out[1:], naive_scan(b, ref_whh, direction, b0), atol=1e-12, rtol=0)
+    outside = torch.ones(5, 6, dtype=torch.bool)
+    outside[:3, :4] = False
+    assert (out[0][:, outside] == 0).all()
+
+
+# name, IRNN keys, dtype
+BATCH_CASES = [
+    ("IRNN", {"RECURRENT": "learned", "FIRST_STEP_BIAS": True}, torch.float64),
+    ("IRNN", {"RECURRENT": "removed", "FIRST_STEP_BIAS": True}, torch.float64),
+    ("IRNN", {"RECURRENT": "learned", "FIRST_STEP_BIAS": True}, torch.float32),
+    ("IRNN", {"RECURRENT": "removed", "FIRST_STEP_BIAS": True}, torch.float32),
+    ("IRNN", {"DIRECTIONS": "lr_then_ud", "OUTPUT_ALL_LAYERS": True}, torch.float64),
+    ("IRNN", {"SHARED_INPUT_TO_HIDDEN": False, "FIRST_STEP_BIAS": True}, torch.float64),
+    ("StackedConv", {}, torch.float64),
+    ("StackedConv", {}, torch.float32),
+    ("GlobalAvgPool", {}, torch.float64),
+    ("GlobalAvgPool", {}, torch.float32),
+    ("IRNNAndStackedConv", {}, torch.float64),
+]
+
+
+@pytest.mark.parametrize("name,irnn,dtype", BATCH_CASES)
+@pytest.mark.parametrize("a_first", [True, False])
+def test_context_does_not_depend_on_the_batch(name, irnn, dtype, a_first):
+    model = build_ion_context(_cfg(name, **irnn), INPUT_SHAPE).to(dtype)
+    _randomize(model)
+    a = torch.randn(1, C, *CELLS_A, dtype=dtype)
+    b = torch.randn(1, C, 5, 6, dtype=dtype)
+    batch, sizes = _batch_with_garbage(a, b, a_first)
+    ia = 0 if a_first else 1
+
+    alone = model({"conv5": a}, [SIZE_A])
+    together = model({"conv5": batch}, sizes)
+    # float32: to 1e-6 of the map's largest value, the scans' own rounding (a batched matmul
+    # rounds differently from a single image's; the float64 cases are exact to 1e-12).
+    scale = max(1.0, alone["context"].abs().max().item(), together["context"].abs().max().item())
+    tol = {"rtol": 0, "atol": 1e-12 if dtype == torch.float64 else 1e-6 * scale}
+    assert alone.keys() == together.keys()
+    for key, value in alone.items():
+        assert (value > 0).any()
+        torch.testing.assert_close(together[key][ia : ia + 1, :, :3, :4], value, **tol)
+        torch.testing.assert_close(together[key][1 - ia : 2 - ia], model({"conv5": b})[key], **tol)
+        # Padded cells get no context.
+        padding = together[key][ia].clone()
+        padding[:, :3, :4] = 0
+        assert (padding == 0).all()
+    # Without the sizes the padding leaks into A (the behaviour before image_sizes existed).
+    leaky = model({"conv5": batch})["context"][ia : ia + 1, :, :3, :4]
+    assert not torch.allclose(leaky, alone["context"], **tol)
+
+
+@pytest.mark.parametrize("name,irnn", ALL_MODULES + [("IRNNAndStackedConv", {})])
+def test_full_image_sizes_change_nothing(name, irnn):
+    # Equal-size images that fill the map: exactly the output without sizes.
+    model = build_ion_context(_cfg(name, **irnn), INPUT_SHAPE)
+    _randomize(model)
+    x = torch.randn(2, C, H, W)
+    sizes = [(H * STRIDE - 5, W * STRIDE - 15)] * 2  # ceil(size / 16) = (H, W)
+    with_sizes, without = model({"conv5": x}, sizes), model({"conv5": x})
+    for key in without:
+        assert torch.equal(with_sizes[key], without[key])
+
+
+def test_image_sizes_must_match_batch():
+    model = build_ion_context(_cfg(), INPUT_SHAPE)
+    with pytest.raises(ValueError, match="3 image sizes for a batch of 2"):
+        model({"conv5": torch.randn(2, C, H, W)}, [(10, 10)] * 3)
+
+
+@pytest.mark.parametrize("recurrent", ["learned", "removed"])
+def test_irnn_gradcheck_with_image_sizes(recurrent):
+    cfg = _cfg(RECURRENT=recurrent, FIRST_STEP_BIAS=True)
+    cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 2
+    model = build_ion_context(cfg, {"conv5": ShapeSpec(channels=2, stride=16)}).double()
+    with torch.no_grad():  # positive weights keep the ReLUs mostly open: gradients to check
+        for p in model.parameters():
+            p.copy_(p.abs() + 0.05)
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    sizes = [(33, 40), (48, 64)]  # 3 x 3 and 3 x 4 cells
+    assert torch.autograd.gradcheck(
+        lambda t: model({"conv5": t}, sizes)["context"], (x,), eps=1e-6, atol=1e-5
+    )
+    # No gradient reaches the padding (and some reaches the image: the check is not vacuous).
+    out = model({"conv5": x}, sizes)["context"]
+    out[0].pow(2).sum().backward()
+    assert (x.grad[0, :, :, 3] == 0).all() and (x.grad[0, :, :, :3] != 0).any()

@@ -150,3 +150,163 @@ def test_swap_ion_heads_into_stock_r50_fpn_config():
     with torch.no_grad():
         outputs = model(_strip(random_inputs(cfg)))
     assert outputs[0]["instances"].image_size == (96, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch independence (section 4.1's single-image passes) and the labelled-fraction metric
+# ----------------------------------------------------------------------------------------------
+SIZE_A, SIZE_B = (72, 100), (120, 128)  # padded alone to 80 x 112 and 128 x 128
+
+
+def _random_biases(model, std=0.1):
+    """The default inits zero every conv bias, so the batch's padding would stay 0 through the
+    trunk and the IRNN; trained weights have biases."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def _image(size, seed, boxes, sem_seg=False):
+    h, w = size
+    g = torch.Generator().manual_seed(seed)
+    x = {"image": torch.randint(0, 256, (3, h, w), generator=g).float(), "height": h, "width": w}
+    props = Instances(size)
+    props.proposal_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    props.objectness_logits = torch.ones(len(boxes))
+    x["proposals"] = props
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes[:1], dtype=torch.float32))
+    inst.gt_classes = torch.tensor([1])
+    x["instances"] = inst
+    if sem_seg:
+        x["sem_seg"] = torch.randint(0, 4, size, generator=g)
+    return x
+
+
+# A's proposals reach its right and bottom edges, where the batch's padding would leak in.
+BOXES_A = [[4.0, 6.0, 40.0, 50.0], [50.0, 30.0, 100.0, 72.0], [0.0, 0.0, 100.0, 72.0]]
+BOXES_B = [[10.0, 10.0, 100.0, 110.0]]
+
+
+def _precomputed_model(**ion):
+    cfg = load_cfg(TINY)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    for key, value in ion.items():
+        cfg.MODEL.ION[key] = value
+    model = build_model(cfg)
+    _random_biases(model)
+    return model.eval()
+
+
+def _detections(model, inputs, index):
+    with torch.no_grad():
+        return model(_strip_gt(inputs))[index]["instances"]
+
+
+def _strip_gt(inputs):
+    return [{k: v for k, v in x.items() if k not in ("instances", "sem_seg")} for x in inputs]
+
+
+def _same_detections(x, y):
+    return (
+        len(x) == len(y)
+        and torch.allclose(x.pred_boxes.tensor, y.pred_boxes.tensor, rtol=0, atol=1e-5)
+        and torch.allclose(x.scores, y.scores, rtol=0, atol=1e-5)
+        and torch.equal(x.pred_classes, y.pred_classes)
+    )
+
+
+def test_detections_do_not_depend_on_the_batch():
+    model = _precomputed_model()
+    a, b = _image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)
+    alone = _detections(model, [a], 0)
+    assert len(alone) > 0
+    assert _same_detections(_detections(model, [a, b], 0), alone)
+    assert _same_detections(_detections(model, [b, a], 1), alone)
+
+    # The switch acts: one batched trunk pass lets B's padding reach A's conv5.
+    model.backbone_per_image = False
+    assert not _same_detections(_detections(model, [a, b], 0), alone)
+
+
+def test_backbone_per_image_passes():
+    model = _precomputed_model()
+    calls = []
+    model.backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape))
+    a, b = _image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)
+    a2 = _image((80, 112), 3, BOXES_A)  # pads to A's size: one group with A
+
+    # Equal padded sizes: one batched pass, exactly Detectron2's usual one.
+    images = model.preprocess_image([a, a2])
+    with torch.no_grad():
+        per_image = model.backbone_features(images)
+        model.backbone_per_image = False
+        batched = model.backbone_features(images)
+        model.backbone_per_image = True
+    assert calls == [(2, 3, 80, 112)] * 2
+    assert all(torch.equal(per_image[k], batched[k]) for k in batched)
+
+    # Mixed: one pass per padded size, each image's features as alone, zeros beyond.
+    calls.clear()
+    with torch.no_grad():
+        mixed = model.backbone_features(model.preprocess_image([b, a, a2]))
+        assert sorted(calls) == [(1, 3, 128, 128), (2, 3, 80, 112)]
+        alone = model.backbone_features(model.preprocess_image([a]))
+    for name, feature in mixed.items():
+        stride = model.backbone.output_shape()[name].stride
+        assert feature.shape[-2:] == (128 // stride, 128 // stride)
+        h, w = alone[name].shape[-2:]
+        assert (h, w) == (80 // stride, 112 // stride)
+        # (A shares its pass with a2: a batch of 2 convolves with other float rounding.)
+        torch.testing.assert_close(feature[1:2, :, :h, :w], alone[name], rtol=1e-5, atol=1e-5)
+        assert (feature[1:, :, h:] == 0).all() and (feature[1:, :, :, w:] == 0).all()
+
+
+def test_equal_size_outputs_same_with_and_without_backbone_per_image():
+    model = _precomputed_model()
+    inputs = [_image((96, 128), 1, BOXES_A), _image((96, 128), 2, BOXES_B)]
+    per_image = [_detections(model, inputs, i) for i in range(2)]
+    model.backbone_per_image = False
+    batched = [_detections(model, inputs, i) for i in range(2)]
+    for x, y in zip(per_image, batched):
+        assert len(x) > 0
+        assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+        assert torch.equal(x.scores, y.scores)
+
+
+@pytest.mark.parametrize("a_first", [True, False])
+def test_seg_loss_of_an_image_does_not_depend_on_the_batch(a_first):
+    cfg = load_cfg(TINY)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    # Dropout draws differ with the batch's size; the property is about the padding.
+    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.0
+    model = build_model(cfg).train()
+    _random_biases(model)
+    torch.nn.init.normal_(model.sem_seg_head.score.weight, std=0.1)
+    a = _image(SIZE_A, 1, BOXES_A, sem_seg=True)
+    b = _image(SIZE_B, 2, BOXES_B, sem_seg=False)
+    with EventStorage():
+        alone = model([a])["loss_sem_seg"]
+        together = model([a, b] if a_first else [b, a])["loss_sem_seg"]
+    assert alone.item() > 0
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=0)
+
+
+def test_sem_seg_labelled_fraction_is_logged():
+    cfg = load_cfg(TINY)
+    model = build_model(cfg).train()
+    with EventStorage() as storage:
+        model(random_inputs(cfg, n=4, with_sem_seg=(True, False, False, False)))
+        assert storage.history("ion/sem_seg_labelled_fraction").latest() == 0.25
+        storage.step()
+        model(random_inputs(cfg, n=2, with_sem_seg=(True,)))
+        assert storage.history("ion/sem_seg_labelled_fraction").latest() == 1.0
+
+    cfg.MODEL.ION.SEG_LOSS_ON = False
+    model = build_model(cfg).train()
+    with EventStorage() as storage:
+        model(random_inputs(cfg, with_sem_seg=(True,)))
+        assert "ion/sem_seg_labelled_fraction" not in storage.histories()

@@ -240,3 +240,70 @@ def test_build_from_config():
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p5"]
     with pytest.raises(ValueError, match="'p5'.*\\['context', 'conv5'\\]"):
         build_sem_seg_head(cfg, input_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch independence: the padding's scores must not bleed into an image's border pixels
+# ----------------------------------------------------------------------------------------------
+# A is 44 x 60 px: 3 x 4 cells at stride 16, and the next cell's centre (55.5 / 71.5) lies
+# within 16 px of A's last pixels, so the deconvolution would carry it into A.
+SIZE_A, SIZE_B = (44, 60), (80, 96)
+
+
+def _a_beside_b(a_first):
+    feature_a = torch.randn(1, 6, 3, 4)
+    feature_b = torch.randn(1, 6, 5, 6)
+    padded = 3 * torch.randn(1, 6, 5, 6)  # A's padding: nonzero, as a batch's would be
+    padded[..., :3, :4] = feature_a
+    batch = torch.cat([padded, feature_b] if a_first else [feature_b, padded])
+    sizes = [SIZE_A, SIZE_B] if a_first else [SIZE_B, SIZE_A]
+    return feature_a, feature_b, batch, sizes
+
+
+def _targets(sizes, labelled, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.full((len(sizes), 80, 96), IGNORE, dtype=torch.long)
+    for i, ((h, w), lab) in enumerate(zip(sizes, labelled)):
+        if lab:
+            targets[i, :h, :w] = torch.randint(0, 4, (h, w), generator=g)
+    return targets
+
+
+@pytest.mark.parametrize("a_first", [True, False])
+def test_loss_of_an_image_does_not_depend_on_the_batch(a_first):
+    torch.manual_seed(7)
+    head = make_head().train()
+    randomize_scores(head)
+    feature_a, feature_b, batch, sizes = _a_beside_b(a_first)
+    ia = 0 if a_first else 1
+    labels_a = _targets([SIZE_A], [True])[0, :44, :60]
+    labels_b = _targets([SIZE_B], [True], seed=1)[0]
+
+    def loss(features, targets, image_sizes):
+        return head({"context": features}, targets, image_sizes)[1]["loss_sem_seg"]
+
+    alone_a = loss(feature_a, labels_a[None], [SIZE_A])
+    alone_b = loss(feature_b, labels_b[None], [SIZE_B])
+
+    # B unlabelled: the batch's loss is A's alone.
+    targets = torch.full((2, 80, 96), IGNORE, dtype=torch.long)
+    targets[ia, :44, :60] = labels_a
+    torch.testing.assert_close(loss(batch, targets, sizes), alone_a, rtol=1e-6, atol=0)
+    # Without the sizes the padding's scores reach A's border pixels (the old behaviour).
+    assert not torch.allclose(loss(batch, targets, None), alone_a, rtol=1e-4, atol=0)
+
+    # Both labelled: the batch's summed loss is the sum of the images' summed losses alone.
+    targets[1 - ia] = labels_b
+    n_a, n_b = labels_a.numel(), labels_b.numel()
+    summed = loss(batch, targets, sizes) * (n_a + n_b)
+    torch.testing.assert_close(summed, alone_a * n_a + alone_b * n_b, rtol=1e-6, atol=0)
+
+
+def test_logits_of_an_image_do_not_depend_on_the_batch():
+    torch.manual_seed(8)
+    head = make_head().eval()
+    randomize_scores(head)
+    feature_a, _, batch, sizes = _a_beside_b(a_first=True)
+    alone, _ = head({"context": feature_a}, torch.zeros(1, 44, 60, dtype=torch.long), [SIZE_A])
+    together, _ = head({"context": batch}, torch.zeros(2, 80, 96, dtype=torch.long), sizes)
+    torch.testing.assert_close(together[:1, :, :44, :60], alone, rtol=0, atol=1e-6)
