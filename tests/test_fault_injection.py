@@ -3,12 +3,23 @@ Fault injection: each test feeds ion_d2 one of the faults of issue 11 ("nothing 
 silently wrong") and checks that it is either handled exactly or refused with a clear error.
 """
 
+import importlib.util
+import os
+
+import cv2
+import numpy as np
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from model_utils import load_cfg
 
 from ion_d2 import add_ion_config
 from ion_d2.solver import build_ion_lr_scheduler
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
 def _ion_cfg():
@@ -32,3 +43,123 @@ def test_ion_lr_schedule_refuses_an_end_lr_above_the_base_lr():
     # A constant schedule (equal values) is still allowed.
     cfg.SOLVER.ION_END_LR = 1e-8
     build_ion_lr_scheduler(cfg, optimizer)
+
+
+# --- 2. tools/predict.py: no input overwritten, no output lost, no failure hidden --------------
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        f"_tool_{name}", os.path.join(REPO, "tools", name)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A randomly initialised tiny model saved as a checkpoint (nothing is trained)."""
+    cfg = load_cfg(TINY)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = build_model(cfg)
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    DetectionCheckpointer(model, save_dir=str(folder)).save("tiny")
+    return str(folder / "tiny.pth")
+
+
+def _write_images(folder, names, size=(48, 64)):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for name in names:
+        cv2.imwrite(os.path.join(folder, name), rng.randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _predict(*argv):
+    return _load_tool("predict.py").main(["--config-file", TINY, *argv])
+
+
+def test_predict_refuses_an_output_folder_that_holds_inputs(tiny_weights, tmp_path):
+    _write_images(tmp_path / "in", ["a.png", "b.png"])
+    before = {n: (tmp_path / "in" / n).read_bytes() for n in ("a.png", "b.png")}
+    with pytest.raises(SystemExit) as exc:
+        _predict(
+            "--weights",
+            tiny_weights,
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "in"),
+        )
+    assert exc.value.code == 2
+    assert {n: (tmp_path / "in" / n).read_bytes() for n in ("a.png", "b.png")} == before
+    assert sorted(os.listdir(tmp_path / "in")) == ["a.png", "b.png"]
+    # The same file name in two folders would share one output.
+    _write_images(tmp_path / "other", ["a.png"])
+    with pytest.raises(SystemExit):
+        _predict(
+            "--weights",
+            tiny_weights,
+            "--input",
+            str(tmp_path / "in"),
+            str(tmp_path / "other"),
+            "--output",
+            str(tmp_path / "vis"),
+        )
+    assert not os.path.exists(tmp_path / "vis")
+
+
+def test_predict_keeps_the_source_extension_in_output_names(tiny_weights, tmp_path):
+    _write_images(tmp_path / "in", ["x.jpg", "x.png"])
+    assert (
+        _predict(
+            "--weights",
+            tiny_weights,
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "vis"),
+        )
+        == 0
+    )
+    assert sorted(os.listdir(tmp_path / "vis")) == ["x.jpg.png", "x.png.png"]
+    assert cv2.imread(str(tmp_path / "vis" / "x.jpg.png")).shape == (48, 64, 3)
+
+
+def test_predict_skips_and_reports_unreadable_and_truncated_images(tiny_weights, tmp_path, capsys):
+    _write_images(tmp_path / "in", ["good.png", "whole.jpg"])
+    jpeg = (tmp_path / "in" / "whole.jpg").read_bytes()
+    (tmp_path / "in" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image at all")
+    # OpenCV decodes the truncated JPEG "successfully" (its lower half grey).
+    assert cv2.imread(str(tmp_path / "in" / "truncated.jpg")) is not None
+
+    code = _predict(
+        "--weights",
+        tiny_weights,
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "vis"),
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert sorted(os.listdir(tmp_path / "vis")) == ["good.png.png", "whole.jpg.png"]
+    assert "2 of 4 images written" in out and "2 failed" in out
+    summary = out.split("2 failed")[1]
+    assert "truncated.jpg: OSError: image file is truncated" in summary
+    assert "broken.png: " in summary
+
+
+def test_predict_refuses_random_weights_unless_asked(tiny_weights, tmp_path, capsys):
+    _write_images(tmp_path / "in", ["a.png"])
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "vis")]
+    with pytest.raises(SystemExit) as exc:
+        _predict("--weights", "", *args)
+    assert exc.value.code == 2
+    assert "--allow-random-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _predict("--weights", str(tmp_path / "missing.pth"), *args)
+    assert not os.path.exists(tmp_path / "vis")
+    assert _predict("--weights", "", "--allow-random-weights", *args) == 0
+    assert os.listdir(tmp_path / "vis") == ["a.png.png"]
