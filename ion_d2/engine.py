@@ -10,6 +10,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
+from .run_config import prepare_run_dir
 from .solver import build_ion_lr_scheduler
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
@@ -45,11 +46,17 @@ class IONTrainer(DefaultTrainer):
         return build_ion_lr_scheduler(cfg, optimizer)
 
 
-def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[str, Any]]:
+def train_and_evaluate(
+    cfg, *, resume: bool = True, retrain: bool = False
+) -> Tuple[IONTrainer, Dict[str, Any]]:
     """
     Train ``cfg`` with :class:`IONTrainer` (resuming from the last checkpoint in
     ``cfg.OUTPUT_DIR`` when ``resume``; a finished run is not trained again), then evaluate the
     final model once on ``cfg.DATASETS.TEST``.
+
+    ``cfg`` is stored as ``OUTPUT_DIR/config.yaml``. A run there trained with another config is
+    refused, naming the differing keys (:func:`prepare_run_dir`), unless ``retrain``, which moves
+    any previous run aside and trains from scratch.
 
     Returns:
         tuple: the trainer (its ``model`` is the trained model) and the evaluation results,
@@ -60,6 +67,7 @@ def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[st
     # Evaluate once, below, instead of in the trainer's final EvalHook as well.
     train_cfg.DATASETS.TEST = ()
     train_cfg.freeze()
+    prepare_run_dir(cfg, retrain=retrain)
     # Section 4.1: a fixed seed, so that variants trained one after the other in one process
     # see the same images in the same order.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)

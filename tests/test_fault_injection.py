@@ -12,10 +12,13 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from model_utils import load_cfg
 
 from ion_d2 import add_ion_config
+from ion_d2.data import register_ion_synthetic
+from ion_d2.engine import train_and_evaluate
 from ion_d2.solver import build_ion_lr_scheduler
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -163,3 +166,66 @@ def test_predict_refuses_random_weights_unless_asked(tiny_weights, tmp_path, cap
     assert not os.path.exists(tmp_path / "vis")
     assert _predict("--weights", "", "--allow-random-weights", *args) == 0
     assert os.listdir(tmp_path / "vis") == ["a.png.png"]
+
+
+# --- 8. A finished run is reused only for the config it was trained with -----------------------
+
+
+@pytest.fixture(scope="module")
+def synth_slice(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets"))
+    names = register_ion_synthetic(root, num_train=8, num_val=2, seed=3, name_prefix="fault")
+    yield names
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def _slice_cfg(synth_slice, output_dir, **solver):
+    cfg = load_cfg(TINY)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (synth_slice[0],), (synth_slice[1],)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 10
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST = (64,), 64
+    cfg.SOLVER.MAX_ITER = 2
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def test_train_and_evaluate_refuses_a_finished_run_of_another_config(synth_slice, tmp_path):
+    cfg = _slice_cfg(synth_slice, tmp_path / "run")
+    trainer, _ = train_and_evaluate(cfg)
+    assert trainer.start_iter == 0
+    with open(tmp_path / "run" / "config.yaml") as f:
+        assert f.read() == cfg.dump()
+
+    # Cosmetic and test-time keys: the finished run is reused, not trained again.
+    same = cfg.clone()
+    same.DATALOADER.NUM_WORKERS, same.INPUT.MIN_SIZE_TEST = 1, 80
+    trainer, _ = train_and_evaluate(same)
+    assert trainer.start_iter == 2
+
+    # Another iteration count or dataset: refused, naming the keys and their values.
+    longer = cfg.clone()
+    longer.SOLVER.MAX_ITER = 3
+    with pytest.raises(ValueError, match=r"1 key\(s\):\n  SOLVER.MAX_ITER: 2 -> 3\n.*--retrain"):
+        train_and_evaluate(longer)
+    other_data = cfg.clone()
+    other_data.DATASETS.TRAIN = (synth_slice[1],)
+    with pytest.raises(ValueError, match=r"DATASETS.TRAIN: \['fault_train'\] -> \['fault_val'\]"):
+        train_and_evaluate(other_data)
+
+    # retrain=True trains the new config from scratch and keeps the old run aside.
+    trainer, _ = train_and_evaluate(longer, retrain=True)
+    assert trainer.start_iter == 0 and trainer.iter == 3
+    (aside,) = [n for n in os.listdir(tmp_path / "run") if n.startswith("replaced_")]
+    assert "model_final.pth" in os.listdir(tmp_path / "run" / aside)
+    with open(tmp_path / "run" / "config.yaml") as f:
+        assert f.read() == longer.dump()
+
+    # A run whose config was not stored (written before this check existed) is not reused.
+    os.remove(tmp_path / "run" / "config.yaml")
+    with pytest.raises(ValueError, match="without its config"):
+        train_and_evaluate(longer)

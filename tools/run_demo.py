@@ -3,7 +3,8 @@
 ion_d2's main job on the bundled data (`make demo`): generate the synthetic dataset, train ION
 on the CPU, evaluate with the stock COCOEvaluator, run DefaultPredictor on held-out images,
 and plot the training losses and the first IRNN layer's context features (section 3.2,
-Figure 4). Run again after an interruption to resume from the last checkpoint.
+Figure 4). Run again after an interruption to resume from the last checkpoint; a run of another
+config in the output folder is refused unless --retrain.
 """
 
 import argparse
@@ -41,6 +42,12 @@ def parse_args():
     parser.add_argument("--num-vis", type=int, default=8, help="held-out images to visualise")
     parser.add_argument(
         "--vis-score", type=float, default=0.5, help="minimum score of a drawn prediction"
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train from scratch, moving a previous run in the output folder aside (a run "
+        "trained with another config is otherwise refused)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args()
@@ -173,7 +180,7 @@ def main():
     test_dicts = DatasetCatalog.get(test_name)
     logger.info(f"{test_name}: {len(test_dicts)} images")
 
-    trainer, results = train_and_evaluate(cfg, resume=True)
+    trainer, results = train_and_evaluate(cfg, resume=True, retrain=args.retrain)
     bbox = results["bbox"]
     with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
