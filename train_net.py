@@ -34,6 +34,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    check_datasets(cfg, args)
     stored = os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)
     previous = None
     if args.resume and os.path.isfile(stored):
@@ -48,6 +49,17 @@ def setup(args):
             + "; ".join(diffs)
         )
     return cfg
+
+
+def check_datasets(cfg, args) -> None:
+    """Refuse a config that names no dataset for what was asked (e.g. a ``Base-*.yaml``)."""
+    key = "DATASETS.TEST" if args.eval_only else "DATASETS.TRAIN"
+    if not (cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN):
+        raise ValueError(
+            f"{args.config_file} names no dataset in {key}, so it cannot run on its own (a "
+            "Base-*.yaml is meant as the _BASE_ of a leaf config). Use a leaf config such as "
+            f"configs/ION_VGG16_synthetic.yaml, or add {key} ... to the command line."
+        )
 
 
 def main(args):

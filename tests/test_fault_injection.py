@@ -4,6 +4,7 @@ silently wrong") and checks that it is either handled exactly or refused with a 
 """
 
 import importlib.util
+import logging
 import os
 
 import cv2
@@ -229,3 +230,57 @@ def test_train_and_evaluate_refuses_a_finished_run_of_another_config(synth_slice
     os.remove(tmp_path / "run" / "config.yaml")
     with pytest.raises(ValueError, match="without its config"):
         train_and_evaluate(longer)
+
+
+# --- 7. Weights loaded into a model that pools its features in another order -------------------
+
+
+def test_checkpoint_refuses_reordered_roi_features(tiny_weights, caplog):
+    cfg = load_cfg(TINY)
+    same = build_model(cfg)
+    DetectionCheckpointer(same).load(tiny_weights)
+    stored = torch.load(tiny_weights, map_location="cpu")
+    assert torch.equal(
+        stored["model"]["roi_heads.box_pooler.feature_order"],
+        same.roi_heads.box_pooler.feature_order,
+    )
+
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["conv4", "conv3", "conv5", "context"]
+    reordered = build_model(cfg)
+    with pytest.raises(ValueError) as exc:
+        DetectionCheckpointer(reordered).load(tiny_weights)
+    message = str(exc.value)
+    assert "['conv3', 'conv4', 'conv5', 'context'] in this order" in message
+    assert "pools ['conv4', 'conv3', 'conv5', 'context']" in message
+
+
+def test_checkpoint_without_feature_order_loads_with_a_warning(tiny_weights, tmp_path, caplog):
+    old = torch.load(tiny_weights, map_location="cpu")
+    del old["model"]["roi_heads.box_pooler.feature_order"]
+    torch.save(old, tmp_path / "old.pth")
+    model = build_model(load_cfg(TINY))
+    with caplog.at_level(logging.WARNING, logger="ion_d2.skip_pooling"):
+        DetectionCheckpointer(model).load(str(tmp_path / "old.pth"))
+    assert "stores no feature order for roi_heads.box_pooler" in caplog.text
+    assert torch.equal(
+        model.roi_heads.box_pooler.reduce.weight, old["model"]["roi_heads.box_pooler.reduce.weight"]
+    )
+
+
+def test_configs_that_cannot_run_alone_say_so():
+    train_net = _load_tool("../train_net.py")
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs", "Base-ION-VGG16.yaml")]
+    )
+    with pytest.raises(ValueError, match="names no dataset in DATASETS.TRAIN"):
+        train_net.setup(args)
+    # The tiny config runs on its own: it names the bundled data, with its class counts.
+    cfg = load_cfg(TINY)
+    assert cfg.DATASETS.TRAIN == ("ion_synth_train",) and cfg.DATASETS.TEST == ("ion_synth_val",)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(
+        MetadataCatalog.get("ion_synth_train").thing_classes
+    )
+    assert (
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        == MetadataCatalog.get("ion_synth_train").num_sem_seg_classes
+    )
