@@ -4,12 +4,17 @@ import logging
 import os
 from typing import Any, Dict, Tuple
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
+from .data.mapper import IONDatasetMapper
 from .run_config import prepare_run_dir
 from .solver import build_ion_lr_scheduler
 
@@ -44,6 +49,16 @@ class IONTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_ion_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's train loader with :class:`IONDatasetMapper` (labels checked)."""
+        return build_detection_train_loader(cfg, mapper=IONDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with :class:`IONDatasetMapper` (sizes capped)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=IONDatasetMapper(cfg, False))
 
 
 def train_and_evaluate(

@@ -13,13 +13,14 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.modeling import build_model
 from model_utils import load_cfg
 
 from ion_d2 import add_ion_config
 from ion_d2.data import register_ion_synthetic
-from ion_d2.engine import train_and_evaluate
+from ion_d2.data.mapper import InvalidSemSegLabel, IONDatasetMapper
+from ion_d2.engine import IONTrainer, train_and_evaluate
 from ion_d2.solver import build_ion_lr_scheduler
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -284,3 +285,64 @@ def test_configs_that_cannot_run_alone_say_so():
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         == MetadataCatalog.get("ion_synth_train").num_sem_seg_classes
     )
+
+
+# --- 3. Semantic labels that do not fit their image or the model's classes --------------------
+
+
+def _labelled_dataset(folder, label_size=(48, 64), label_value=3):
+    """One 48x64 image with a box, and its label map of ``label_size`` holding ``label_value``."""
+    os.makedirs(folder, exist_ok=True)
+    image, label = os.path.join(folder, "img.png"), os.path.join(folder, "img_label.png")
+    cv2.imwrite(image, np.random.RandomState(0).randint(0, 256, (48, 64, 3), dtype=np.uint8))
+    seg = np.full(label_size, 255, dtype=np.uint8)
+    seg[10:30, 10:40] = label_value
+    cv2.imwrite(label, seg)
+    return {
+        "file_name": image,
+        "sem_seg_file_name": label,
+        "height": 48,
+        "width": 64,
+        "image_id": 0,
+        "annotations": [{"bbox": [10, 10, 30, 20], "bbox_mode": 1, "category_id": 0}],
+    }
+
+
+def _seg_cfg():
+    cfg = load_cfg(TINY)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 128
+    return cfg
+
+
+def test_mapper_checks_label_size_before_transforms(tmp_path):
+    mapper = IONDatasetMapper(_seg_cfg(), is_train=True)
+    good = mapper(_labelled_dataset(tmp_path / "good"))
+    assert good["sem_seg"].shape == good["image"].shape[1:]
+    assert set(good["sem_seg"].unique().tolist()) == {3, 255}
+
+    bad = _labelled_dataset(tmp_path / "bad", label_size=(40, 50))
+    with pytest.raises(InvalidSemSegLabel) as exc:
+        mapper(bad)
+    assert bad["sem_seg_file_name"] in str(exc.value) and bad["file_name"] in str(exc.value)
+    assert "label map is 40x50 (HxW) but its image is 48x64" in str(exc.value)
+    # The stock mapper resizes the image and then fails on the label without naming anything.
+    with pytest.raises(AssertionError):
+        DatasetMapper(_seg_cfg(), is_train=True)(bad)
+
+
+def test_train_loader_rejects_labels_outside_the_classes(tmp_path):
+    cfg = _seg_cfg()
+    d = _labelled_dataset(tmp_path, label_value=77)
+    DatasetCatalog.register("fault_badseg", lambda: [d])
+    MetadataCatalog.get("fault_badseg").set(thing_classes=["a"])
+    try:
+        cfg.DATASETS.TRAIN = ("fault_badseg",)
+        with pytest.raises(InvalidSemSegLabel) as exc:
+            next(iter(IONTrainer.build_train_loader(cfg)))
+    finally:
+        DatasetCatalog.remove("fault_badseg")
+        MetadataCatalog.remove("fault_badseg")
+    message = str(exc.value)
+    assert d["sem_seg_file_name"] in message and "values [77]" in message
+    assert "[0, 10) (MODEL.SEM_SEG_HEAD.NUM_CLASSES = 10)" in message
+    assert "255 (MODEL.SEM_SEG_HEAD.IGNORE_VALUE)" in message

@@ -6,6 +6,7 @@ its builtin datasets; the data is generated on first use.
 """
 
 from .coco_semseg import attach_sem_seg_files, coco_to_semseg_labels
+from .mapper import InvalidSemSegLabel, IONDatasetMapper
 from .synthetic import (
     CONTEXT_CLASSES,
     THING_CLASSES,
@@ -14,5 +15,6 @@ from .synthetic import (
     generate_synthetic_dataset,
     register_ion_synthetic,
 )
+from .transforms import ResizeLongestEdgeCap
 
 register_ion_synthetic()
