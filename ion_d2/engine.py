@@ -4,16 +4,14 @@ import logging
 import os
 from typing import Any, Dict, Tuple
 
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.env import seed_all_rng
 
+from .checkpoint import extend_trainer_state, load_trainer_state
 from .d2_compat import has_compiled_ops
+from .data.loader import IONTrainLoader, build_ion_train_loader
 from .data.mapper import IONDatasetMapper
 from .run_config import prepare_run_dir
 from .solver import build_ion_lr_scheduler
@@ -26,7 +24,9 @@ logger = logging.getLogger(__name__)
 class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
-    ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
+    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`),
+    ion_d2's data loaders and mapper, and checkpoints that resume exactly (README, "What is
+    guaranteed").
     """
 
     @classmethod
@@ -52,8 +52,26 @@ class IONTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's train loader with :class:`IONDatasetMapper` (labels checked)."""
-        return build_detection_train_loader(cfg, mapper=IONDatasetMapper(cfg, True))
+        """
+        :func:`build_ion_train_loader` (iteration ``i``'s batch depends on ``(SEED, i)`` only,
+        so a resumed run sees the same batches) with :class:`IONDatasetMapper` (labels checked).
+        """
+        return build_ion_train_loader(cfg, IONDatasetMapper(cfg, True))
+
+    def resume_or_load(self, resume: bool = True):
+        """See :meth:`DefaultTrainer.resume_or_load`; the data loader continues at the resumed
+        iteration."""
+        super().resume_or_load(resume=resume)
+        if isinstance(self.data_loader, IONTrainLoader):
+            self.data_loader.set_start_iter(self.start_iter)
+
+    def state_dict(self):
+        """Detectron2's trainer state plus the optimizer, RNG and data-loader states
+        (:func:`extend_trainer_state`)."""
+        return extend_trainer_state(self, super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        load_trainer_state(self, state_dict)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -4,8 +4,14 @@ silently wrong") and checks that it is either handled exactly or refused with a 
 """
 
 import importlib.util
+import itertools
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -19,6 +25,7 @@ from model_utils import load_cfg
 
 from ion_d2 import add_ion_config
 from ion_d2.data import register_ion_synthetic
+from ion_d2.data.loader import IterationBatches
 from ion_d2.data.mapper import InvalidSemSegLabel, IONDatasetMapper
 from ion_d2.engine import IONTrainer, train_and_evaluate
 from ion_d2.solver import build_ion_lr_scheduler
@@ -346,3 +353,134 @@ def test_train_loader_rejects_labels_outside_the_classes(tmp_path):
     assert d["sem_seg_file_name"] in message and "values [77]" in message
     assert "[0, 10) (MODEL.SEM_SEG_HEAD.NUM_CLASSES = 10)" in message
     assert "255 (MODEL.SEM_SEG_HEAD.IGNORE_VALUE)" in message
+
+
+# --- 1. A run killed after a checkpoint and resumed continues exactly --------------------------
+
+
+def _train_net(datasets, out, *opts, resume=False):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY]
+    cmd += ["--resume"] if resume else []
+    # The tiny config on its own (the bundled data), with 40 iterations checkpointed at 19:
+    # Detectron2 logs losses (medians over 20 iterations) and the LR at iterations 19 and 39.
+    cmd += ["SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "20", "SEED", "7"]
+    cmd += ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATASETS.TEST", "()"]
+    cmd += ["OUTPUT_DIR", str(out), *opts]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _metrics_has(path, iteration):
+    return path.exists() and f'"iteration": {iteration}' in path.read_text()
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    timing = ("time", "eta_seconds")
+    return {
+        r["iteration"]: {k: v for k, v in r.items() if not any(t in k for t in timing)}
+        for r in records
+    }
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    datasets = tmp_path / "datasets"
+    # Generate the bundled training split once, before the two runs start in parallel.
+    train, _ = register_ion_synthetic(str(datasets), name_prefix="fault_bundled")
+    DatasetCatalog.get(train)
+    DatasetCatalog.remove(train)
+
+    whole = _train_net(datasets, tmp_path / "whole")
+    killed = _train_net(datasets, tmp_path / "killed")
+    tag, log = tmp_path / "killed" / "last_checkpoint", tmp_path / "killed" / "metrics.json"
+    deadline = time.time() + 300
+    # Kill once iteration 19's checkpoint and log line (written after it) are there.
+    while not (tag.exists() and tag.read_text() == "model_0000019.pth" and _metrics_has(log, 19)):
+        assert killed.poll() is None and time.time() < deadline, killed.stdout.read()[-3000:]
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model_final.pth").exists()
+
+    resumed = _train_net(datasets, tmp_path / "killed", resume=True)
+    log = resumed.communicate()[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert "Starting training from iteration 20" in log
+    assert whole.wait() == 0, whole.stdout.read()[-3000:]
+
+    expected, got = _metrics(tmp_path / "whole"), _metrics(tmp_path / "killed")
+    assert sorted(expected) == sorted(got) == [19, 39]
+    for iteration in (19, 39):
+        assert set(got[iteration]) == set(expected[iteration])
+        for key, value in expected[iteration].items():
+            assert got[iteration][key] == pytest.approx(value, rel=1e-6), (iteration, key)
+    a = torch.load(tmp_path / "whole" / "model_final.pth", map_location="cpu")["model"]
+    b = torch.load(tmp_path / "killed" / "model_final.pth", map_location="cpu")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-6, atol=1e-9), key
+
+
+def test_checkpoint_written_without_trainer_extras_resumes_with_a_warning(
+    synth_slice, tmp_path, caplog
+):
+    cfg = _slice_cfg(synth_slice, tmp_path / "run", MAX_ITER=3, CHECKPOINT_PERIOD=2)
+    trainer = IONTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    path = tmp_path / "run" / "model_0000001.pth"
+    state = torch.load(path, map_location="cpu")
+    assert {"_trainer", "rng", "data_loader"} <= set(state["trainer"])
+    assert state["trainer"]["data_loader"] == {"seed": cfg.SEED}
+    # What Detectron2 v0.6 writes: the iteration and the LR scheduler only.
+    for key in ("_trainer", "rng", "data_loader"):
+        del state["trainer"][key]
+    torch.save(state, path)
+    (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
+
+    resumed = IONTrainer(cfg)
+    with caplog.at_level(logging.WARNING, logger="ion_d2.checkpoint"):
+        resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2 and resumed.data_loader.start_iter == 2
+    for what in ("optimizer state", "random number generators", "data loader's seed"):
+        assert what in caplog.text
+    # The learning rate is iteration 2's, from the restored scheduler, not the initial one.
+    expected = cfg.SOLVER.BASE_LR * (cfg.SOLVER.ION_END_LR / cfg.SOLVER.BASE_LR) ** (2 / 3)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_iteration_batches_depend_on_seed_and_iteration_only():
+    groups = np.array([0, 1] * 5 + [0] * 3)  # 8 landscape, 5 portrait images
+    batches = IterationBatches(13, 4, seed=5, groups=groups)
+    assert batches.batches_per_epoch == 8 // 4 + 5 // 4
+    seen = [batches(i) for i in range(12)]
+    fresh = IterationBatches(13, 4, seed=5, groups=groups)
+    assert [fresh(i) for i in (11, 3, 7)] == [seen[11], seen[3], seen[7]]
+    for batch in seen:
+        assert len(set(groups[batch])) == 1
+    assert sorted(sum(seen[:3], [])) == sorted(set(sum(seen[:3], [])))  # no repeat in an epoch
+    assert seen != [IterationBatches(13, 4, seed=6, groups=groups)(i) for i in range(12)]
+    plain = IterationBatches(3, 2, seed=5, groups=None)
+    stream = sum((plain(i) for i in range(3)), [])
+    assert sorted(stream[:3]) == [0, 1, 2] and sorted(stream[3:]) == [0, 1, 2]
+
+
+def test_train_batches_do_not_depend_on_the_number_of_workers(synth_slice):
+    def first_batches(workers, start_iter):
+        cfg = _slice_cfg(synth_slice, "unused")
+        cfg.DATALOADER.NUM_WORKERS = workers
+        loader = IONTrainer.build_train_loader(cfg)
+        loader.set_start_iter(start_iter)
+        return list(itertools.islice(loader, 3))
+
+    a, b = first_batches(0, 0), first_batches(2, 0)
+    for x, y in zip(a, b):
+        assert [d["file_name"] for d in x] == [d["file_name"] for d in y]
+        assert all(torch.equal(dx["image"], dy["image"]) for dx, dy in zip(x, y))
+    # Starting at iteration 2 gives the third batch.
+    resumed = first_batches(0, 2)[0]
+    assert [d["file_name"] for d in resumed] == [d["file_name"] for d in a[2]]
+    assert torch.equal(resumed[0]["image"], a[2][0]["image"])
