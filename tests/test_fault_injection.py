@@ -20,6 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from model_utils import load_cfg
 
@@ -27,7 +28,9 @@ from ion_d2 import add_ion_config
 from ion_d2.data import register_ion_synthetic
 from ion_d2.data.loader import IterationBatches
 from ion_d2.data.mapper import InvalidSemSegLabel, IONDatasetMapper
+from ion_d2.data.transforms import ResizeLongestEdgeCap
 from ion_d2.engine import IONTrainer, train_and_evaluate
+from ion_d2.predictor import IONPredictor
 from ion_d2.solver import build_ion_lr_scheduler
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -484,3 +487,71 @@ def test_train_batches_do_not_depend_on_the_number_of_workers(synth_slice):
     resumed = first_batches(0, 2)[0]
     assert [d["file_name"] for d in resumed] == [d["file_name"] for d in a[2]]
     assert torch.equal(resumed[0]["image"], a[2][0]["image"])
+
+
+# --- 6. Predictor inputs and test-time size -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_weights):
+    cfg = load_cfg(TINY)
+    cfg.MODEL.WEIGHTS = tiny_weights
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 96
+    return IONPredictor(cfg)
+
+
+def test_predictor_converts_grey_and_bgra_and_refuses_the_rest(tiny_predictor):
+    rng = np.random.RandomState(0)
+    bgr = rng.randint(0, 256, (40, 56, 3), dtype=np.uint8)
+    grey = bgr[:, :, 0]
+
+    def boxes(image):
+        out = tiny_predictor(image)["instances"]
+        assert out.image_size == (40, 56)
+        return out.pred_boxes.tensor
+
+    assert torch.equal(boxes(grey), boxes(np.repeat(grey[:, :, None], 3, axis=2)))
+    assert torch.equal(boxes(grey[:, :, None]), boxes(np.repeat(grey[:, :, None], 3, axis=2)))
+    bgra = np.concatenate([bgr, np.full((40, 56, 1), 7, np.uint8)], axis=2)
+    assert torch.equal(boxes(bgra), boxes(bgr))
+
+    with pytest.raises(TypeError, match="None; cv2.imread returns None"):
+        tiny_predictor(None)
+    with pytest.raises(ValueError, match=r"non-empty .* got shape \(0, 0, 3\)"):
+        tiny_predictor(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"dtype float32 \(values 0.0..1.0\).*\* 255"):
+        tiny_predictor(np.linspace(0, 1, 40 * 56 * 3, dtype=np.float32).reshape(40, 56, 3))
+    with pytest.raises(ValueError, match="dtype uint16.*// 257"):
+        tiny_predictor(bgr.astype(np.uint16) * 257)
+    with pytest.raises(ValueError, match=r"got shape \(40, 56, 2\)"):
+        tiny_predictor(bgr[:, :, :2])
+
+
+def test_no_resizing_still_caps_the_longer_edge(tiny_predictor, tmp_path):
+    # MIN_SIZE_TEST 0 ("own size") with MAX_SIZE_TEST 96: small images untouched, large capped.
+    assert isinstance(tiny_predictor.aug, ResizeLongestEdgeCap)
+    small = np.zeros((80, 96, 3), np.uint8)
+    assert isinstance(tiny_predictor.aug.get_transform(small), T.NoOpTransform)
+    big = tiny_predictor.aug.get_transform(np.zeros((300, 200, 3), np.uint8))
+    assert (big.new_h, big.new_w) == (96, 64)
+    seen = []
+    model = tiny_predictor.model
+    hook = model.backbone.register_forward_pre_hook(lambda m, x: seen.append(x[0].shape))
+    try:
+        out = tiny_predictor(np.random.RandomState(1).randint(0, 256, (300, 200, 3), np.uint8))
+    finally:
+        hook.remove()
+    assert out["instances"].image_size == (300, 200)
+    assert max(seen[0][-2:]) <= 96 + 15  # padded to the trunk's stride 16
+    # The test loader's mapper caps the same way, so evaluation and prediction agree.
+    cfg = load_cfg(TINY)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 96
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((300, 200, 3), np.uint8))
+    mapped = IONDatasetMapper(cfg, is_train=False)(
+        {"file_name": str(tmp_path / "big.png"), "height": 300, "width": 200, "image_id": 0}
+    )
+    assert tuple(mapped["image"].shape[1:]) == (96, 64)
+    # The synthetic config's bundled images (at most 256 px) keep their size, as before.
+    synth = load_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
+    assert synth.INPUT.MIN_SIZE_TEST == 0 and synth.INPUT.MAX_SIZE_TEST >= 256

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional
 import cv2
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 from ion_d2 import add_ion_config
-from ion_d2.predictor import read_image_file
+from ion_d2.predictor import IONPredictor, read_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -111,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = IONPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     failed = {}

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """
 ion_d2's main job on the bundled data (`make demo`): generate the synthetic dataset, train ION
-on the CPU, evaluate with the stock COCOEvaluator, run DefaultPredictor on held-out images,
-and plot the training losses and the first IRNN layer's context features (section 3.2,
-Figure 4). Run again after an interruption to resume from the last checkpoint; a run of another
+on the CPU, evaluate with the stock COCOEvaluator, run IONPredictor (DefaultPredictor with
+checked inputs) on held-out images, and plot the training losses and the first IRNN layer's
+context features (section 3.2, Figure 4). Run again after an interruption to resume from the last checkpoint; a run of another
 config in the output folder is refused unless --retrain.
 """
 
@@ -22,12 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from ion_d2 import add_ion_config  # noqa: E402
 from ion_d2.engine import train_and_evaluate  # noqa: E402
+from ion_d2.predictor import IONPredictor  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("ion_d2.demo")
@@ -102,7 +102,7 @@ def visualise_predictions(cfg, dataset_dicts, metadata, out_dir: str, num: int, 
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
     pred_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    predictor = DefaultPredictor(pred_cfg)
+    predictor = IONPredictor(pred_cfg)
     written = []
     for d in dataset_dicts[:num]:
         image = cv2.imread(d["file_name"])  # BGR uint8, as DefaultPredictor expects
