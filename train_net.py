@@ -6,6 +6,7 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
     python train_net.py --config-file <cfg> --resume          # continue an interrupted run
     python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
+    python train_net.py --config-file <cfg> --num-gpus 2      # no CUDA: 2 CPU processes, GLOO
 
 The paper's two-stage schedule (section 4.1) is two commands: a stage-1 config, then the
 stage-2 config, whose MODEL.WEIGHTS points at stage 1's model_final.pth (see README.md).
@@ -16,13 +17,14 @@ import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
 from ion_d2.engine import IONTrainer as Trainer
+from ion_d2.launch import launch
 from ion_d2.run_config import CONFIG_FILE, config_differences
 
 logger = logging.getLogger("ion_d2.train_net")

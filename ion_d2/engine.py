@@ -2,17 +2,22 @@
 
 import logging
 import os
+import weakref
 from typing import Any, Dict, Tuple
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import extend_trainer_state, load_trainer_state
 from .d2_compat import has_compiled_ops
 from .data.loader import IONTrainLoader, build_ion_train_loader
 from .data.mapper import IONDatasetMapper
+from .launch import create_ddp_model_any_device
 from .run_config import prepare_run_dir
 from .solver import build_ion_lr_scheduler
 
@@ -28,6 +33,39 @@ class IONTrainer(DefaultTrainer):
     ion_d2's data loaders and mapper, and checkpoints that resume exactly (README, "What is
     guaranteed").
     """
+
+    def __init__(self, cfg):
+        """
+        See :class:`DefaultTrainer`. With several processes and ``MODEL.DEVICE`` "cpu" (GLOO,
+        :func:`ion_d2.launch.launch`), the model is wrapped by
+        :func:`create_ddp_model_any_device`: Detectron2's ``create_ddp_model`` passes CUDA
+        ``device_ids`` that DistributedDataParallel refuses for a CPU model.
+        """
+        if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
+            super().__init__(cfg)
+        else:
+            self._init_cpu_distributed(cfg)
+
+    def _init_cpu_distributed(self, cfg):
+        # DefaultTrainer.__init__ (v0.6 and upstream alike), but for the DDP wrapping; it is
+        # skipped on purpose, hence the explicit base-class call.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
+        self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

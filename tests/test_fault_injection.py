@@ -361,13 +361,22 @@ def test_train_loader_rejects_labels_outside_the_classes(tmp_path):
 # --- 1. A run killed after a checkpoint and resumed continues exactly --------------------------
 
 
-def _train_net(datasets, out, *opts, resume=False):
+@pytest.fixture(scope="module")
+def bundled_datasets(tmp_path_factory):
+    """A $DETECTRON2_DATASETS with the bundled training split (what train_net.py reads)."""
+    root = tmp_path_factory.mktemp("bundled")
+    names = register_ion_synthetic(str(root), name_prefix="fault_bundled")
+    DatasetCatalog.get(names[0])  # generated once, before runs start in parallel
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    return root
+
+
+def _train_net(datasets, out, *opts, flags=()):
+    """train_net.py with the tiny config on its own (the bundled data), 64 px images."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY]
-    cmd += ["--resume"] if resume else []
-    # The tiny config on its own (the bundled data), with 40 iterations checkpointed at 19:
-    # Detectron2 logs losses (medians over 20 iterations) and the LR at iterations 19 and 39.
-    cmd += ["SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "20", "SEED", "7"]
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY, *flags]
     cmd += ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATASETS.TEST", "()"]
     cmd += ["OUTPUT_DIR", str(out), *opts]
     return subprocess.Popen(
@@ -389,15 +398,12 @@ def _metrics(out):
     }
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path):
-    datasets = tmp_path / "datasets"
-    # Generate the bundled training split once, before the two runs start in parallel.
-    train, _ = register_ion_synthetic(str(datasets), name_prefix="fault_bundled")
-    DatasetCatalog.get(train)
-    DatasetCatalog.remove(train)
-
-    whole = _train_net(datasets, tmp_path / "whole")
-    killed = _train_net(datasets, tmp_path / "killed")
+def test_resume_after_a_kill_continues_exactly(bundled_datasets, tmp_path):
+    # 40 iterations checkpointed at 19: Detectron2 logs the losses (medians over 20
+    # iterations) and the LR at iterations 19 and 39.
+    opts = ["SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "20", "SEED", "7"]
+    whole = _train_net(bundled_datasets, tmp_path / "whole", *opts)
+    killed = _train_net(bundled_datasets, tmp_path / "killed", *opts)
     tag, log = tmp_path / "killed" / "last_checkpoint", tmp_path / "killed" / "metrics.json"
     deadline = time.time() + 300
     # Kill once iteration 19's checkpoint and log line (written after it) are there.
@@ -408,7 +414,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert killed.wait() == -signal.SIGKILL
     assert not (tmp_path / "killed" / "model_final.pth").exists()
 
-    resumed = _train_net(datasets, tmp_path / "killed", resume=True)
+    resumed = _train_net(bundled_datasets, tmp_path / "killed", *opts, flags=["--resume"])
     log = resumed.communicate()[0]
     assert resumed.returncode == 0, log[-3000:]
     assert "Starting training from iteration 20" in log
@@ -555,3 +561,88 @@ def test_no_resizing_still_caps_the_longer_edge(tiny_predictor, tmp_path):
     # The synthetic config's bundled images (at most 256 px) keep their size, as before.
     synth = load_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
     assert synth.INPUT.MIN_SIZE_TEST == 0 and synth.INPUT.MAX_SIZE_TEST >= 256
+
+
+# --- 4. Several processes without CUDA; context outputs nobody reads -------------------------
+
+
+def test_context_outputs_nobody_reads_are_refused():
+    cfg = load_cfg(TINY)
+    cfg.MODEL.ION.CONTEXT.NAME = "IRNNAndStackedConv"  # Table 10c: adds "context_conv"
+    with pytest.raises(ValueError, match=r"outputs \['context_conv'\], which no head reads"):
+        build_model(cfg)
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["conv3", "conv4", "conv5", "context", "context_conv"]
+    build_model(cfg)
+
+    cfg = load_cfg(TINY)
+    cfg.MODEL.ION.SEG_LOSS_ON = False
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["conv3", "conv4", "conv5"]
+    with pytest.raises(ValueError, match=r"\['context'\].*SEG_LOSS_ON is False"):
+        build_model(cfg)
+
+
+_DDP_DRIVER = """
+import sys
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.utils import comm
+
+from ion_d2 import add_ion_config
+from ion_d2.data import register_ion_synthetic
+from ion_d2.engine import IONTrainer
+from ion_d2.launch import launch
+
+
+def main(config, root, out):
+    torch.set_num_threads(1)
+    train, _ = register_ion_synthetic(root, num_train=8, num_val=2, seed=3, name_prefix="fault")
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), ()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 96
+    cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR = 3, out
+    trainer = IONTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    torch.save(trainer.model.module.state_dict(), f"{out}/initial{comm.get_rank()}.pth")
+    trainer.train()
+    torch.save(trainer.model.module.state_dict(), f"{out}/rank{comm.get_rank()}.pth")
+
+
+if __name__ == "__main__":
+    launch(main, 2, dist_url="auto", args=tuple(sys.argv[1:]))
+"""
+
+
+def test_two_cpu_processes_train_to_identical_weights(synth_slice, tmp_path):
+    root = MetadataCatalog.get(synth_slice[0]).ion_synth_params["root"]
+    DatasetCatalog.get(synth_slice[0])  # generated before the processes start
+    (tmp_path / "driver.py").write_text(_DDP_DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), TINY, root, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU processes per machine (2 in all) on the GLOO backend" in proc.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", map_location="cpu") for r in (0, 1)]
+    initial = torch.load(tmp_path / "initial0.pth", map_location="cpu")
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
+    assert not torch.equal(
+        ranks[0]["roi_heads.box_pooler.reduce.weight"],
+        initial["roi_heads.box_pooler.reduce.weight"],
+    )
+
+
+def test_train_net_runs_two_cpu_processes(bundled_datasets, tmp_path):
+    proc = _train_net(
+        bundled_datasets, tmp_path / "out", "SOLVER.MAX_ITER", "2", flags=["--num-gpus", "2"]
+    )
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "GLOO" in log and os.path.isfile(tmp_path / "out" / "model_final.pth")
