@@ -50,6 +50,8 @@ class IONTrainer(DefaultTrainer):
         # DefaultTrainer.__init__ (v0.6 and upstream alike), but for the DDP wrapping; it is
         # skipped on purpose, hence the explicit base-class call.
         TrainerBase.__init__(self)
+        if cfg.SOLVER.AMP.ENABLED:
+            raise ValueError("SOLVER.AMP.ENABLED needs CUDA; set it False for CPU processes.")
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
@@ -97,18 +99,17 @@ class IONTrainer(DefaultTrainer):
         return build_ion_train_loader(cfg, IONDatasetMapper(cfg, True))
 
     def resume_or_load(self, resume: bool = True):
-        """See :meth:`DefaultTrainer.resume_or_load`; the data loader continues at the resumed
-        iteration."""
+        """See :meth:`DefaultTrainer.resume_or_load`; the data loader continues there too."""
         super().resume_or_load(resume=resume)
         if isinstance(self.data_loader, IONTrainLoader):
             self.data_loader.set_start_iter(self.start_iter)
 
     def state_dict(self):
-        """Detectron2's trainer state plus the optimizer, RNG and data-loader states
-        (:func:`extend_trainer_state`)."""
+        """Detectron2's trainer state and more (:func:`extend_trainer_state`)."""
         return extend_trainer_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict):
+        """See :func:`load_trainer_state`."""
         load_trainer_state(self, state_dict)
 
     @classmethod

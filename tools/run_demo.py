@@ -3,8 +3,8 @@
 ion_d2's main job on the bundled data (`make demo`): generate the synthetic dataset, train ION
 on the CPU, evaluate with the stock COCOEvaluator, run IONPredictor (DefaultPredictor with
 checked inputs) on held-out images, and plot the training losses and the first IRNN layer's
-context features (section 3.2, Figure 4). Run again after an interruption to resume from the last checkpoint; a run of another
-config in the output folder is refused unless --retrain.
+context features (section 3.2, Figure 4). Run again after an interruption to resume from the
+last checkpoint; a run of another config in the output folder is refused unless --retrain.
 """
 
 import argparse
