@@ -193,7 +193,9 @@ class IONSkipPooler(nn.Module):
                         "reduction's input channels follow that order: set IN_FEATURES to "
                         f"{stored}."
                     )
-            else:
+            elif any(k.startswith(prefix) for k in state_dict):
+                # This pooler's weights without their order (e.g. converted ImageNet weights
+                # hold no pooler at all, and need no warning).
                 logger.warning(
                     f"The checkpoint stores no feature order for {prefix[:-1] or 'the skip pooler'}"
                     " (written before ion_d2 recorded it), so it cannot be checked: make sure "

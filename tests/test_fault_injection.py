@@ -273,6 +273,13 @@ def test_checkpoint_without_feature_order_loads_with_a_warning(tiny_weights, tmp
     with caplog.at_level(logging.WARNING, logger="ion_d2.skip_pooling"):
         DetectionCheckpointer(model).load(str(tmp_path / "old.pth"))
     assert "stores no feature order for roi_heads.box_pooler" in caplog.text
+    # Weights without any pooler (e.g. converted ImageNet VGG16) have nothing to check.
+    caplog.clear()
+    trunk_only = {"model": {k: v for k, v in old["model"].items() if k.startswith("backbone.")}}
+    torch.save(trunk_only, tmp_path / "trunk.pth")
+    with caplog.at_level(logging.WARNING, logger="ion_d2.skip_pooling"):
+        DetectionCheckpointer(build_model(load_cfg(TINY))).load(str(tmp_path / "trunk.pth"))
+    assert "feature order" not in caplog.text
     assert torch.equal(
         model.roi_heads.box_pooler.reduce.weight, old["model"]["roi_heads.box_pooler.reduce.weight"]
     )
