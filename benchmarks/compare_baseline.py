@@ -5,7 +5,8 @@ ION vs the Fast R-CNN baseline on the bundled synthetic data (`make compare`).
 Trains configs/FastRCNN_VGG16_synthetic.yaml and configs/ION_VGG16_synthetic.yaml with the same
 schedule, seed and data, evaluates both with the stock COCOEvaluator, and prints one table: AP,
 AP50, APs, and the mean AP over the classes that need context, for each model and ION minus
-baseline. Finished runs in the output folder are reused, interrupted ones resumed.
+baseline. Finished runs in the output folder are reused, interrupted ones resumed, as long as
+they were trained with the same config (otherwise refused; --retrain trains again).
 
 With --proposals ss both train and test on selective-search proposals as in the paper
 (configs/*_synthetic_SS.yaml) instead of an RPN; the proposal files the configs name are
@@ -85,6 +86,12 @@ def main():
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="selective-search processes"
     )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train from scratch, moving a previous run in the output folder aside (a run "
+        "trained with another config is otherwise refused)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for both configs")
     args = parser.parse_args()
     setup_logger(output=args.output_dir)
@@ -96,7 +103,7 @@ def main():
         cfg = _cfg(config_name, os.path.join(args.output_dir, subdir), args.opts)
         ensure_proposal_files(cfg, args.workers)
         logger.info(f"Training {label}: {config_name}, {cfg.SOLVER.MAX_ITER} iterations")
-        _, results = train_and_evaluate(cfg, resume=True)
+        _, results = train_and_evaluate(cfg, resume=True, retrain=args.retrain)
         context_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("context_classes", [])
         rows[label] = summarise(results["bbox"], context_classes)
         rows[label].update({k: v for k, v in results["bbox"].items() if k.startswith("AP-")})

@@ -11,6 +11,7 @@ from . import data as _data  # noqa: F401  (registers the bundled datasets)
 from .config import add_ion_config
 from .context import ION_CONTEXT_REGISTRY, build_ion_context
 from .meta_arch import IONRCNN
+from .predictor import IONPredictor
 from .roi_heads import IONROIHeads
 from .seg_head import IONSegRegularizerHead
 from .vgg16 import IONVGG16, build_ion_vgg16_backbone
@@ -20,6 +21,7 @@ __all__ = [
     "ION_CONTEXT_REGISTRY",
     "build_ion_context",
     "IONRCNN",
+    "IONPredictor",
     "IONROIHeads",
     "IONSegRegularizerHead",
     "IONVGG16",

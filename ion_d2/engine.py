@@ -2,20 +2,25 @@
 
 import logging
 import os
+import weakref
 from typing import Any, Dict, Tuple
 
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
-from detectron2.engine import DefaultTrainer
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
+from .checkpoint import extend_trainer_state, load_trainer_state
 from .d2_compat import has_compiled_ops
+from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts
+from .data.mapper import IONDatasetMapper
 from .data.semseg_check import check_sem_seg_labels
 from .evaluation import PascalVOCBySizeEvaluator
+from .launch import create_ddp_model_any_device
+from .run_config import prepare_run_dir
 from .skip_pool_scale import measure_skip_pool_scale
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
 
@@ -28,39 +33,46 @@ class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
     ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`),
-    gradient clipping (:func:`build_ion_optimizer`) and, with ``SKIP_POOL.SCALE_INIT`` -1, the
-    skip-pooling scale measured in :meth:`resume_or_load` (:func:`measure_skip_pool_scale`).
+    gradient clipping (:func:`build_ion_optimizer`), ion_d2's data loaders and mapper, the
+    segmentation-label check (:func:`check_sem_seg_labels`), the skip-pooling scale measured
+    before the first step when ``SKIP_POOL.SCALE_INIT`` is -1 (:func:`measure_skip_pool_scale`),
+    and checkpoints that resume exactly (README, "What is guaranteed").
     """
 
-    def resume_or_load(self, resume: bool = True):
+    def __init__(self, cfg):
         """
-        See :meth:`DefaultTrainer.resume_or_load`. Then, before the first step, measures the
-        skip-pooling scale on the training set when the config asks for it and the loaded
-        weights do not hold it (section 5.2).
+        See :class:`DefaultTrainer`. With several processes and ``MODEL.DEVICE`` "cpu" (GLOO,
+        :func:`ion_d2.launch.launch`), the model is wrapped by
+        :func:`create_ddp_model_any_device`: Detectron2's ``create_ddp_model`` passes CUDA
+        ``device_ids`` that DistributedDataParallel refuses for a CPU model.
         """
-        super().resume_or_load(resume=resume)
-        measure_skip_pool_scale(self.cfg, self.model, start_iter=self.start_iter)
+        if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
+            super().__init__(cfg)
+        else:
+            self._init_cpu_distributed(cfg)
 
-    @classmethod
-    def build_train_loader(cls, cfg):
-        """
-        See :meth:`DefaultTrainer.build_train_loader`. With ``MODEL.ION.SEG_LOSS_ON`` it first
-        checks that training images carry segmentation labels (:func:`check_sem_seg_labels`:
-        an error when none does), on the dataset dicts the loader then uses, so that they are
-        loaded once.
-        """
-        # The dicts _train_loader_from_config would load.
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(
-                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
-            ),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    def _init_cpu_distributed(self, cfg):
+        # DefaultTrainer.__init__ (v0.6 and upstream alike), but for the DDP wrapping; it is
+        # skipped on purpose, hence the explicit base-class call.
+        TrainerBase.__init__(self)
+        if cfg.SOLVER.AMP.ENABLED:
+            raise ValueError("SOLVER.AMP.ENABLED needs CUDA; set it False for CPU processes.")
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
+        self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        if cfg.MODEL.ION.SEG_LOSS_ON:
-            check_sem_seg_labels(dataset, cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, dataset=dataset)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -95,12 +107,55 @@ class IONTrainer(DefaultTrainer):
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_ion_lr_scheduler(cfg, optimizer)
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """
+        :func:`build_ion_train_loader` (iteration ``i``'s batch depends on ``(SEED, i)`` only,
+        so a resumed run sees the same batches) with :class:`IONDatasetMapper` (labels checked);
+        with ``MODEL.ION.SEG_LOSS_ON``, :func:`check_sem_seg_labels` on the same dataset dicts.
+        """
+        dicts = load_train_dicts(cfg)
+        if cfg.MODEL.ION.SEG_LOSS_ON:
+            # A training set without segmentation labels would train a loss that is always 0.
+            check_sem_seg_labels(dicts, cfg.DATASETS.TRAIN)
+        return build_ion_train_loader(cfg, IONDatasetMapper(cfg, True), dicts)
 
-def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[str, Any]]:
+    def resume_or_load(self, resume: bool = True):
+        """
+        See :meth:`DefaultTrainer.resume_or_load`; the data loader continues there too. Then,
+        before the first step, measures the skip-pooling scale on the training set when the
+        config asks for it and the loaded weights do not hold it (section 5.2).
+        """
+        super().resume_or_load(resume=resume)
+        if isinstance(self.data_loader, IONTrainLoader):
+            self.data_loader.set_start_iter(self.start_iter)
+        measure_skip_pool_scale(self.cfg, self.model, start_iter=self.start_iter)
+
+    def state_dict(self):
+        """Detectron2's trainer state and more (:func:`extend_trainer_state`)."""
+        return extend_trainer_state(self, super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        """See :func:`load_trainer_state`."""
+        load_trainer_state(self, state_dict)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with :class:`IONDatasetMapper` (sizes capped)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=IONDatasetMapper(cfg, False))
+
+
+def train_and_evaluate(
+    cfg, *, resume: bool = True, retrain: bool = False
+) -> Tuple[IONTrainer, Dict[str, Any]]:
     """
     Train ``cfg`` with :class:`IONTrainer` (resuming from the last checkpoint in
     ``cfg.OUTPUT_DIR`` when ``resume``; a finished run is not trained again), then evaluate the
     final model once on ``cfg.DATASETS.TEST``.
+
+    ``cfg`` is stored as ``OUTPUT_DIR/config.yaml``. A run there trained with another config is
+    refused, naming the differing keys (:func:`prepare_run_dir`), unless ``retrain``, which moves
+    any previous run aside and trains from scratch.
 
     Returns:
         tuple: the trainer (its ``model`` is the trained model) and the evaluation results,
@@ -111,6 +166,7 @@ def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[st
     # Evaluate once, below, instead of in the trainer's final EvalHook as well.
     train_cfg.DATASETS.TEST = ()
     train_cfg.freeze()
+    prepare_run_dir(cfg, retrain=retrain)
     # Section 4.1: a fixed seed, so that variants trained one after the other in one process
     # see the same images in the same order.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)

@@ -21,6 +21,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .context import build_ion_context
+from .model_checks import check_context_outputs_used
 
 __all__ = ["IONRCNN"]
 
@@ -85,6 +86,7 @@ class IONRCNN(GeneralizedRCNN):
         backbone = build_backbone(cfg)
         feature_shapes = dict(backbone.output_shape())
         context = build_ion_context(cfg, feature_shapes)
+        check_context_outputs_used(cfg, context)
         if context is not None:
             feature_shapes.update(context.output_shape())
         sem_seg_head = (

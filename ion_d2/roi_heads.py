@@ -74,6 +74,7 @@ class IONROIHeads(StandardROIHeads):
             scale_init=skip.SCALE_INIT,
             out_channels=skip.REDUCE_DIM,
             dropout=skip.CONCAT_DROPOUT,
+            feature_names=in_features,
         )
         box_head = build_box_head(
             cfg,

@@ -9,12 +9,13 @@ import logging
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import torch
-from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.structures import Boxes
 from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .data.loader import load_train_dicts
+from .data.mapper import IONDatasetMapper
 from .skip_pooling import MEASURE_SCALE, IONSkipPooler
 
 __all__ = ["PooledNorms", "measure_pooled_norms", "measure_skip_pool_scale", "training_batches"]
@@ -41,19 +42,15 @@ class PooledNorms(NamedTuple):
 def training_batches(cfg, num_images: int) -> List[List[dict]]:
     """
     The first ``num_images`` images of ``cfg.DATASETS.TRAIN`` (with precomputed proposals when
-    ``MODEL.LOAD_PROPOSALS``), mapped as for training by :class:`DatasetMapper`, in batches of
+    ``MODEL.LOAD_PROPOSALS``), mapped as for training by :class:`IONDatasetMapper`, in batches of
     the per-process training batch size (``SOLVER.IMS_PER_BATCH`` / number of processes).
     """
     if num_images < 1:
         raise ValueError(
             f"MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES must be >= 1; got {num_images}."
         )
-    dicts = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-    )[:num_images]
-    mapper = DatasetMapper(cfg, is_train=True)
+    dicts = load_train_dicts(cfg)[:num_images]
+    mapper = IONDatasetMapper(cfg, True)
     batch_size = max(cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), 1)
     mapped = [mapper(d) for d in dicts]
     return [mapped[i : i + batch_size] for i in range(0, len(mapped), batch_size)]

@@ -1,7 +1,7 @@
 """Skip pooling: ION's multi-layer ROI descriptor (section 3.1, Figure 1, Tables 4-5)."""
 
 import logging
-from typing import List
+from typing import List, Optional
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -11,7 +11,15 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-__all__ = ["IONSkipPooler", "l2_normalize_rois", "NORM_MODES", "SCALE_MODES", "MEASURE_SCALE"]
+__all__ = [
+    "IONSkipPooler",
+    "l2_normalize_rois",
+    "encode_feature_order",
+    "decode_feature_order",
+    "NORM_MODES",
+    "SCALE_MODES",
+    "MEASURE_SCALE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +29,33 @@ SCALE_MODES = ("learned", "fixed")
 _DEFAULT_SCALE = {"roi": 1000.0, "location": 130.0}
 # scale_init asking for the scale to be measured (MODEL.ION.SKIP_POOL.SCALE_INIT -1).
 MEASURE_SCALE = -1.0
+
+
+# Bytes of the "feature_order" buffer: a fixed size, so that fvcore's checkpointer (which drops
+# entries whose shape differs from the model's) always hands it to _load_from_state_dict.
+_FEATURE_ORDER_BYTES = 256
+
+
+def encode_feature_order(names: List[str]) -> torch.Tensor:
+    """
+    Returns:
+        Tensor: uint8 (256,) holding ``",".join(names)`` in UTF-8, zero-padded.
+    """
+    data = ",".join(names).encode("utf-8")
+    if len(data) > _FEATURE_ORDER_BYTES or any("," in n for n in names):
+        raise ValueError(
+            f"Feature names {names} must not contain ',' and must join to at most "
+            f"{_FEATURE_ORDER_BYTES} bytes."
+        )
+    out = torch.zeros(_FEATURE_ORDER_BYTES, dtype=torch.uint8)
+    out[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out
+
+
+def decode_feature_order(encoded: torch.Tensor) -> List[str]:
+    """Inverse of :func:`encode_feature_order`."""
+    data = bytes(encoded.cpu().tolist()).rstrip(b"\0").decode("utf-8")
+    return data.split(",") if data else []
 
 
 def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
@@ -69,6 +104,7 @@ class IONSkipPooler(nn.Module):
         scale_init: float = 0.0,
         out_channels: int = 512,
         dropout: float = 0.25,
+        feature_names: Optional[List[str]] = None,
     ):
         """
         Args:
@@ -87,6 +123,10 @@ class IONSkipPooler(nn.Module):
                 the conv, so the output has the concatenated channels (with one feature and
                 ``norm="none"`` this is plain Fast R-CNN pooling).
             dropout (float): dropout probability after the concat (section 3.2: 0.25).
+            feature_names (list[str] or None): the names of the pooled features, in order.
+                They are saved with the weights (the buffer "feature_order"), and loading
+                weights saved for another order raises: the 1x1 conv's input channels follow
+                that order, so reordered features would load without error and detect nothing.
         """
         super().__init__()
         if not input_shapes:
@@ -109,6 +149,14 @@ class IONSkipPooler(nn.Module):
                 f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}."
             )
 
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        if self.feature_names is not None:
+            if len(self.feature_names) != len(input_shapes):
+                raise ValueError(
+                    f"IONSkipPooler got {len(self.feature_names)} feature names "
+                    f"{self.feature_names} for {len(input_shapes)} input shapes."
+                )
+            self.register_buffer("feature_order", encode_feature_order(self.feature_names))
         self.poolers = nn.ModuleList(
             ROIPooler(
                 output_size=output_size,
@@ -156,10 +204,36 @@ class IONSkipPooler(nn.Module):
             self.scale.fill_(float(value))
         self.scale_pending = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if self.scale is not None and prefix + "scale" in state_dict:
             self.scale_pending = False
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "feature_order"
+        if self.feature_names is not None:
+            if key in state_dict:
+                stored = decode_feature_order(state_dict[key])
+                if stored != self.feature_names:
+                    raise ValueError(
+                        f"The weights of {prefix[:-1] or 'the skip pooler'} were trained pooling "
+                        f"the features {stored} in this order, but this model pools "
+                        f"{self.feature_names} (MODEL.ROI_HEADS.IN_FEATURES). The 1x1 "
+                        "reduction's input channels follow that order: set IN_FEATURES to "
+                        f"{stored}."
+                    )
+            elif any(k.startswith(prefix) for k in state_dict):
+                # This pooler's weights without their order (e.g. converted ImageNet weights
+                # hold no pooler at all, and need no warning).
+                logger.warning(
+                    f"The checkpoint stores no feature order for {prefix[:-1] or 'the skip pooler'}"
+                    " (written before ion_d2 recorded it), so it cannot be checked: make sure "
+                    f"MODEL.ROI_HEADS.IN_FEATURES is in the order it was trained with; this model "
+                    f"pools {self.feature_names}."
+                )
+                state_dict[key] = self.feature_order
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """

@@ -85,6 +85,14 @@ def build_ion_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
             f"IONExponentialLR needs SOLVER.BASE_LR > 0 and SOLVER.ION_END_LR > 0; got "
             f"{base_lr} and {end_lr}."
         )
+    if end_lr > base_lr:
+        # A "decay" factor above 1 would raise the learning rate over training, silently.
+        raise ValueError(
+            f"IONExponentialLR decays the learning rate from SOLVER.BASE_LR to "
+            f"SOLVER.ION_END_LR, so it needs ION_END_LR <= BASE_LR; got BASE_LR={base_lr} and "
+            f"ION_END_LR={end_lr}, which would raise it {end_lr / base_lr:.3g}x over "
+            f"{cfg.SOLVER.MAX_ITER} iterations."
+        )
     sched = ExponentialParamScheduler(start_value=1.0, decay=end_lr / base_lr)
     sched = WarmupParamScheduler(
         sched,

@@ -123,10 +123,10 @@ def test_train_evaluate_predict_and_reload(synth_slice, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(os.listdir(vis_dir))
-    assert written == sorted(os.listdir(image_dir))
+    assert written == sorted(name + ".png" for name in os.listdir(image_dir))
     assert (
         cv2.imread(str(vis_dir / written[0])).shape[:2]
-        == cv2.imread(os.path.join(image_dir, written[0])).shape[:2]
+        == cv2.imread(os.path.join(image_dir, written[0][: -len(".png")])).shape[:2]
     )
 
     # A second call finds the finished run and does not train again.

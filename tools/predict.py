@@ -3,32 +3,41 @@
 Run a config + weights on images (files or a folder) and write visualised PNGs.
 
     python tools/predict.py --config-file configs/ION_VGG16_synthetic.yaml \
-        --weights output/demo/model_final.pth --input img1.png dir/ --output vis/
+        --weights output/demo/model_final.pth --input img1.jpg dir/ --output vis/
+
+Each input ``<name>.<ext>`` is written as ``<output>/<name>.<ext>.png``, so ``x.jpg`` and
+``x.png`` get two outputs and no output can be an input. The output folder must not be a folder
+that holds any of the inputs, and two inputs with the same file name (from two folders) are
+refused. Images that cannot be read, are truncated or are not 8-bit are skipped and listed at
+the end; the exit status is 1 when any image failed, 2 for bad arguments. ``--weights`` must name
+a checkpoint: a randomly initialised model runs only with ``--allow-random-weights``.
 """
 
 import argparse
 import glob
 import os
+import sys
+from typing import Dict, List, Optional
 
 import cv2
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 from ion_d2 import add_ion_config
+from ion_d2.predictor import IONPredictor, read_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def list_images(inputs):
+def list_images(inputs: List[str]) -> List[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item):
             paths += sorted(
                 p
                 for p in glob.glob(os.path.join(item, "*"))
-                if p.lower().endswith(IMAGE_EXTENSIONS)
+                if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
             )
         elif os.path.isfile(item):
             paths.append(item)
@@ -39,36 +48,96 @@ def list_images(inputs):
     return paths
 
 
-def main():
+def plan_outputs(paths: List[str], output_dir: str) -> Dict[str, str]:
+    """
+    Map each input to ``<output_dir>/<basename>.png``, refusing an output folder that holds an
+    input and two inputs that would share an output.
+    """
+    out_real = os.path.realpath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output {output_dir!r} exists and is not a folder.")
+    plan, owner = {}, {}
+    for path in paths:
+        if os.path.dirname(os.path.realpath(path)) == out_real:
+            raise ValueError(
+                f"--output {output_dir!r} holds the input {path!r}; write the visualisations "
+                "to another folder so that no input can be overwritten or read back as an input."
+            )
+        out = os.path.join(output_dir, os.path.basename(path) + ".png")
+        if out in owner:
+            raise ValueError(
+                f"Inputs {owner[out]!r} and {path!r} have the same file name and would both be "
+                f"written to {out!r}; run them with separate --output folders."
+            )
+        owner[out] = path
+        plan[path] = out
+    return plan
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", required=True, help="a checkpoint (.pth) to run")
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help='run with --weights "" (a randomly initialised model, for smoke tests)',
+    )
     parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--output", required=True, help="folder for the visualised PNGs")
     parser.add_argument("--confidence", type=float, default=0.5, help="minimum score to draw")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.weights and not args.allow_random_weights:
+        parser.error(
+            '--weights "" would run a randomly initialised model; name a checkpoint, or pass '
+            "--allow-random-weights to do it on purpose."
+        )
+    if args.weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights!r} is not a file.")
+    try:
+        args.plan = plan_outputs(list_images(args.input), args.output)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    return args
 
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     cfg = get_cfg()
     add_ion_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = IONPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
-    for path in list_images(args.input):
-        image = cv2.imread(path)
-        if image is None:
-            raise ValueError(f"Could not read {path!r} as an image.")
+    failed = {}
+    for path, out in args.plan.items():
+        try:
+            image = read_image_file(path, format="BGR")
+        except (OSError, ValueError) as e:
+            failed[path] = f"{type(e).__name__}: {e}"
+            print(f"{path}: skipped ({failed[path]})")
+            continue
         instances = predictor(image)["instances"].to("cpu")
         instances = instances[instances.scores >= args.confidence]
         vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        cv2.imwrite(out, vis.get_image()[:, :, ::-1])
+        if not cv2.imwrite(out, vis.get_image()[:, :, ::-1]):
+            failed[path] = f"could not write {out}"
+            print(f"{path}: {failed[path]}")
+            continue
         print(f"{path}: {len(instances)} detections -> {out}")
+
+    print(f"\n{len(args.plan) - len(failed)} of {len(args.plan)} images written to {args.output}.")
+    if failed:
+        print(f"{len(failed)} failed:")
+        for path, reason in failed.items():
+            print(f"  {path}: {reason}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """
 ion_d2's main job on the bundled data (`make demo`): generate the synthetic dataset, train ION
-on the CPU, evaluate with the stock COCOEvaluator, run DefaultPredictor on held-out images,
-and plot the training losses and the first IRNN layer's context features (section 3.2,
-Figure 4). Run again after an interruption to resume from the last checkpoint.
+on the CPU, evaluate with the stock COCOEvaluator, run IONPredictor (DefaultPredictor with
+checked inputs) on held-out images, and plot the training losses and the first IRNN layer's
+context features (section 3.2, Figure 4). Run again after an interruption to resume from the
+last checkpoint; a run of another config in the output folder is refused unless --retrain.
 """
 
 import argparse
@@ -21,12 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from ion_d2 import add_ion_config  # noqa: E402
 from ion_d2.engine import train_and_evaluate  # noqa: E402
+from ion_d2.predictor import IONPredictor  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("ion_d2.demo")
@@ -41,6 +42,12 @@ def parse_args():
     parser.add_argument("--num-vis", type=int, default=8, help="held-out images to visualise")
     parser.add_argument(
         "--vis-score", type=float, default=0.5, help="minimum score of a drawn prediction"
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train from scratch, moving a previous run in the output folder aside (a run "
+        "trained with another config is otherwise refused)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args()
@@ -95,7 +102,7 @@ def visualise_predictions(cfg, dataset_dicts, metadata, out_dir: str, num: int, 
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
     pred_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    predictor = DefaultPredictor(pred_cfg)
+    predictor = IONPredictor(pred_cfg)
     written = []
     for d in dataset_dicts[:num]:
         image = cv2.imread(d["file_name"])  # BGR uint8, as DefaultPredictor expects
@@ -173,7 +180,7 @@ def main():
     test_dicts = DatasetCatalog.get(test_name)
     logger.info(f"{test_name}: {len(test_dicts)} images")
 
-    trainer, results = train_and_evaluate(cfg, resume=True)
+    trainer, results = train_and_evaluate(cfg, resume=True, retrain=args.retrain)
     bbox = results["bbox"]
     with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

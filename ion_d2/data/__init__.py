@@ -9,6 +9,7 @@ VOC and COCO training sets with ION's segmentation labels as ``<builtin name>_io
 
 from .builtin_ionseg import ION_SEG_SUFFIX, register_all_ionseg
 from .coco_semseg import attach_sem_seg_files, coco_to_semseg_labels
+from .mapper import InvalidSemSegLabel, IONDatasetMapper
 from .semseg_check import check_sem_seg_labels
 from .synthetic import (
     CONTEXT_CLASSES,
@@ -18,9 +19,13 @@ from .synthetic import (
     generate_synthetic_dataset,
     register_ion_synthetic,
 )
+from .transforms import ResizeLongestEdgeCap
 
 __all__ = [
     "ION_SEG_SUFFIX",
+    "IONDatasetMapper",
+    "InvalidSemSegLabel",
+    "ResizeLongestEdgeCap",
     "attach_sem_seg_files",
     "check_sem_seg_labels",
     "coco_to_semseg_labels",
