@@ -13,6 +13,7 @@ from .context import ION_CONTEXT_REGISTRY, build_ion_context
 from .meta_arch import IONRCNN
 from .roi_heads import IONROIHeads
 from .seg_head import IONSegRegularizerHead
+from .test_time_augmentation import IONRCNNWithTTA
 from .vgg16 import IONVGG16, build_ion_vgg16_backbone
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ION_CONTEXT_REGISTRY",
     "build_ion_context",
     "IONRCNN",
+    "IONRCNNWithTTA",
     "IONROIHeads",
     "IONSegRegularizerHead",
     "IONVGG16",

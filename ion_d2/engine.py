@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Any, Dict, Tuple
 
 from detectron2.data import MetadataCatalog
@@ -11,6 +12,7 @@ from detectron2.utils.env import seed_all_rng
 
 from .d2_compat import has_compiled_ops
 from .solver import build_ion_lr_scheduler
+from .test_time_augmentation import IONRCNNWithTTA
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -20,7 +22,8 @@ logger = logging.getLogger(__name__)
 class IONTrainer(DefaultTrainer):
     """
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
-    ("coco" or "pascal_voc") and ION's learning-rate schedule (:func:`build_ion_lr_scheduler`).
+    ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`) and
+    test-time augmentation (:meth:`test_with_TTA`).
     """
 
     @classmethod
@@ -43,6 +46,27 @@ class IONTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_ion_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model) -> "OrderedDict[str, Any]":
+        """
+        Evaluate ``model`` on ``cfg.DATASETS.TEST`` with test-time augmentation
+        (:class:`IONRCNNWithTTA`, ``cfg.TEST.AUG``), as detectron2's tools/train_net.py does.
+
+        Returns:
+            OrderedDict: :meth:`DefaultTrainer.test`'s results, with "_TTA" appended to every
+            task name ("bbox_TTA").
+        """
+        logger.info("Running inference with test-time augmentation ...")
+        model = IONRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
 
 def train_and_evaluate(cfg, *, resume: bool = True) -> Tuple[IONTrainer, Dict[str, Any]]:
