@@ -61,6 +61,9 @@ def add_ion_config(cfg: CN) -> None:
     # heads can pool from them (Table 10b: "pool out of both IRNNs"). The top layer is always
     # "context".
     _C.MODEL.ION.CONTEXT.IRNN.OUTPUT_ALL_LAYERS = False
+    # TEMP: placeholder for the key another branch adds (dropout after each IRNN layer's
+    # direction concat), so that the paper presets build here.
+    _C.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25
 
     _C.MODEL.ION.CONTEXT.CONV = CN()
     # Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5. Each conv is followed by ReLU.
