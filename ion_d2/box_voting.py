@@ -66,7 +66,8 @@ def box_voting_single_image(
     :func:`box_voting_inference` for one image (arguments as there, for that image).
     """
     # Detectron2's own filtering (finite rows, clipping, score threshold) with an NMS that
-    # suppresses nothing (no IoU exceeds infinity): every candidate is kept to vote.
+    # suppresses nothing (no IoU exceeds infinity), at the price of that extra NMS pass: every
+    # candidate is kept to vote.
     candidates, _ = fast_rcnn_inference_single_image(
         boxes, scores, image_shape, score_thresh, math.inf, -1
     )

@@ -141,7 +141,7 @@ def test_symmetric_input_gives_mirrored_passes(voting):
     assert half > 0
     # The flipped pass sees the same pixels; mapped back, its boxes are the mirror images.
     assert torch.allclose(boxes[half:], _mirror(boxes[:half]), atol=1e-4)
-    assert torch.equal(scores[half:], scores[:half])
+    assert torch.allclose(scores[half:], scores[:half], atol=1e-6)
     if classes is not None:
         assert torch.equal(classes[half:], classes[:half])
 
@@ -157,12 +157,13 @@ def test_flipping_the_input_mirrors_the_tta_detections(voting):
     a = _tta(model, cfg, image)
     b = _tta(model, cfg, image.flip(-1))
     assert len(a) == len(b) > 0
-    order_a, order_b = a.scores.argsort(descending=True), b.scores.argsort(descending=True)
-    assert torch.allclose(a.scores[order_a], b.scores[order_b], atol=1e-6)
-    assert torch.equal(a.pred_classes[order_a], b.pred_classes[order_b])
-    assert torch.allclose(
-        _mirror(a.pred_boxes.tensor[order_a]), b.pred_boxes.tensor[order_b], atol=1e-3
-    )
+    # Each detection of the flipped image is the mirror image of one of the image's (matched on
+    # class and score rather than on rank, which float noise may swap between near-equal scores).
+    mirrored = _mirror(a.pred_boxes.tensor)
+    for box, score, cls in zip(b.pred_boxes.tensor, b.scores, b.pred_classes):
+        match = (a.pred_classes == cls) & ((a.scores - score).abs() < 1e-5)
+        assert match.any()
+        assert (mirrored[match] - box).abs().max(dim=1).values.min() < 1e-3
 
 
 def test_voting_tta_needs_ionrcnn():
