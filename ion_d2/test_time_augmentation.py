@@ -45,6 +45,9 @@ class IONRCNNWithTTA(GeneralizedRCNNWithTTA):
                 f"(MODEL.META_ARCHITECTURE 'IONRCNN'); got {type(self.model).__name__}."
             )
 
+    # _get_augmented_boxes and _merge_detections are the two steps GeneralizedRCNNWithTTA's
+    # _inference_one_image runs (the same in detectron2 v0.6 and upstream main); with box voting
+    # the first returns every pass's candidates and the second votes over them.
     def _get_augmented_boxes(self, augmented_inputs, tfms):
         if not self.box_voting:
             return super()._get_augmented_boxes(augmented_inputs, tfms)
