@@ -10,6 +10,8 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
 
 The paper's two-stage schedule (section 4.1) is two commands: a stage-1 config, then the
 stage-2 config, whose MODEL.WEIGHTS points at stage 1's model_final.pth (see README.md).
+With TEST.AUG.ENABLED, evaluation also runs with test-time augmentation (IONTrainer.test_with_TTA,
+e.g. left-right flipping), reported as "bbox_TTA".
 """
 
 import logging
@@ -17,7 +19,7 @@ import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -72,12 +74,18 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()
 
 

@@ -14,6 +14,7 @@ from .meta_arch import IONRCNN
 from .predictor import IONPredictor
 from .roi_heads import IONROIHeads
 from .seg_head import IONSegRegularizerHead
+from .test_time_augmentation import IONRCNNWithTTA
 from .vgg16 import IONVGG16, build_ion_vgg16_backbone
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "build_ion_context",
     "IONRCNN",
     "IONPredictor",
+    "IONRCNNWithTTA",
     "IONROIHeads",
     "IONSegRegularizerHead",
     "IONVGG16",

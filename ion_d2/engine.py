@@ -3,6 +3,7 @@
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from typing import Any, Dict, Tuple
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -23,6 +24,7 @@ from .launch import create_ddp_model_any_device
 from .run_config import prepare_run_dir
 from .skip_pool_scale import measure_skip_pool_scale
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
+from .test_time_augmentation import IONRCNNWithTTA
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -36,7 +38,8 @@ class IONTrainer(DefaultTrainer):
     gradient clipping (:func:`build_ion_optimizer`), ion_d2's data loaders and mapper, the
     segmentation-label check (:func:`check_sem_seg_labels`), the skip-pooling scale measured
     before the first step when ``SKIP_POOL.SCALE_INIT`` is -1 (:func:`measure_skip_pool_scale`),
-    and checkpoints that resume exactly (README, "What is guaranteed").
+    checkpoints that resume exactly (README, "What is guaranteed") and test-time
+    augmentation (:meth:`test_with_TTA`).
     """
 
     def __init__(self, cfg):
@@ -119,6 +122,27 @@ class IONTrainer(DefaultTrainer):
             # A training set without segmentation labels would train a loss that is always 0.
             check_sem_seg_labels(dicts, cfg.DATASETS.TRAIN)
         return build_ion_train_loader(cfg, IONDatasetMapper(cfg, True), dicts)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model) -> "OrderedDict[str, Any]":
+        """
+        Evaluate ``model`` on ``cfg.DATASETS.TEST`` with test-time augmentation
+        (:class:`IONRCNNWithTTA`, ``cfg.TEST.AUG``), as detectron2's tools/train_net.py does.
+
+        Returns:
+            OrderedDict: :meth:`DefaultTrainer.test`'s results, with "_TTA" appended to every
+            task name ("bbox_TTA").
+        """
+        logger.info("Running inference with test-time augmentation ...")
+        model = IONRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     def resume_or_load(self, resume: bool = True):
         """

@@ -225,6 +225,26 @@ class IONRCNN(GeneralizedRCNN):
             _, seg_losses = self.sem_seg_head(features, targets)
         return seg_losses
 
+    def box_voting_candidates(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """
+        Inference up to box voting, for test-time augmentation (:class:`IONRCNNWithTTA`): the
+        candidates of :meth:`IONROIHeads.box_voting_candidates` for each input, before NMS, in
+        the coordinates of the input image tensor (not rescaled to "height" x "width").
+
+        Returns:
+            tuple[list[Tensor], list[Tensor]]: per image, boxes (N, K * 4) and scores (N, K + 1).
+        """
+        assert not self.training
+        if not hasattr(self.roi_heads, "box_voting_candidates"):
+            raise TypeError(
+                f"Box voting needs MODEL.ROI_HEADS.NAME 'IONROIHeads'; this model has "
+                f"{type(self.roi_heads).__name__}."
+            )
+        images = self.preprocess_image(batched_inputs)
+        features = self.extract_features(images)
+        proposals, _ = self._proposals(batched_inputs, images, features, None)
+        return self.roi_heads.box_voting_candidates(features, proposals)
+
     def inference(
         self,
         batched_inputs: List[Dict[str, torch.Tensor]],

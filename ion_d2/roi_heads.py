@@ -1,7 +1,7 @@
 """ION's ROI heads: skip pooling from several layers plus the context features (section 3.1)."""
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -14,9 +14,12 @@ from detectron2.structures import Boxes, Instances
 from .box_voting import box_voting_inference
 from .skip_pooling import IONSkipPooler
 
-__all__ = ["IONROIHeads"]
+__all__ = ["IONROIHeads", "RESCORE_MODES"]
 
 logger = logging.getLogger(__name__)
+
+# Which regressed boxes the second round of box voting scores (MODEL.ION.BOX_VOTING.RESCORE).
+RESCORE_MODES = ("top_class", "per_class")
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -33,23 +36,45 @@ class IONROIHeads(StandardROIHeads):
     """
 
     @configurable
-    def __init__(self, *, box_voting: bool = False, box_voting_iou: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        *,
+        box_voting: bool = False,
+        box_voting_iou: float = 0.5,
+        box_voting_rescore: str = "top_class",
+        **kwargs,
+    ):
         """
         Args:
             box_voting (bool): at inference, score the regressed boxes a second time and vote
                 after NMS (section 4.2).
-            box_voting_iou (float): IoU from which a box votes on a kept box.
+            box_voting_iou (float): IoU in [0, 1] from which a box votes on a kept box.
+            box_voting_rescore (str): which regressed boxes the second round scores, one of
+                :data:`RESCORE_MODES` (see :meth:`box_voting_candidates`).
             kwargs: see :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
+        if box_voting_rescore not in RESCORE_MODES:
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.RESCORE={box_voting_rescore!r} is not supported; expected "
+                f"one of {RESCORE_MODES}."
+            )
+        if not 0.0 <= box_voting_iou <= 1.0:
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.IOU_THRESH={box_voting_iou} is not an IoU; expected a "
+                "value in [0, 1] (section 4.2: 0.5; 0.85 for COCO, section 4.4)."
+            )
         self.box_voting = box_voting
         self.box_voting_iou = box_voting_iou
+        self.box_voting_rescore = box_voting_rescore
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["box_voting"] = cfg.MODEL.ION.BOX_VOTING.ENABLED
-        ret["box_voting_iou"] = cfg.MODEL.ION.BOX_VOTING.IOU_THRESH
+        voting = cfg.MODEL.ION.BOX_VOTING
+        ret["box_voting"] = voting.ENABLED
+        ret["box_voting_iou"] = voting.IOU_THRESH
+        ret["box_voting_rescore"] = voting.RESCORE
         return ret
 
     @classmethod
@@ -90,45 +115,99 @@ class IONROIHeads(StandardROIHeads):
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """
-        See :meth:`StandardROIHeads._forward_box`. With box voting enabled, inference uses
-        :meth:`_forward_box_voting` instead.
+        See :meth:`StandardROIHeads._forward_box`. With box voting enabled, inference scores
+        the candidates of :meth:`box_voting_candidates` and votes after NMS
+        (:func:`box_voting_inference`).
         """
         if self.training or not self.box_voting:
             return super()._forward_box(features, proposals)
-        return self._forward_box_voting(features, proposals)
-
-    def _predict(self, features: List[torch.Tensor], boxes: List[Boxes]):
-        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
-
-    def _forward_box_voting(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        """
-        Section 4.2: score the proposals, regress them, score the regressed boxes (each
-        proposal's box for its top-scoring class) again, then run per-class NMS over both rounds
-        and replace each kept box by the score-weighted mean of the boxes overlapping it.
-        """
-        features = [features[f] for f in self.box_in_features]
+        boxes, scores = self.box_voting_candidates(features, proposals)
         predictor = self.box_predictor
-        first = self._predict(features, [p.proposal_boxes for p in proposals])
-        boxes1 = predictor.predict_boxes(first, proposals)
-        scores1 = predictor.predict_probs(first, proposals)
-
-        regressed = []
-        for boxes, scores, p in zip(boxes1, scores1, proposals):
-            boxes = boxes.view(len(boxes), boxes.shape[1] // 4, 4)
-            top_class = scores[:, :-1].argmax(dim=1) if boxes.shape[1] > 1 else 0
-            chosen = Boxes(boxes[torch.arange(len(boxes), device=boxes.device), top_class])
-            chosen.clip(p.image_size)
-            regressed.append(Instances(p.image_size, proposal_boxes=chosen))
-        second = self._predict(features, [r.proposal_boxes for r in regressed])
-        boxes2 = predictor.predict_boxes(second, regressed)
-        scores2 = predictor.predict_probs(second, regressed)
-
         return box_voting_inference(
-            [cat([b1, b2]) for b1, b2 in zip(boxes1, boxes2)],
-            [cat([s1, s2]) for s1, s2 in zip(scores1, scores2)],
+            boxes,
+            scores,
             [p.image_size for p in proposals],
             score_thresh=predictor.test_score_thresh,
             nms_thresh=predictor.test_nms_thresh,
             topk_per_image=predictor.test_topk_per_image,
             vote_iou=self.box_voting_iou,
         )
+
+    def _predict(self, features: List[torch.Tensor], boxes: List[Boxes]):
+        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
+
+    def box_voting_candidates(
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """
+        Section 4.2's two rounds of box regression, before NMS: the proposals are scored and
+        regressed (round 1), the regressed boxes are clipped to the image and scored and
+        regressed again (round 2). Which regressed boxes round 2 scores is
+        ``box_voting_rescore``:
+
+        * "top_class": each proposal's box for its top-scoring class, with that pass's scores
+          and regressions for every class (R boxes per image).
+        * "per_class": for every proposal and class c, the box regressed for c, keeping only its
+          score and regression for c, as MR-CNN's iterative localisation (R x K boxes, pooled
+          one class at a time; the same as "top_class" with class-agnostic regression).
+
+        Args:
+            features (dict[str, Tensor]): input data as in :meth:`StandardROIHeads.forward`.
+            proposals (list[Instances]): per image, the R proposals in "proposal_boxes".
+
+        Returns:
+            tuple[list[Tensor], list[Tensor]]: per image, the boxes (2R, K * 4) or (2R, 4) and
+            softmax scores (2R, K + 1) of round 1 (first R rows) and round 2, in the input
+            image's coordinates. In "per_class" mode round 2's background column is 0 (each of
+            its scores comes from a different box).
+        """
+        features = [features[f] for f in self.box_in_features]
+        predictor = self.box_predictor
+        first = self._predict(features, [p.proposal_boxes for p in proposals])
+        boxes1 = predictor.predict_boxes(first, proposals)
+        scores1 = predictor.predict_probs(first, proposals)
+        num_reg_classes = boxes1[0].shape[1] // 4
+        if self.box_voting_rescore == "per_class" and num_reg_classes > 1:
+            boxes2, scores2 = self._rescore_per_class(features, boxes1, proposals)
+        else:
+            boxes2, scores2 = self._rescore_top_class(features, boxes1, scores1, proposals)
+        return (
+            [cat([b1, b2]) for b1, b2 in zip(boxes1, boxes2)],
+            [cat([s1, s2]) for s1, s2 in zip(scores1, scores2)],
+        )
+
+    @staticmethod
+    def _as_proposals(boxes: torch.Tensor, image_size: Tuple[int, int]) -> Instances:
+        boxes = Boxes(boxes.clone())
+        boxes.clip(image_size)
+        return Instances(image_size, proposal_boxes=boxes)
+
+    def _rescore_top_class(self, features, boxes1, scores1, proposals):
+        regressed = []
+        for boxes, scores, p in zip(boxes1, scores1, proposals):
+            boxes = boxes.view(len(boxes), boxes.shape[1] // 4, 4)
+            top_class = scores[:, :-1].argmax(dim=1) if boxes.shape[1] > 1 else 0
+            chosen = boxes[torch.arange(len(boxes), device=boxes.device), top_class]
+            regressed.append(self._as_proposals(chosen, p.image_size))
+        second = self._predict(features, [r.proposal_boxes for r in regressed])
+        boxes2 = self.box_predictor.predict_boxes(second, regressed)
+        return boxes2, self.box_predictor.predict_probs(second, regressed)
+
+    def _rescore_per_class(self, features, boxes1, proposals):
+        predictor = self.box_predictor
+        num_classes = boxes1[0].shape[1] // 4
+        boxes2 = [torch.zeros_like(b) for b in boxes1]
+        scores2 = [b.new_zeros(len(b), num_classes + 1) for b in boxes1]
+        # One class at a time keeps the peak memory of a single round.
+        for c in range(num_classes):
+            cols = slice(4 * c, 4 * c + 4)
+            regressed = [
+                self._as_proposals(b[:, cols], p.image_size) for b, p in zip(boxes1, proposals)
+            ]
+            second = self._predict(features, [r.proposal_boxes for r in regressed])
+            new_boxes = predictor.predict_boxes(second, regressed)
+            new_scores = predictor.predict_probs(second, regressed)
+            for b2, s2, nb, ns in zip(boxes2, scores2, new_boxes, new_scores):
+                b2[:, cols] = nb[:, cols]
+                s2[:, c] = ns[:, c]
+        return boxes2, scores2

@@ -29,17 +29,25 @@ def _cfg_from_dump(dump: str) -> CfgNode:
     return cfg
 
 
+# Entries added since 0.1.0 that old checkpoints lack: the skip pooler's feature order, which a
+# checkpoint without it loads around with a warning (ion_d2.skip_pooling).
+ADDED_KEYS = {"roi_heads.box_pooler.feature_order"}
+
+
 @pytest.mark.parametrize("config", sorted(OLD_MODELS))
 def test_state_dict_keys_and_shapes_unchanged(config):
     old = OLD_MODELS[config]
     model = build_model(_cfg_from_dump(old["config"]))
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == old["state_dict"]
+    new = {k: list(v.shape) for k, v in model.state_dict().items() if k not in ADDED_KEYS}
+    assert new == old["state_dict"]
 
 
 def test_old_checkpoint_loads_and_detects_the_same():
     blob = torch.load(os.path.join(FIXTURES, "ion_tiny_v0.1.0.pt"), weights_only=False)
     model = build_model(_cfg_from_dump(blob["config"])).eval()
-    model.load_state_dict(blob["model"], strict=True)
+    incompatible = model.load_state_dict(blob["model"], strict=False)
+    assert not incompatible.unexpected_keys
+    assert set(incompatible.missing_keys) <= ADDED_KEYS
     image = blob["image"]
     with torch.no_grad():
         out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])

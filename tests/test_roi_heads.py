@@ -243,3 +243,147 @@ def test_fast_rcnn_sampling_ignores_proposals_below_0_1_iou(config, low_overlap_
         assert any(torch.equal(b, mid[0]) for b in bg_boxes)
         # The ground truth, appended to the proposals, is the one foreground.
         assert (sampled.gt_classes == 1).sum() == 1
+
+
+def _vote(boxes, scores, score_thresh=0.05):
+    (result,) = box_voting_inference(
+        [boxes],
+        [scores],
+        [(100, 100)],
+        score_thresh=score_thresh,
+        nms_thresh=0.5,
+        topk_per_image=100,
+        vote_iou=0.5,
+    )
+    return result
+
+
+def test_box_voting_keeps_a_zero_area_box_instead_of_nan():
+    # The top box lies right of the 100 x 100 image: clipping leaves it zero-area, and
+    # pairwise_iou gives a zero-area box IoU 0 even with itself, so it had no voter (0 / 0).
+    boxes = torch.tensor([[120.0, 10.0, 150.0, 30.0], [20.0, 20.0, 20.0, 40.0], [5.0, 5, 25, 25]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    result = _vote(boxes, scores)
+    assert torch.isfinite(result.pred_boxes.tensor).all()
+    expected = {0.9: [100.0, 10.0, 100.0, 30.0], 0.8: [20.0, 20.0, 20.0, 40.0], 0.7: [5, 5, 25, 25]}
+    assert len(result) == 3
+    for box, score in zip(result.pred_boxes.tensor, result.scores):
+        assert box.tolist() == pytest.approx(expected[round(score.item(), 1)])
+
+
+def test_box_voting_with_zero_score_weights_keeps_the_box():
+    # A score threshold below 0 admits candidates whose softmax score is exactly 0; a kept box
+    # whose voters all weigh 0 stays where NMS left it.
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [11.0, 10.0, 31.0, 30.0]])
+    scores = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    result = _vote(boxes, scores, score_thresh=-1.0)
+    assert len(result) == 1
+    assert torch.isfinite(result.pred_boxes.tensor).all()
+    assert result.scores.tolist() == [0.0]
+    assert any(torch.equal(result.pred_boxes.tensor[0], b) for b in boxes)
+
+
+def _voting_heads(rescore, agnostic=False):
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg.MODEL.ION.BOX_VOTING.ENABLED = True
+    cfg.MODEL.ION.BOX_VOTING.RESCORE = rescore
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = agnostic
+    heads = build_roi_heads(cfg, _shapes())
+    heads.eval()
+    heads.box_predictor.test_score_thresh = 0.0
+    return heads
+
+
+def _one_box(heads, features, image, box):
+    """Softmax scores (K + 1) and decoded boxes (K * 4 or 4) of one box of one image, alone."""
+    feats = [features[f] for f in heads.box_in_features]
+    boxes = [Boxes(torch.zeros(0, 4)) for _ in range(len(feats[0]))]
+    boxes[image] = Boxes(box[None])
+    logits, deltas = heads._predict(feats, boxes)
+    decoded = heads.box_predictor.box2box_transform.apply_deltas(deltas, box[None])
+    return logits.softmax(dim=1)[0], decoded[0]
+
+
+def _clip(box):
+    box = Boxes(box[None].clone())
+    box.clip(IMAGE)
+    return box.tensor[0]
+
+
+@pytest.mark.parametrize("rescore", ["top_class", "per_class"])
+def test_box_voting_candidates_against_a_box_by_box_computation(rescore):
+    heads = _voting_heads(rescore)
+    features, proposals = _features(), _proposals()
+    with torch.no_grad():
+        boxes, scores = heads.box_voting_candidates(features, proposals)
+        for i, p in enumerate(proposals):
+            num = len(p)
+            assert boxes[i].shape == (2 * num, 3 * 4) and scores[i].shape == (2 * num, 3 + 1)
+            for r, proposal in enumerate(p.proposal_boxes.tensor):
+                s1, b1 = _one_box(heads, features, i, proposal)
+                assert torch.allclose(scores[i][r], s1, atol=1e-5)
+                assert torch.allclose(boxes[i][r], b1, atol=1e-3)
+                if rescore == "top_class":
+                    # The box regressed for the top class is scored again, for every class.
+                    top = s1[:-1].argmax()
+                    s2, b2 = _one_box(heads, features, i, _clip(b1[4 * top : 4 * top + 4]))
+                    assert torch.allclose(scores[i][num + r], s2, atol=1e-5)
+                    assert torch.allclose(boxes[i][num + r], b2, atol=1e-3)
+                    continue
+                # Each class's regressed box is scored again, for its own class only.
+                for c in range(3):
+                    cols = slice(4 * c, 4 * c + 4)
+                    s2, b2 = _one_box(heads, features, i, _clip(b1[cols]))
+                    assert torch.allclose(scores[i][num + r, c], s2[c], atol=1e-5)
+                    assert torch.allclose(boxes[i][num + r, cols], b2[cols], atol=1e-3)
+                assert scores[i][num + r, 3] == 0.0
+
+
+def test_per_class_rescoring_changes_the_detections_and_equals_voting_its_candidates():
+    features, proposals = _features(), _proposals()
+    top, per = _voting_heads("top_class"), _voting_heads("per_class")
+    per.load_state_dict(top.state_dict())
+    with torch.no_grad():
+        top_results, _ = top(_images(), features, proposals, None)
+        per_results, _ = per(_images(), features, proposals, None)
+        boxes, scores = per.box_voting_candidates(features, proposals)
+    expected = box_voting_inference(
+        boxes,
+        scores,
+        [IMAGE, IMAGE],
+        score_thresh=0.0,
+        nms_thresh=per.box_predictor.test_nms_thresh,
+        topk_per_image=per.box_predictor.test_topk_per_image,
+        vote_iou=0.5,
+    )
+    for got, want in zip(per_results, expected):
+        assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+        assert torch.equal(got.scores, want.scores)
+    assert any(
+        len(a) != len(b) or not torch.allclose(a.scores, b.scores)
+        for a, b in zip(top_results, per_results)
+    )
+
+
+def test_per_class_rescoring_with_class_agnostic_boxes_is_top_class():
+    features, proposals = _features(), _proposals()
+    top, per = _voting_heads("top_class", agnostic=True), _voting_heads("per_class", agnostic=True)
+    per.load_state_dict(top.state_dict())
+    with torch.no_grad():
+        a = top.box_voting_candidates(features, proposals)
+        b = per.box_voting_candidates(features, proposals)
+    assert a[0][0].shape[1] == 4  # one box per proposal, for every class
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("RESCORE", "all", r"RESCORE='all'.*top_class"), ("IOU_THRESH", 1.5, r"IOU_THRESH=1.5")],
+)
+def test_bad_box_voting_settings_raise(key, value, match):
+    cfg = _cfg()
+    setattr(cfg.MODEL.ION.BOX_VOTING, key, value)
+    with pytest.raises(ValueError, match=match):
+        build_roi_heads(cfg, _shapes())

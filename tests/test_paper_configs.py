@@ -1,0 +1,206 @@
+"""The paper presets (configs/paper, docs/PAPER_EXPERIMENTS.md): each trained row is a stage-1
+file with the row's settings and a stage-2 leaf that changes only the schedule as section 4.1
+does; each test-time row changes only test-time keys of the model it evaluates; the rows the
+doc calls the same model are the same config; the "D", "W" and section-5 settings hold."""
+
+import glob
+import os
+import re
+
+import pytest
+import yaml
+from model_utils import load_cfg
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PAPER = os.path.join(REPO, "configs", "paper")
+DOC = os.path.join(REPO, "docs", "PAPER_EXPERIMENTS.md")
+LEAVES = sorted(glob.glob(os.path.join(PAPER, "table*", "*.yaml")))
+STAGE2_KEYS = {
+    "MODEL.WEIGHTS",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "SOLVER.MAX_ITER",
+    "SOLVER.BASE_LR",
+    "SOLVER.ION_END_LR",
+    "OUTPUT_DIR",
+}
+TEST_TIME_PREFIXES = ("MODEL.WEIGHTS", "OUTPUT_DIR", "MODEL.ION.BOX_VOTING.", "TEST.AUG.")
+
+
+def _row(path):
+    """'table4/c5_1x1' for configs/paper/table4/c5_1x1.yaml."""
+    return os.path.relpath(path, PAPER)[: -len(".yaml")]
+
+
+def _stage1(path):
+    return os.path.join(os.path.dirname(path), "stage1", os.path.basename(path))
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _cfg(path):
+    return _flat(load_cfg(path))
+
+
+def _diff(a, b):
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+TRAINED = [p for p in LEAVES if os.path.exists(_stage1(p))]
+EVAL_ONLY = [p for p in LEAVES if p not in TRAINED]
+
+
+def _reference(cfg, stage):
+    dataset = "COCO" if any("coco" in d for d in cfg["DATASETS.TRAIN"]) else "VOC0712"
+    return _cfg(os.path.join(REPO, "configs", f"ION_VGG16_{dataset}_stage{stage}.yaml"))
+
+
+def test_every_table_has_rows_and_every_stage1_file_a_leaf():
+    assert {os.path.basename(os.path.dirname(p)) for p in LEAVES} == {
+        f"table{i}" for i in range(1, 11)
+    }
+    for path in glob.glob(os.path.join(PAPER, "table*", "stage1", "*.yaml")):
+        leaf = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
+        assert os.path.exists(leaf), path
+
+
+@pytest.mark.parametrize("path", TRAINED, ids=_row)
+def test_stage2_leaf_is_its_stage1_with_section_4_1_schedule(path):
+    with open(path) as f:
+        assert yaml.safe_load(f)["_BASE_"] == "stage1/" + os.path.basename(path)
+    stage1, stage2 = _cfg(_stage1(path)), _cfg(path)
+    assert _diff(stage1, stage2) <= STAGE2_KEYS
+    for stage, cfg in ((1, stage1), (2, stage2)):
+        reference = _reference(cfg, stage)
+        for key in STAGE2_KEYS - {"OUTPUT_DIR"} - ({"MODEL.WEIGHTS"} if stage == 2 else set()):
+            assert cfg[key] == reference[key], (stage, key)
+        assert cfg["OUTPUT_DIR"] == f"output/paper/{_row(path)}/stage{stage}"
+    assert stage2["MODEL.WEIGHTS"] == stage1["OUTPUT_DIR"] + "/model_final.pth"
+
+
+@pytest.mark.parametrize("path", EVAL_ONLY, ids=_row)
+def test_test_time_row_evaluates_a_trained_row_changing_only_test_time_keys(path):
+    cfg = _cfg(path)
+    match = re.fullmatch(
+        r"output/paper/(table\d+/\w+)/stage2/model_final.pth", cfg["MODEL.WEIGHTS"]
+    )
+    assert match, cfg["MODEL.WEIGHTS"]
+    trained = os.path.join(PAPER, match.group(1) + ".yaml")
+    assert trained in TRAINED
+    changed = _diff(_cfg(trained), cfg) - {"DATASETS.TEST"}
+    assert changed and all(k.startswith(TEST_TIME_PREFIXES) for k in changed), changed
+    assert cfg["OUTPUT_DIR"] == f"output/paper/{_row(path)}"
+
+
+# Rows that are the same model (docs/PAPER_EXPERIMENTS.md says so: train one, reuse its weights).
+SAME_MODEL = [
+    [
+        "table1/r_s",
+        "table5/all_entries_learned",
+        "table6/c3_c4_c5_irnn_seg",
+        "table7/d_irnn_seg",
+        "table8/c3_c4_c5_irnn_2_layers",
+        "table9/h512_whh_learned",
+        "table10/our_method",
+    ],
+    ["table1/r", "table6/c3_c4_c5_irnn_no_seg", "table7/d_irnn"],
+    ["table1/ion", "table4/c3_c4_c5_l2_scale_1x1"],
+    ["table6/c2_c3_c4_c5_irnn_seg", "table8/c2_c3_c4_c5_irnn_2_layers"],
+]
+
+
+@pytest.mark.parametrize("group", SAME_MODEL, ids=lambda g: g[0])
+def test_rows_called_the_same_model_are_the_same_config(group):
+    cfgs = [_cfg(os.path.join(PAPER, row + ".yaml")) for row in group]
+    for cfg in cfgs[1:]:
+        assert _diff(cfgs[0], cfg) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
+
+
+def test_fast_rcnn_rows_are_the_fast_rcnn_baseline():
+    baseline = _cfg(os.path.join(REPO, "configs", "FastRCNN_VGG16_VOC0712_stage2.yaml"))
+    row = _cfg(os.path.join(PAPER, "table4", "c5_1x1.yaml"))
+    assert _diff(baseline, row) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
+    coco = _cfg(os.path.join(PAPER, "table3", "frcn_star.yaml"))
+    model_keys = {k for k in _diff(baseline, coco) if k.startswith("MODEL.ION.")}
+    assert model_keys == {"MODEL.ION.BOX_VOTING.IOU_THRESH"}  # unused: voting is off
+
+
+def _dropouts(cfg):
+    return (
+        cfg["MODEL.ION.SKIP_POOL.CONCAT_DROPOUT"],
+        cfg["MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT"],
+        cfg["MODEL.ION.FC_DROPOUT"],
+    )
+
+
+# Tables 1-3: (W, D) of each row.
+WD = {
+    "table1/ion": (False, False),
+    "table1/r": (False, False),
+    "table1/r_s": (False, False),
+    "table1/r_s_w": (True, False),
+    "table1/r_s_w_d": (True, True),
+    "table2/r_s_w_d": (True, True),
+    "table3/frcn_star": (False, None),
+    "table3/r_s": (False, False),
+    "table3/r_s_w": (True, False),
+    "table3/r_s_d": (False, True),
+    "table3/comp": (True, True),
+    "table3/post": (True, True),
+}
+
+
+@pytest.mark.parametrize("row", sorted(WD))
+def test_w_and_d_settings_of_tables_1_to_3(row):
+    cfg = _cfg(os.path.join(PAPER, row + ".yaml"))
+    w, d = WD[row]
+    assert cfg["MODEL.ION.BOX_VOTING.ENABLED"] is w
+    if d is not None:
+        assert _dropouts(cfg) == ((0.0, 0.0, 0.0) if d else (0.25, 0.25, 0.5))
+    coco = row.startswith("table3")
+    if w:  # section 4.2's 0.5, but 0.85 for the COCO competition entry (section 4.4)
+        assert cfg["MODEL.ION.BOX_VOTING.IOU_THRESH"] == (
+            0.85 if row[7:] in ("comp", "post") else 0.5
+        )
+    assert cfg["TEST.AUG.ENABLED"] is (row == "table3/post")
+    train = {"coco_2014_train"} if coco else {"voc_2007_trainval", "voc_2012_trainval"}
+    if row == "table3/comp" or row == "table3/post":
+        train.add("coco_2014_valminusminival")
+    assert set(cfg["DATASETS.TRAIN"]) == train
+
+
+@pytest.mark.parametrize("path", [p for p in LEAVES if re.search(r"table([4-9]|10)/", p)], ids=_row)
+def test_design_evaluation_rows_use_section_5_setting(path):
+    cfg = _cfg(path)
+    assert cfg["DATASETS.TRAIN"] == ("voc_2007_trainval", "voc_2012_trainval")
+    assert cfg["DATASETS.TEST"] == ("voc_2007_test",)
+    assert cfg["MODEL.ION.BOX_VOTING.ENABLED"] is False
+    assert not cfg["TEST.AUG.ENABLED"]
+    if _row(path) != "table4/c5_1x1":  # Fast R-CNN concatenates nothing
+        assert _dropouts(cfg) == (0.25, 0.25, 0.5)
+
+
+def test_doc_lists_every_row_and_only_existing_configs():
+    with open(DOC) as f:
+        doc = f.read()
+    mentioned = set(re.findall(r"configs/paper/[\w/.-]+\.yaml", doc))
+    for path in mentioned:
+        assert os.path.exists(os.path.join(REPO, path)), path
+    for path in LEAVES:
+        assert os.path.relpath(path, REPO) in mentioned, path
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=_row)
+def test_leaf_header_names_its_row_and_command(path):
+    with open(path) as f:
+        text = f.read()
+    table = re.search(r"table(\d+)", _row(path)).group(1)
+    assert text.startswith(f"# Table {table}, ")
+    assert f"python train_net.py --config-file {os.path.relpath(path, REPO)}" in text
