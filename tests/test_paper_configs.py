@@ -11,6 +11,8 @@ import pytest
 import yaml
 from model_utils import load_cfg
 
+from ion_d2.data import ION_SEG_SUFFIX
+
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAPER = os.path.join(REPO, "configs", "paper")
 DOC = os.path.join(REPO, "docs", "PAPER_EXPERIMENTS.md")
@@ -126,7 +128,10 @@ def test_rows_called_the_same_model_are_the_same_config(group):
 def test_fast_rcnn_rows_are_the_fast_rcnn_baseline():
     baseline = _cfg(os.path.join(REPO, "configs", "FastRCNN_VGG16_VOC0712_stage2.yaml"))
     row = _cfg(os.path.join(PAPER, "table4", "c5_1x1.yaml"))
-    assert _diff(baseline, row) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
+    # The baseline trains on the builtin names, the row (like every paper row) on their
+    # "_ionseg" copies: the same images and boxes, with segmentation labels it does not use.
+    assert _diff(baseline, row) == {"MODEL.WEIGHTS", "OUTPUT_DIR", "DATASETS.TRAIN"}
+    assert [d + ION_SEG_SUFFIX for d in baseline["DATASETS.TRAIN"]] == list(row["DATASETS.TRAIN"])
     coco = _cfg(os.path.join(PAPER, "table3", "frcn_star.yaml"))
     model_keys = {k for k in _diff(baseline, coco) if k.startswith("MODEL.ION.")}
     assert model_keys == {"MODEL.ION.BOX_VOTING.IOU_THRESH"}  # unused: voting is off
@@ -173,13 +178,14 @@ def test_w_and_d_settings_of_tables_1_to_3(row):
     train = {"coco_2014_train"} if coco else {"voc_2007_trainval", "voc_2012_trainval"}
     if row == "table3/comp" or row == "table3/post":
         train.add("coco_2014_valminusminival")
-    assert set(cfg["DATASETS.TRAIN"]) == train
+    # The builtin datasets with segmentation labels (ion_d2.data.builtin_ionseg).
+    assert set(cfg["DATASETS.TRAIN"]) == {d + ION_SEG_SUFFIX for d in train}
 
 
 @pytest.mark.parametrize("path", [p for p in LEAVES if re.search(r"table([4-9]|10)/", p)], ids=_row)
 def test_design_evaluation_rows_use_section_5_setting(path):
     cfg = _cfg(path)
-    assert cfg["DATASETS.TRAIN"] == ("voc_2007_trainval", "voc_2012_trainval")
+    assert cfg["DATASETS.TRAIN"] == ("voc_2007_trainval_ionseg", "voc_2012_trainval_ionseg")
     assert cfg["DATASETS.TEST"] == ("voc_2007_test",)
     assert cfg["MODEL.ION.BOX_VOTING.ENABLED"] is False
     assert not cfg["TEST.AUG.ENABLED"]
