@@ -139,8 +139,9 @@ def test_one_feature_without_normalisation_reproduces_standard_roi_heads():
     std_cfg = cfg.clone()
     std_cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     std = build_roi_heads(std_cfg, _shapes())
-    missing, unexpected = ion.load_state_dict(std.state_dict(), strict=True)
-    assert not missing and not unexpected
+    missing, unexpected = ion.load_state_dict(std.state_dict(), strict=False)
+    # The skip pooler's record of its feature order is all StandardROIHeads lacks.
+    assert missing == ["box_pooler.feature_order"] and not unexpected
     ion.eval()
     std.eval()
     with torch.no_grad():

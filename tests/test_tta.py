@@ -189,7 +189,8 @@ def tiny_coco(tmp_path):
             {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [10, 20, 40, 40]}
         )
         annotations[-1].update(area=1600, iscrowd=0)
-    categories = [{"id": k + 1, "name": f"c{k}"} for k in range(3)]
+    num_classes = load_cfg(TINY).MODEL.ROI_HEADS.NUM_CLASSES
+    categories = [{"id": k + 1, "name": f"c{k}"} for k in range(num_classes)]
     with open(tmp_path / "instances.json", "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     register_coco_instances(name, {}, str(tmp_path / "instances.json"), str(tmp_path / "images"))
