@@ -1,4 +1,19 @@
-"""IONRCNN: Generalized R-CNN with ION's context features and segmentation regularizer."""
+"""
+IONRCNN: Generalized R-CNN with ION's context features and segmentation regularizer.
+
+The context module is a sibling of the backbone, not a :class:`Backbone` wrapper around it (as
+:class:`FPN` wraps ``bottom_up``). The wrapper would let :class:`GeneralizedRCNN`'s
+``from_config``, ``forward`` and ``inference`` run unchanged, but ``Backbone.forward`` receives
+only the padded batch tensor, and ION's features must not depend on the batch: the backbone runs
+once per padded size and the context module stops at each image's border, both from
+``ImageList.image_sizes``. A wrapper would also move the context's weights under ``backbone.``
+and break every checkpoint written so far. So :class:`IONRCNN` replaces the one line of
+``forward`` and ``inference`` that runs the backbone (:meth:`IONRCNN.extract_features`), and
+builds the heads on the backbone's and the context's shapes together in ``from_config``
+(:meth:`GeneralizedRCNN.from_config` builds them on the backbone's alone, which fails for heads
+that pool "context"). The rest (preprocessing, visualization, ``_postprocess``) is
+:class:`GeneralizedRCNN`'s.
+"""
 
 import inspect
 import logging
@@ -15,7 +30,6 @@ from detectron2.modeling import (
     build_roi_heads,
     build_sem_seg_head,
 )
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -50,7 +64,7 @@ class IONRCNN(GeneralizedRCNN):
         *,
         context: Optional[nn.Module] = None,
         sem_seg_head: Optional[nn.Module] = None,
-        sem_seg_ignore_value: int = 255,
+        sem_seg_ignore_value: Optional[int] = None,
         backbone_per_image: bool = True,
         **kwargs,
     ):
@@ -59,9 +73,10 @@ class IONRCNN(GeneralizedRCNN):
             context (nn.Module or None): maps the backbone's feature dict to extra features
                 (see ``ION_CONTEXT_REGISTRY``), merged into the features every head sees.
             sem_seg_head (nn.Module or None): the training-only segmentation regularizer,
-                following ``SEM_SEG_HEADS_REGISTRY``'s contract; never run at inference.
-            sem_seg_ignore_value (int): label of unlabelled pixels, also used for images that
-                have no "sem_seg" (they add no loss).
+                following ``SEM_SEG_HEADS_REGISTRY``'s contract; never run at inference. Its
+                ``ignore_value`` labels the pixels of images that have no "sem_seg".
+            sem_seg_ignore_value (int or None): kept for callers of 0.1.0; when given it must
+                equal ``sem_seg_head.ignore_value``.
             backbone_per_image (bool): run the backbone once per group of images that pad to
                 the same size alone, and zero-pad the features to the batch's size (see
                 :meth:`backbone_features`); False: one pass over the padded batch.
@@ -70,8 +85,16 @@ class IONRCNN(GeneralizedRCNN):
         super().__init__(**kwargs)
         self.context = context
         self.sem_seg_head = sem_seg_head
-        self.sem_seg_ignore_value = sem_seg_ignore_value
         self.backbone_per_image = backbone_per_image
+        if sem_seg_head is not None and sem_seg_ignore_value not in (
+            None,
+            sem_seg_head.ignore_value,
+        ):
+            raise ValueError(
+                f"IONRCNN sem_seg_ignore_value={sem_seg_ignore_value} differs from the seg "
+                f"head's ignore_value {sem_seg_head.ignore_value}; leave it out (the head's is "
+                "used)."
+            )
         self._seg_head_takes_image_sizes = sem_seg_head is not None and (
             "image_sizes" in inspect.signature(sem_seg_head.forward).parameters
         )
@@ -98,7 +121,6 @@ class IONRCNN(GeneralizedRCNN):
             "proposal_generator": build_proposal_generator(cfg, feature_shapes),
             "roi_heads": build_roi_heads(cfg, feature_shapes),
             "sem_seg_head": sem_seg_head,
-            "sem_seg_ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
             "input_format": cfg.INPUT.FORMAT,
             "vis_period": cfg.VIS_PERIOD,
@@ -108,6 +130,8 @@ class IONRCNN(GeneralizedRCNN):
 
     def extract_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
         """
+        What ``self.backbone(images.tensor)`` is to :class:`GeneralizedRCNN`.
+
         Returns:
             dict[str, Tensor]: the backbone's features plus the context module's.
         """
@@ -158,6 +182,7 @@ class IONRCNN(GeneralizedRCNN):
         return height, width
 
     def _proposals(self, batched_inputs, images, features, gt_instances):
+        """:class:`GeneralizedRCNN`'s proposal step, with an error naming the missing input."""
         if self.proposal_generator is not None:
             return self.proposal_generator(images, features, gt_instances)
         if "proposals" not in batched_inputs[0]:
@@ -167,21 +192,6 @@ class IONRCNN(GeneralizedRCNN):
                 "MODEL.LOAD_PROPOSALS True)."
             )
         return [x["proposals"].to(self.device) for x in batched_inputs], {}
-
-    def _sem_seg_targets(self, batched_inputs, images: ImageList) -> torch.Tensor:
-        targets = []
-        for x, (h, w) in zip(batched_inputs, images.image_sizes):
-            if "sem_seg" in x:
-                targets.append(x["sem_seg"].to(self.device))
-            else:
-                targets.append(
-                    torch.full(
-                        (h, w), self.sem_seg_ignore_value, dtype=torch.long, device=self.device
-                    )
-                )
-        return ImageList.from_tensors(
-            targets, self.backbone.size_divisibility, pad_value=self.sem_seg_ignore_value
-        ).tensor
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """
@@ -218,7 +228,18 @@ class IONRCNN(GeneralizedRCNN):
         get_event_storage().put_scalar(
             "ion/sem_seg_labelled_fraction", num_labelled / len(batched_inputs)
         )
-        targets = self._sem_seg_targets(batched_inputs, images)
+        ignore_value = self.sem_seg_head.ignore_value
+        targets = [
+            (
+                x["sem_seg"].to(self.device)
+                if "sem_seg" in x
+                else torch.full((h, w), ignore_value, dtype=torch.long, device=self.device)
+            )
+            for x, (h, w) in zip(batched_inputs, images.image_sizes)
+        ]
+        targets = ImageList.from_tensors(
+            targets, self.backbone.size_divisibility, pad_value=ignore_value
+        ).tensor
         if self._seg_head_takes_image_sizes:
             _, seg_losses = self.sem_seg_head(features, targets, image_sizes=images.image_sizes)
         else:
@@ -265,12 +286,7 @@ class IONRCNN(GeneralizedRCNN):
             results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
         if not do_postprocess:
             return results
-        processed = []
-        for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
+        return self._postprocess(results, batched_inputs, images.image_sizes)
 
 
 def _zero_pad_and_stack(maps: List[torch.Tensor]) -> torch.Tensor:

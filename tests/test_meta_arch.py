@@ -310,3 +310,12 @@ def test_sem_seg_labelled_fraction_is_logged():
     with EventStorage() as storage:
         model(random_inputs(cfg, with_sem_seg=(True,)))
         assert "ion/sem_seg_labelled_fraction" not in storage.histories()
+
+
+def test_unlabelled_pixels_take_the_seg_heads_ignore_value():
+    cfg = load_cfg(TINY)
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
+    args = IONRCNN.from_config(cfg)
+    assert IONRCNN(**args).sem_seg_head.ignore_value == 254
+    with pytest.raises(ValueError, match="sem_seg_ignore_value=255 differs"):
+        IONRCNN(**args, sem_seg_ignore_value=255)
