@@ -3,14 +3,14 @@ Time ION's IRNN recurrences on a conv5-sized map (section 3.2).
 
 Compares, in one run and on the same input:
 
-1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.context.irnn_scan`, one
+1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.irnn_scan.irnn_scan`, one
    ``(N*H, C) x (C, C)`` matmul per step for all rows of all images) against a cell-by-cell loop
    (one ``(C, C) x (C,)`` matvec per cell), as the paper's "stepping all IRNNs together with a
    single matrix multiply" vs "computing each RNN cell one at a time";
 2. the ``Whh = I`` scan: the cumsum/cummin closed form
-   (:func:`ion_d2.context.irnn_scan_identity`) against the batched step loop
+   (:func:`ion_d2.irnn_scan.irnn_scan_identity`) against the batched step loop
    ``h = relu(h + x_t)``, forward only and forward + backward; for scale, the forward also
-   times :func:`ion_d2.context.irnn_scan` with ``Whh = I`` (what "removing Whh" saves).
+   times :func:`ion_d2.irnn_scan.irnn_scan` with ``Whh = I`` (what "removing Whh" saves).
 
 Each line reports the median time per call over all four directions (right, left, down, up),
 the speed-up over the section's first line (the baseline) and the largest difference from the
@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ion_d2.context import IRNN_DIRECTIONS, irnn_scan, irnn_scan_identity
+from ion_d2.irnn_scan import IRNN_DIRECTIONS, irnn_scan, irnn_scan_identity
 
 
 def cell_by_cell_scan(x: Tensor, whh: Tensor, direction: str) -> Tensor:

@@ -11,12 +11,12 @@ modules therefore restrict themselves to each image's *valid cells*: at a featur
 ``ceil(h_i / s) x ceil(w_i / s)`` cells (every cell that sees at least one of its pixels).
 """
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["valid_cell_counts", "valid_cell_mask"]
+__all__ = ["valid_cell_counts", "valid_cells_of", "valid_cell_mask", "zero_outside_valid_cells"]
 
 
 def valid_cell_counts(
@@ -46,6 +46,32 @@ def valid_cell_counts(
     return torch.tensor(counts, dtype=torch.long, device=device).view(-1, 2)
 
 
+def valid_cells_of(
+    image_sizes: Optional[Sequence[Tuple[int, int]]], stride: int, x: Tensor
+) -> Optional[Tensor]:
+    """
+    Args:
+        image_sizes (list[tuple[int, int]] or None): (h, w) of each image before padding.
+        stride (int): the feature's stride in pixels.
+        x (Tensor): the (N, C, H, W) batched feature.
+
+    Returns:
+        Tensor or None: :func:`valid_cell_counts` of ``x``; None without sizes or when every
+        image covers the whole map (then there is no padding to ignore, and nothing to pay).
+    """
+    if image_sizes is None:
+        return None
+    if len(image_sizes) != x.shape[0]:
+        raise ValueError(
+            f"Got {len(image_sizes)} image sizes for a batch of {x.shape[0]} feature maps; "
+            "expected one (h, w) per image."
+        )
+    height, width = x.shape[-2:]
+    if all(-(-h // stride) >= height and -(-w // stride) >= width for h, w in image_sizes):
+        return None
+    return valid_cell_counts(image_sizes, stride, height, width, x.device)
+
+
 def valid_cell_mask(counts: Tensor, height: int, width: int) -> Tensor:
     """
     Args:
@@ -58,3 +84,19 @@ def valid_cell_mask(counts: Tensor, height: int, width: int) -> Tensor:
     rows = torch.arange(height, device=counts.device)[None, :] < counts[:, :1]
     cols = torch.arange(width, device=counts.device)[None, :] < counts[:, 1:]
     return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
+def zero_outside_valid_cells(x: Tensor, counts: Optional[Tensor]) -> Tensor:
+    """
+    Args:
+        x (Tensor): (N, C, H, W) batched feature map.
+        counts (Tensor or None): (N, 2) valid rows and columns per image
+            (:func:`valid_cell_counts`); None: every cell is valid.
+
+    Returns:
+        Tensor: ``x`` with 0 outside each image's valid cells (``x`` itself when ``counts`` is
+        None).
+    """
+    if counts is None:
+        return x
+    return x.masked_fill(~valid_cell_mask(counts, x.shape[-2], x.shape[-1]), 0.0)

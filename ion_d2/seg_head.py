@@ -15,7 +15,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from .padding import valid_cell_counts, valid_cell_mask
+from .padding import valid_cell_counts, zero_outside_valid_cells
 
 __all__ = ["IONSegRegularizerHead", "bilinear_upsampling_kernel"]
 
@@ -177,7 +177,7 @@ class IONSegRegularizerHead(nn.Module):
         x = self.score(features[self.in_feature])
         if image_sizes is not None:
             counts = valid_cell_counts(image_sizes, self.stride, x.shape[-2], x.shape[-1], x.device)
-            x = x.masked_fill(~valid_cell_mask(counts, x.shape[-2], x.shape[-1]), 0.0)
+            x = zero_outside_valid_cells(x, counts)
         if self.training:
             if targets is None:
                 raise ValueError(

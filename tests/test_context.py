@@ -7,15 +7,8 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
 from ion_d2.config import add_ion_config
-from ion_d2.context import (
-    ION_CONTEXT_REGISTRY,
-    IRNN,
-    GlobalAvgPool,
-    StackedConv,
-    build_ion_context,
-    irnn_scan,
-    irnn_scan_identity,
-)
+from ion_d2.context import ION_CONTEXT_REGISTRY, IRNN, GlobalAvgPool, StackedConv, build_ion_context
+from ion_d2.irnn_scan import irnn_scan, irnn_scan_identity
 
 C, HIDDEN, H, W = 4, 3, 5, 6
 DIRECTIONS = ("right", "left", "down", "up")

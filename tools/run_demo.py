@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import cv2
 import matplotlib
@@ -26,6 +27,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from ion_d2 import add_ion_config  # noqa: E402
+from ion_d2.context import IRNN  # noqa: E402
 from ion_d2.engine import train_and_evaluate  # noqa: E402
 from ion_d2.predictor import IONPredictor  # noqa: E402
 
@@ -120,6 +122,13 @@ def visualise_predictions(cfg, dataset_dicts, metadata, out_dir: str, num: int, 
     return written
 
 
+def irnn_of(context: Optional[torch.nn.Module]) -> Optional[IRNN]:
+    """The context module's IRNN: the module itself, or a branch of it (Table 10c); or None."""
+    if context is None:
+        return None
+    return next((m for m in context.modules() if isinstance(m, IRNN)), None)
+
+
 def plot_context_features(model, cfg, dataset_dict: dict, out_file: str) -> None:
     """
     Figure 4's idea on one held-out image: the first IRNN layer's hidden state per direction
@@ -135,7 +144,7 @@ def plot_context_features(model, cfg, dataset_dict: dict, out_file: str) -> None
         features = model.backbone(images.tensor)
     in_feature = cfg.MODEL.ION.CONTEXT.IN_FEATURE
     x = features[in_feature].clone().requires_grad_(True)
-    layer = model.context.layers[0]
+    layer = irnn_of(model.context).layers[0]
     states = layer.direction_states(x)
     _, _, h, w = x.shape
     ci, cj = h // 2, w // 2
@@ -188,7 +197,7 @@ def main():
     loss_png = os.path.join(cfg.OUTPUT_DIR, "losses.png")
     plot_losses(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), loss_png)
     context_png = os.path.join(cfg.OUTPUT_DIR, "context_features.png")
-    if trainer.model.context is not None and hasattr(trainer.model.context, "layers"):
+    if irnn_of(trainer.model.context) is not None:
         plot_context_features(trainer.model, cfg, test_dicts[0], context_png)
     else:
         context_png = None

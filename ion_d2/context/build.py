@@ -1,0 +1,75 @@
+"""ION_CONTEXT_REGISTRY, its builder, and the input feature every context module reads."""
+
+from typing import Dict, Optional, Tuple
+
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from detectron2.utils.registry import Registry
+from torch import Tensor, nn
+
+__all__ = ["ION_CONTEXT_REGISTRY", "build_ion_context", "context_input_shape", "context_input"]
+
+ION_CONTEXT_REGISTRY = Registry("ION_CONTEXT")
+ION_CONTEXT_REGISTRY.__doc__ = """
+Registry for ION's context modules (section 3.2, Table 7), selected by
+``cfg.MODEL.ION.CONTEXT.NAME``.
+
+The registered object is called with ``(cfg, input_shape)``, where ``input_shape`` is a
+``dict[str, ShapeSpec]`` of the backbone's features, and must return an ``nn.Module`` that reads
+``cfg.MODEL.ION.CONTEXT.IN_FEATURE`` and has:
+
+* ``forward(features: dict[str, Tensor], image_sizes: list[tuple[int, int]] | None = None)
+  -> dict[str, Tensor]``: reads ``features[in_feature]`` of shape (N, C, H, W) and returns at
+  least ``{"context": Tensor}`` of shape (N, C', H, W). ``image_sizes`` are the images' (h, w)
+  before the batch was padded (``ImageList.image_sizes``; None: every image fills the tensor).
+  The output must not depend on the batch's padding: at stride ``s`` image ``i`` owns its
+  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.padding`); the module neither
+  reads the other cells nor writes anything but 0 there, so an image's context is the same
+  alone and in any batch;
+* ``output_shape() -> dict[str, ShapeSpec]``: channels and stride (the input feature's) of
+  every returned feature.
+"""
+
+
+def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Optional[nn.Module]:
+    """
+    Build the context module named by ``cfg.MODEL.ION.CONTEXT.NAME``.
+
+    Args:
+        cfg (CfgNode): a config with ION's keys (see :func:`ion_d2.config.add_ion_config`).
+        input_shape (dict[str, ShapeSpec]): the backbone's output shapes.
+
+    Returns:
+        nn.Module or None: the context module, or None when the name is "" (no context).
+    """
+    name = cfg.MODEL.ION.CONTEXT.NAME
+    if name == "":
+        return None
+    if name not in ION_CONTEXT_REGISTRY:
+        registered = sorted(k for k, _ in ION_CONTEXT_REGISTRY)
+        raise KeyError(
+            f"cfg.MODEL.ION.CONTEXT.NAME={name!r} is not in the ION_CONTEXT registry; "
+            f'registered names: {registered} (or "" for no context module).'
+        )
+    return ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
+
+
+def context_input_shape(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Tuple[str, ShapeSpec]:
+    """Return ``(IN_FEATURE, its ShapeSpec)``, with a clear error when it is missing."""
+    in_feature = cfg.MODEL.ION.CONTEXT.IN_FEATURE
+    if in_feature not in input_shape:
+        raise ValueError(
+            f"cfg.MODEL.ION.CONTEXT.IN_FEATURE={in_feature!r} is not among the input features "
+            f"{sorted(input_shape)}."
+        )
+    return in_feature, input_shape[in_feature]
+
+
+def context_input(features: Dict[str, Tensor], in_feature: str) -> Tensor:
+    """Return ``features[in_feature]``, with an error naming the given features when missing."""
+    if in_feature not in features:
+        raise KeyError(
+            f"The context module reads feature {in_feature!r}, which is not among the given "
+            f"features {sorted(features)}."
+        )
+    return features[in_feature]

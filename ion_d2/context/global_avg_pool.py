@@ -1,0 +1,59 @@
+"""Global average pooling as context (Table 7c, ParseNet)."""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
+from torch import Tensor, nn
+
+from ..padding import valid_cells_of, zero_outside_valid_cells
+from .build import ION_CONTEXT_REGISTRY, context_input, context_input_shape
+
+__all__ = ["GlobalAvgPool"]
+
+
+@ION_CONTEXT_REGISTRY.register()
+class GlobalAvgPool(nn.Module):
+    """
+    Global average pooling as context (Table 7c, ParseNet): the feature is averaged over H and W
+    and tiled ("unpooled") back to H x W. No parameters. Given the images' sizes, each image is
+    averaged over its valid cells and its average tiled over them (0 elsewhere).
+    """
+
+    @configurable
+    def __init__(self, *, in_feature: str, in_channels: int, stride: int):
+        """
+        Args:
+            in_feature (str): name of the feature to read.
+            in_channels (int): channels of that feature; also the output channels.
+            stride (int): stride of that feature; also the output stride.
+        """
+        super().__init__()
+        self.in_feature = in_feature
+        self._out_channels = in_channels
+        self._stride = stride
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:
+        in_feature, shape = context_input_shape(cfg, input_shape)
+        return {"in_feature": in_feature, "in_channels": shape.channels, "stride": shape.stride}
+
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Dict[str, Tensor]:
+        """See :class:`IRNN.forward`; returns ``{"context": (N, C, H, W)}``."""
+        x = context_input(features, self.in_feature)
+        valid_cells = valid_cells_of(image_sizes, self._stride, x)
+        if valid_cells is None:
+            pooled = x.mean(dim=(2, 3), keepdim=True)
+        else:
+            area = valid_cells.prod(dim=1).to(x.dtype).view(-1, 1, 1, 1)
+            pooled = zero_outside_valid_cells(x, valid_cells).sum(dim=(2, 3), keepdim=True) / area
+        # A real (contiguous) tile rather than a stride-0 view, so that consumers may write to
+        # it or hand it to kernels that assume dense storage.
+        return {"context": zero_outside_valid_cells(pooled.expand_as(x).contiguous(), valid_cells)}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}
