@@ -23,7 +23,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
-from ion_d2.data.selective_search import compute_selective_search_proposals
+from ion_d2.data.selective_search_proposals import compute_selective_search_proposals
 from ion_d2.engine import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

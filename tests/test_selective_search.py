@@ -1,4 +1,4 @@
-"""Selective-search proposals (ion_d2.data.selective_search, tools/selective_search_proposals.py):
+"""Selective-search proposals (ion_d2.data.selective_search{,_proposals}, the tool of that name):
 Detectron2's file format, determinism across worker counts, resuming an interrupted run, the
 error without cv2.ximgproc, and a tiny ION trained and evaluated from the files. They need
 cv2.ximgproc (opencv-contrib-python-headless, which `make setup` installs) and fail, naming the
@@ -20,6 +20,7 @@ from model_utils import load_cfg, shrink_cfg
 
 from ion_d2.data import register_ion_synthetic
 from ion_d2.data import selective_search as ss
+from ion_d2.data import selective_search_proposals as ssp
 from ion_d2.engine import IONTrainer
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -55,7 +56,7 @@ def _assert_same_file(a, b):
 @pytest.fixture(scope="module")
 def one_worker_file(synth, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ss") / "train_w1.pkl")
-    return ss.compute_selective_search_proposals(
+    return ssp.compute_selective_search_proposals(
         synth[0], out, config=SMALL, workers=1, progress=False
     )
 
@@ -80,7 +81,7 @@ def test_file_format_loads_into_detectron2(synth, one_worker_file):
 
 
 def test_same_result_with_two_workers_and_in_any_order(synth, one_worker_file, tmp_path):
-    two = ss.compute_selective_search_proposals(
+    two = ssp.compute_selective_search_proposals(
         synth[0], str(tmp_path / "w2.pkl"), config=SMALL, workers=2, progress=False
     )
     _assert_same_file(_load(one_worker_file), _load(two))
@@ -124,9 +125,9 @@ def test_interrupted_run_resumes_to_the_same_file(synth, one_worker_file, tmp_pa
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ss, "selective_search_boxes", interrupted_after_two)
+    monkeypatch.setattr(ssp, "selective_search_boxes", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
-        ss.compute_selective_search_proposals(
+        ssp.compute_selective_search_proposals(
             synth[0], out, config=SMALL, workers=1, progress=False
         )
     assert not os.path.exists(out)
@@ -134,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_file(synth, one_worker_file, tmp_pa
 
     # Other settings cannot reuse that cache.
     with pytest.raises(ValueError, match="work folder"):
-        ss.compute_selective_search_proposals(
+        ssp.compute_selective_search_proposals(
             synth[0], out, config=ss.SelectiveSearchConfig(max_size=64), progress=False
         )
 
@@ -142,17 +143,17 @@ def test_interrupted_run_resumes_to_the_same_file(synth, one_worker_file, tmp_pa
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ss, "selective_search_boxes", counted)
+    monkeypatch.setattr(ssp, "selective_search_boxes", counted)
     calls.clear()
-    ss.compute_selective_search_proposals(synth[0], out, config=SMALL, workers=1, progress=False)
+    ssp.compute_selective_search_proposals(synth[0], out, config=SMALL, workers=1, progress=False)
     assert len(calls) == 2  # only the images the first run had not done
     _assert_same_file(_load(out), _load(one_worker_file))
     # A finished file is kept as it is; one made with other settings is refused.
     calls.clear()
-    ss.compute_selective_search_proposals(synth[0], out, config=SMALL, progress=False)
+    ssp.compute_selective_search_proposals(synth[0], out, config=SMALL, progress=False)
     assert calls == []
     with pytest.raises(ValueError, match="exists and was made with"):
-        ss.compute_selective_search_proposals(
+        ssp.compute_selective_search_proposals(
             synth[0], out, config=ss.SelectiveSearchConfig(top_k=5), progress=False
         )
 
@@ -163,7 +164,7 @@ def test_missing_ximgproc_names_the_wheel_and_command(monkeypatch, tmp_path):
     plain_cv2.__file__ = "/site-packages/cv2/__init__.py"
     monkeypatch.setitem(sys.modules, "cv2", plain_cv2)
     with pytest.raises(ImportError) as err:
-        ss.compute_selective_search_proposals("any", str(tmp_path / "x.pkl"))
+        ssp.compute_selective_search_proposals("any", str(tmp_path / "x.pkl"))
     message = str(err.value)
     assert "cv2.ximgproc" in message and "opencv-contrib-python-headless" in message
     assert ss.OPENCV_CONTRIB_INSTALL in message and "ION_D2_OPENCV=contrib" in message
@@ -195,7 +196,7 @@ def test_tool_then_train_and_evaluate_ion_from_the_files(synth, one_worker_file,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_file(_load(files[train]), _load(one_worker_file))
-    ss.compute_selective_search_proposals(val, files[val], config=SMALL, progress=False)
+    ssp.compute_selective_search_proposals(val, files[val], config=SMALL, progress=False)
 
     cfg = shrink_cfg(load_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic_SS.yaml")))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), ()

@@ -26,8 +26,8 @@ import os
 from detectron2.utils.logger import setup_logger
 
 import ion_d2  # noqa: F401  (registers the bundled datasets)
-from ion_d2.data.selective_search import (
-    SelectiveSearchConfig,
+from ion_d2.data.selective_search import SelectiveSearchConfig
+from ion_d2.data.selective_search_proposals import (
     compute_selective_search_proposals,
     default_proposal_file,
 )
