@@ -133,9 +133,6 @@ class IONROIHeads(StandardROIHeads):
             vote_iou=self.box_voting_iou,
         )
 
-    def _predict(self, features: List[torch.Tensor], boxes: List[Boxes]):
-        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
-
     def box_voting_candidates(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -163,50 +160,66 @@ class IONROIHeads(StandardROIHeads):
         """
         features = [features[f] for f in self.box_in_features]
         predictor = self.box_predictor
-        first = self._predict(features, [p.proposal_boxes for p in proposals])
-        boxes1 = predictor.predict_boxes(first, proposals)
-        scores1 = predictor.predict_probs(first, proposals)
+        predictions = self._run_box_head(features, proposals)
+        boxes1 = predictor.predict_boxes(predictions, proposals)
+        scores1 = predictor.predict_probs(predictions, proposals)
+        image_sizes = [p.image_size for p in proposals]
         num_reg_classes = boxes1[0].shape[1] // 4
         if self.box_voting_rescore == "per_class" and num_reg_classes > 1:
-            boxes2, scores2 = self._rescore_per_class(features, boxes1, proposals)
+            boxes2, scores2 = self._rescore_per_class(features, boxes1, image_sizes)
         else:
-            boxes2, scores2 = self._rescore_top_class(features, boxes1, scores1, proposals)
+            boxes2, scores2 = self._rescore_top_class(features, boxes1, scores1, image_sizes)
         return (
             [cat([b1, b2]) for b1, b2 in zip(boxes1, boxes2)],
             [cat([s1, s2]) for s1, s2 in zip(scores1, scores2)],
         )
 
-    @staticmethod
-    def _as_proposals(boxes: torch.Tensor, image_size: Tuple[int, int]) -> Instances:
-        boxes = Boxes(boxes.clone())
-        boxes.clip(image_size)
-        return Instances(image_size, proposal_boxes=boxes)
+    def _run_box_head(self, features: List[torch.Tensor], proposals: List[Instances]):
+        """The box branch of :meth:`StandardROIHeads._forward_box`, up to the predictions."""
+        box_features = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        return self.box_predictor(self.box_head(box_features))
 
-    def _rescore_top_class(self, features, boxes1, scores1, proposals):
-        regressed = []
-        for boxes, scores, p in zip(boxes1, scores1, proposals):
+    @staticmethod
+    def _create_proposals_from_boxes(
+        boxes: List[torch.Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> List[Instances]:
+        """
+        :meth:`CascadeROIHeads._create_proposals_from_boxes` at inference: per image, the
+        (R, 4) boxes clipped to the image as "proposal_boxes", none dropped (round 2's rows
+        line up with round 1's).
+        """
+        proposals = []
+        for boxes_per_image, image_size in zip(boxes, image_sizes):
+            # A copy: Boxes.clip works in place, and round 1's boxes are returned unclipped.
+            boxes_per_image = Boxes(boxes_per_image.detach().clone())
+            boxes_per_image.clip(image_size)
+            proposals.append(Instances(image_size, proposal_boxes=boxes_per_image))
+        return proposals
+
+    def _score_and_regress(self, features, boxes: List[torch.Tensor], image_sizes):
+        """Round 2 on the given (R, 4) boxes per image: their regressed boxes and scores."""
+        proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+        predictions = self._run_box_head(features, proposals)
+        boxes2 = self.box_predictor.predict_boxes(predictions, proposals)
+        return boxes2, self.box_predictor.predict_probs(predictions, proposals)
+
+    def _rescore_top_class(self, features, boxes1, scores1, image_sizes):
+        top_class_boxes = []
+        for boxes, scores in zip(boxes1, scores1):
             boxes = boxes.view(len(boxes), boxes.shape[1] // 4, 4)
             top_class = scores[:, :-1].argmax(dim=1) if boxes.shape[1] > 1 else 0
-            chosen = boxes[torch.arange(len(boxes), device=boxes.device), top_class]
-            regressed.append(self._as_proposals(chosen, p.image_size))
-        second = self._predict(features, [r.proposal_boxes for r in regressed])
-        boxes2 = self.box_predictor.predict_boxes(second, regressed)
-        return boxes2, self.box_predictor.predict_probs(second, regressed)
+            top_class_boxes.append(boxes[torch.arange(len(boxes), device=boxes.device), top_class])
+        return self._score_and_regress(features, top_class_boxes, image_sizes)
 
-    def _rescore_per_class(self, features, boxes1, proposals):
-        predictor = self.box_predictor
+    def _rescore_per_class(self, features, boxes1, image_sizes):
         num_classes = boxes1[0].shape[1] // 4
         boxes2 = [torch.zeros_like(b) for b in boxes1]
         scores2 = [b.new_zeros(len(b), num_classes + 1) for b in boxes1]
         # One class at a time keeps the peak memory of a single round.
         for c in range(num_classes):
             cols = slice(4 * c, 4 * c + 4)
-            regressed = [
-                self._as_proposals(b[:, cols], p.image_size) for b, p in zip(boxes1, proposals)
-            ]
-            second = self._predict(features, [r.proposal_boxes for r in regressed])
-            new_boxes = predictor.predict_boxes(second, regressed)
-            new_scores = predictor.predict_probs(second, regressed)
+            class_boxes = [b[:, cols] for b in boxes1]
+            new_boxes, new_scores = self._score_and_regress(features, class_boxes, image_sizes)
             for b2, s2, nb, ns in zip(boxes2, scores2, new_boxes, new_scores):
                 b2[:, cols] = nb[:, cols]
                 s2[:, c] = ns[:, c]

@@ -301,7 +301,8 @@ def _one_box(heads, features, image, box):
     feats = [features[f] for f in heads.box_in_features]
     boxes = [Boxes(torch.zeros(0, 4)) for _ in range(len(feats[0]))]
     boxes[image] = Boxes(box[None])
-    logits, deltas = heads._predict(feats, boxes)
+    proposals = [Instances(IMAGE, proposal_boxes=b) for b in boxes]
+    logits, deltas = heads._run_box_head(feats, proposals)
     decoded = heads.box_predictor.box2box_transform.apply_deltas(deltas, box[None])
     return logits.softmax(dim=1)[0], decoded[0]
 
