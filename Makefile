@@ -8,7 +8,7 @@ PROPOSALS ?= rpn
 .PHONY: setup test demo compare
 
 setup:
-	bash tools/setup_env.sh
+	bash tools/bootstrap/setup_env.sh
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -2,7 +2,7 @@
 """ion_d2: Inside-Outside Net (ION) for Detectron2.
 
 detectron2 itself is not listed in install_requires: it is not on PyPI under its own name.
-`make setup` (tools/setup_env.sh) installs it; see README.md.
+`make setup` (tools/bootstrap/setup_env.sh) installs it; see README.md.
 
 OpenCV: the plain, contrib and GUI wheels of OpenCV all install the same `cv2` package, so an
 environment must hold exactly one of them (two overwrite each other's files, and removing

@@ -1,16 +1,19 @@
 """Facts about the installed detectron2 that ion_d2 adapts to."""
 
 import functools
+import importlib.machinery
 
 
 @functools.lru_cache(maxsize=None)
 def has_compiled_ops() -> bool:
     """
     Returns:
-        bool: True when detectron2's compiled extension (``detectron2._C``) is installed, False
-        when it is ion_d2's Python-only fallback (see ``tools/d2_fallback_C.py``), whose
-        compiled-only ops raise a clear error.
+        bool: True when ``detectron2._C`` is a compiled extension module, False when it is
+        missing or a Python stand-in (such as the one ``make setup`` installs without a
+        compiler-built detectron2, see ``tools/bootstrap/``), whose compiled-only ops raise.
     """
-    from detectron2 import _C
-
-    return not getattr(_C, "ION_D2_FALLBACK", False)
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return str(getattr(_C, "__file__", "")).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))

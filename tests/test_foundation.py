@@ -1,10 +1,13 @@
 """The environment ion_d2 stands on: detectron2 imports, its compiled-op fallback, a stock
 predictor and the COCO evaluator, all on CPU."""
 
+import importlib.machinery
 import json
 import subprocess
 import sys
+import types
 
+import detectron2
 import numpy as np
 import pytest
 import torch
@@ -44,6 +47,20 @@ def test_fallback_compiled_op_raises_clear_error():
     # Reached through torch.ops.detectron2, which the fallback registers.
     with pytest.raises(NotImplementedError, match="'nms_rotated'.*ION_D2_DETECTRON2"):
         nms_rotated(boxes, torch.ones(1), 0.5)
+
+
+@pytest.mark.parametrize(
+    "suffix,compiled", [(importlib.machinery.EXTENSION_SUFFIXES[0], True), (".py", False)]
+)
+def test_has_compiled_ops_asks_whether_C_is_an_extension_module(monkeypatch, suffix, compiled):
+    fake = types.ModuleType("detectron2._C")
+    fake.__file__ = f"/site-packages/detectron2/_C{suffix}"
+    monkeypatch.setattr(detectron2, "_C", fake, raising=False)
+    has_compiled_ops.cache_clear()
+    try:
+        assert has_compiled_ops() is compiled
+    finally:
+        has_compiled_ops.cache_clear()
 
 
 def test_default_predictor_stock_r50_c4_on_cpu():

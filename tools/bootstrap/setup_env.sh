@@ -10,7 +10,8 @@
 #   ION_D2_DETECTRON2  your own detectron2 (source checkout or wheel) to install instead of the
 #                      Python-only v0.6
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
+BOOT=tools/bootstrap
 
 PYTHON=${PYTHON:-python3}
 VENV=${ION_D2_VENV:-.venv}
@@ -20,8 +21,8 @@ STAMP="$VENV/.ion_d2_setup_stamp"
 # Everything that decides what gets installed goes into the stamp.
 key=$(
   {
-    cat tools/setup_env.sh tools/install_detectron2.py tools/d2_fallback_C.py \
-      tools/requirements-detectron2.txt setup.py
+    cat "$BOOT/setup_env.sh" "$BOOT/install_detectron2.py" "$BOOT/d2_fallback_C.py" \
+      "$BOOT/requirements-detectron2.txt" setup.py
     echo "$TORCH_REQ|${ION_D2_DETECTRON2:-}"
   } | sha256sum | cut -d' ' -f1
 )
@@ -39,7 +40,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-# Exactly one OpenCV wheel: the contrib one (tools/requirements-detectron2.txt), which ion_d2
+# Exactly one OpenCV wheel: the contrib one (requirements-detectron2.txt), which ion_d2
 # then requires instead of the plain one (setup.py). All OpenCV wheels install the same `cv2`
 # folder, so another one beside it would overwrite its files, and removing either would break
 # `cv2`; remove any other (earlier setups installed the plain wheel) together with the contrib
@@ -58,10 +59,10 @@ export ION_D2_OPENCV=contrib
 "$PY" -m pip install -q "pip>=23,<26" "setuptools<81" wheel
 # torch is pinned in every install so that nothing else can pull in a different build of it.
 # shellcheck disable=SC2086
-"$PY" -m pip install -q -r tools/requirements-detectron2.txt $TORCH_REQ
-"$PY" tools/install_detectron2.py
+"$PY" -m pip install -q -r "$BOOT/requirements-detectron2.txt" $TORCH_REQ
+"$PY" "$BOOT/install_detectron2.py"
 # shellcheck disable=SC2086
-"$PY" -m pip install -q --no-build-isolation -e ".[test]" -r tools/requirements-detectron2.txt \
+"$PY" -m pip install -q --no-build-isolation -e ".[test]" -r "$BOOT/requirements-detectron2.txt" \
   $TORCH_REQ
 "$PY" -c "import detectron2.modeling, detectron2.evaluation, ion_d2"
 echo "$key" >"$STAMP"

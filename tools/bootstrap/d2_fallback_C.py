@@ -3,17 +3,18 @@
 The detectron2 v0.6 sources from PyPI (``pb1-detectron2``) ship without ``layers/csrc``,
 so the compiled extension ``detectron2._C`` cannot be built from them, yet v0.6 imports it at
 import time (``layers/deform_conv.py``, ``layers/rotated_boxes.py``,
-``layers/roi_align_rotated.py``, ``evaluation/fast_eval_api.py``).  ``tools/install_detectron2.py``
-copies this file into that installation as ``detectron2/_C.py``.  Everything that ION and the
-stock Faster R-CNN / evaluators need is implemented by torchvision and pycocotools; only the ops
-below are compiled-only, and each raises :class:`CompiledOpUnavailableError` naming itself.
+``layers/roi_align_rotated.py``, ``evaluation/fast_eval_api.py``).  ``install_detectron2.py``
+(beside this file) copies this file into that installation as ``detectron2/_C.py``.  Everything
+that ION and the stock Faster R-CNN / evaluators need is implemented by torchvision and
+pycocotools; only the ops below are compiled-only, and each raises
+:class:`CompiledOpUnavailableError` naming itself.
 
 This file is never installed over a compiled detectron2.
 """
 
 import torch
 
-# Marker read by ``ion_d2.d2_compat.has_compiled_ops()``.
+# Marker read by install_detectron2.py's probe, to recognise this file in an installation.
 ION_D2_FALLBACK = True
 
 _HOW_TO_FIX = (

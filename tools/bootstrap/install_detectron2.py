@@ -8,10 +8,10 @@ Run with the environment's interpreter (``make setup`` does this).  Three cases,
 2. A detectron2 with its compiled extension is already importable: it is kept. No fallback.
 3. Otherwise the exact Python sources of the official v0.6 release are taken from PyPI's
    ``pb1-detectron2==0.6`` sdist, which lacks ``detectron2/layers/csrc``.  They are installed
-   without building the extension, with ``tools/d2_fallback_C.py`` added as ``detectron2/_C.py``
-   so that v0.6's import-time ``from detectron2 import _C`` works; compiled-only ops raise a clear
-   error.  The distribution is renamed ``detectron2`` so that installing a full build later
-   replaces it cleanly.
+   without building the extension, with ``d2_fallback_C.py`` (beside this file) added as
+   ``detectron2/_C.py`` so that v0.6's import-time ``from detectron2 import _C`` works;
+   compiled-only ops raise a clear error.  The distribution is renamed ``detectron2`` so that
+   installing a full build later replaces it cleanly.
 """
 
 import argparse
@@ -23,8 +23,8 @@ import tarfile
 from pathlib import Path
 from typing import Optional, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
-FALLBACK = REPO / "tools" / "d2_fallback_C.py"
+REPO = Path(__file__).resolve().parents[2]
+FALLBACK = Path(__file__).resolve().with_name("d2_fallback_C.py")
 SDIST_REQ = "pb1-detectron2==0.6"
 
 # Reports which detectron2 is importable: "none", "fallback" or "compiled".
@@ -101,7 +101,7 @@ def install_python_only(work: Path) -> None:
     text = _replace_once(text, '"future",  # used by caffe2', "")
     setup_py.write_text(text)
     shutil.copyfile(FALLBACK, src / "detectron2" / "_C.py")
-    # Dependencies are installed by tools/setup_env.sh in versions that work together.
+    # Dependencies are installed by setup_env.sh in versions that work together.
     _pip("install", "--no-deps", "--no-build-isolation", "--force-reinstall", src)
 
 
