@@ -38,17 +38,23 @@ setup(
     description="Inside-Outside Net (Bell et al., CVPR 2016) as a Detectron2 plugin",
     packages=find_packages(include=["ion_d2", "ion_d2.*"]),
     python_requires=">=3.8",
+    # Exactly what the ion_d2 package imports. detectron2 brings the rest of what the tools use
+    # (torchvision, matplotlib for tools/run_demo.py and its Visualizer).
     install_requires=[
         "torch>=1.8",
-        "torchvision",
         "fvcore",
-        "pycocotools>=2.0.2",
-        *OPENCV_WHEELS[opencv_choice],
         "numpy",
-        # tools/voc_to_semseg.py reads SBD's MATLAB label files with scipy.io.loadmat.
-        "scipy",
-        # Progress bars of the data tools.
+        "Pillow",
+        "PyYAML",
+        "pycocotools>=2.0.2",
+        # Progress bars of the dataset generator and of selective search.
         "tqdm",
+        # Imported lazily: ion_d2.data.voc_semseg reads SBD's MATLAB label files with
+        # scipy.io.loadmat (tools/voc_to_semseg.py).
+        "scipy",
+        # Imported lazily, by selective search (the contrib wheel); tools/predict.py and
+        # tools/run_demo.py read and write images with it.
+        *OPENCV_WHEELS[opencv_choice],
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -1,7 +1,5 @@
 """Inference on images without silent damage: IONPredictor and a checked image reader."""
 
-import logging
-
 import numpy as np
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -11,7 +9,6 @@ from .data.transforms import cap_unresized_images
 
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
 
-logger = logging.getLogger(__name__)
 
 # PIL modes whose channels are 8-bit; detectron2's read_image converts them to RGB/BGR exactly.
 # Others (16-bit "I;16", 32-bit "I", float "F") would be clipped to 0..255 by that conversion.

@@ -1,6 +1,5 @@
 """ION's ROI heads: skip pooling from several layers plus the context features (section 3.1)."""
 
-import logging
 from typing import Dict, List, Tuple
 
 import torch
@@ -16,7 +15,6 @@ from .skip_pooling import IONSkipPooler
 
 __all__ = ["IONROIHeads", "RESCORE_MODES"]
 
-logger = logging.getLogger(__name__)
 
 # Which regressed boxes the second round of box voting scores (MODEL.ION.BOX_VOTING.RESCORE).
 RESCORE_MODES = ("top_class", "per_class")

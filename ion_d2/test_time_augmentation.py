@@ -1,7 +1,6 @@
 """Test-time augmentation for ION: Detectron2's GeneralizedRCNNWithTTA, with box voting run once
 over the candidates of every augmented pass."""
 
-import logging
 from typing import List, Optional
 
 import torch
@@ -13,8 +12,6 @@ from .box_voting import box_voting_single_image
 from .meta_arch import IONRCNN
 
 __all__ = ["IONRCNNWithTTA"]
-
-logger = logging.getLogger(__name__)
 
 
 class IONRCNNWithTTA(GeneralizedRCNNWithTTA):

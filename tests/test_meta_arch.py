@@ -10,7 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from model_utils import load_cfg, random_inputs, shrink_cfg
+from model_utils import load_cfg, random_inputs
 
 from ion_d2 import IONRCNN, add_ion_config
 

@@ -8,7 +8,6 @@ import os
 import cv2
 import numpy as np
 import pytest
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 from model_utils import load_cfg

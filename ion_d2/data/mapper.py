@@ -1,6 +1,5 @@
 """ION's dataset mapper: Detectron2's DatasetMapper that checks semantic labels first."""
 
-import logging
 from typing import Optional, Tuple
 
 import numpy as np
@@ -11,8 +10,6 @@ from detectron2.data import transforms as T
 from .transforms import cap_unresized_images
 
 __all__ = ["IONDatasetMapper", "InvalidSemSegLabel", "SemSegLabelCheck", "check_sem_seg_label"]
-
-logger = logging.getLogger(__name__)
 
 
 class InvalidSemSegLabel(ValueError):
