@@ -1,17 +1,32 @@
-"""Helpers shared by the model tests: tiny configs and random inputs."""
+"""Helpers shared by the model tests: configs, tiny configs and random inputs."""
+
+from typing import Any, Dict, Optional
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import Boxes, Instances
 
 from ion_d2 import add_ion_config
 
 
-def load_cfg(path: str):
+def ion_cfg(overrides: Optional[Dict[str, Any]] = None, *, path: Optional[str] = None) -> CfgNode:
+    """
+    Detectron2's defaults with ION's keys, then the YAML file at ``path``, then ``overrides``
+    (full key -> value, e.g. ``{"MODEL.ION.CONTEXT.NAME": "IRNN"}``), merged as command-line
+    options are: a key that does not exist or a value of another type raises.
+    """
     cfg = get_cfg()
     add_ion_config(cfg)
-    cfg.merge_from_file(path)
+    if path is not None:
+        cfg.merge_from_file(path)
+    if overrides:
+        cfg.merge_from_list([item for pair in overrides.items() for item in pair])
     return cfg
+
+
+def load_cfg(path: str, overrides: Optional[Dict[str, Any]] = None) -> CfgNode:
+    """:func:`ion_cfg` of a YAML file."""
+    return ion_cfg(overrides, path=path)
 
 
 def shrink_cfg(cfg):

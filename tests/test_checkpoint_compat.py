@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
-
-from ion_d2 import add_ion_config
+from model_utils import ion_cfg
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 with open(os.path.join(FIXTURES, "state_dict_keys_v0.1.0.json")) as f:
@@ -23,8 +22,7 @@ with open(os.path.join(FIXTURES, "state_dict_keys_v0.1.0.json")) as f:
 
 
 def _cfg_from_dump(dump: str) -> CfgNode:
-    cfg = get_cfg()
-    add_ion_config(cfg)
+    cfg = ion_cfg()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(dump))
     return cfg
 

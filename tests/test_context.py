@@ -3,10 +3,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+from model_utils import ion_cfg
 
-from ion_d2.config import add_ion_config
 from ion_d2.context import ION_CONTEXT_REGISTRY, IRNN, GlobalAvgPool, StackedConv, build_ion_context
 from ion_d2.irnn_scan import irnn_scan, irnn_scan_identity
 
@@ -24,16 +23,15 @@ def _seed():
 
 
 def _cfg(name="IRNN", **irnn):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.MODEL.ION.CONTEXT.NAME = name
-    cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = HIDDEN
-    cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 3
-    # The naive references have no dropout; the dropout tests set it explicitly.
-    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.0
-    for key, value in irnn.items():
-        cfg.MODEL.ION.CONTEXT.IRNN[key.upper()] = value
-    return cfg
+    overrides = {
+        "MODEL.ION.CONTEXT.NAME": name,
+        "MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM": HIDDEN,
+        "MODEL.ION.CONTEXT.CONV.CHANNELS": 3,
+        # The naive references have no dropout; the dropout tests set it explicitly.
+        "MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT": 0.0,
+    }
+    overrides.update({f"MODEL.ION.CONTEXT.IRNN.{k.upper()}": v for k, v in irnn.items()})
+    return ion_cfg(overrides)
 
 
 def _randomize(module, whh_noise=0.3):
@@ -441,12 +439,8 @@ def test_stacked_conv_bad_config_raises(key, value, match):
 def test_irnn_and_stacked_conv_table_10c():
     from ion_d2.context import IRNN, IRNNAndStackedConv, StackedConv
 
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.MODEL.ION.CONTEXT.NAME = "IRNNAndStackedConv"
-    cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 3
+    cfg = _cfg("IRNNAndStackedConv")
     cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 5
-    cfg.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.0
     shapes = {"conv5": ShapeSpec(channels=4, stride=16)}
     module = build_ion_context(cfg, shapes)
     assert isinstance(module, IRNNAndStackedConv)

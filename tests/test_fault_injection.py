@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from model_utils import load_cfg
+from model_utils import ion_cfg, load_cfg
 
-from ion_d2 import add_ion_config
 from ion_d2.data import register_ion_synthetic
 from ion_d2.data.loader import IterationBatches
 from ion_d2.data.mapper import InvalidSemSegLabel, IONDatasetMapper
@@ -37,17 +35,11 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
-def _ion_cfg():
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    return cfg
-
-
 # --- 5. An "exponential decay" that would raise the learning rate ------------------------------
 
 
 def test_ion_lr_schedule_refuses_an_end_lr_above_the_base_lr():
-    cfg = _ion_cfg()
+    cfg = ion_cfg()
     cfg.SOLVER.LR_SCHEDULER_NAME = "IONExponentialLR"
     cfg.SOLVER.BASE_LR, cfg.SOLVER.ION_END_LR, cfg.SOLVER.MAX_ITER = 1e-8, 4.8e-4, 100
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)

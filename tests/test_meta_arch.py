@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from model_utils import load_cfg, random_inputs
+from model_utils import ion_cfg, load_cfg, random_inputs
 
-from ion_d2 import IONRCNN, add_ion_config
+from ion_d2 import IONRCNN
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 
@@ -110,9 +109,7 @@ def test_precomputed_proposals_as_in_the_paper():
 
 
 def test_swap_ion_heads_into_stock_r50_fpn_config():
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
+    cfg = ion_cfg(path=model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
     # The exact lines of README.md, "ION's heads in your own config".
     cfg.merge_from_list(
         [

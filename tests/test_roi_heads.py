@@ -4,37 +4,34 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
-from model_utils import load_cfg, shrink_cfg
+from model_utils import ion_cfg, load_cfg, shrink_cfg
 
 from ion_d2.box_voting import box_voting_inference
-from ion_d2.config import add_ion_config
 from ion_d2.roi_heads import IONROIHeads
 from ion_d2.skip_pooling import IONSkipPooler
 
 IMAGE = (64, 80)
 
 
-def _cfg(in_features=("f3", "f4", "f5"), **ion):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.MODEL.ROI_HEADS.NAME = "IONROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = list(in_features)
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIPool"
-    cfg.MODEL.ION.SKIP_POOL.REDUCE_DIM = 8
-    for key, value in ion.items():
-        setattr(cfg.MODEL.ION.SKIP_POOL, key, value)
-    return cfg
+def _cfg(in_features=("f3", "f4", "f5"), **skip_pool):
+    overrides = {
+        "MODEL.ROI_HEADS.NAME": "IONROIHeads",
+        "MODEL.ROI_HEADS.IN_FEATURES": list(in_features),
+        "MODEL.ROI_HEADS.NUM_CLASSES": 3,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16,
+        "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
+        "MODEL.ROI_BOX_HEAD.NUM_FC": 2,
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 32,
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
+        "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIPool",
+        "MODEL.ION.SKIP_POOL.REDUCE_DIM": 8,
+    }
+    overrides.update({f"MODEL.ION.SKIP_POOL.{k}": v for k, v in skip_pool.items()})
+    return ion_cfg(overrides)
 
 
 def _shapes():

@@ -2,13 +2,12 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
 from detectron2.utils.events import EventStorage
+from model_utils import ion_cfg
 from torch.nn import functional as F
 
-from ion_d2.config import add_ion_config
 from ion_d2.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel
 
 IGNORE = 255
@@ -212,13 +211,14 @@ def test_bad_arguments_raise():
 
 
 def seg_cfg():
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.MODEL.SEM_SEG_HEAD.NAME = "IONSegRegularizerHead"
-    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["context"]
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT = 0.5
-    return cfg
+    return ion_cfg(
+        {
+            "MODEL.SEM_SEG_HEAD.NAME": "IONSegRegularizerHead",
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["context"],
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 5,
+            "MODEL.SEM_SEG_HEAD.LOSS_WEIGHT": 0.5,
+        }
+    )
 
 
 def test_build_from_config():

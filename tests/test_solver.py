@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
+from model_utils import ion_cfg
 
-from ion_d2.config import add_ion_config
 from ion_d2.solver import build_ion_lr_scheduler
 
 
@@ -23,14 +22,15 @@ def _lrs(cfg, steps):
 
 
 def _cfg(base=5e-3, end=1e-4, max_iter=100, warmup=0):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.SOLVER.LR_SCHEDULER_NAME = "IONExponentialLR"
-    cfg.SOLVER.BASE_LR = base
-    cfg.SOLVER.ION_END_LR = end
-    cfg.SOLVER.MAX_ITER = max_iter
-    cfg.SOLVER.WARMUP_ITERS = warmup
-    return cfg
+    return ion_cfg(
+        {
+            "SOLVER.LR_SCHEDULER_NAME": "IONExponentialLR",
+            "SOLVER.BASE_LR": base,
+            "SOLVER.ION_END_LR": end,
+            "SOLVER.MAX_ITER": max_iter,
+            "SOLVER.WARMUP_ITERS": warmup,
+        }
+    )
 
 
 def test_exponential_decay_between_the_two_values():

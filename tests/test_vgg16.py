@@ -8,12 +8,11 @@ import pytest
 import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY, build_backbone, build_box_head, build_model
+from model_utils import ion_cfg
 
 from ion_d2.box_head import IONFCHead
-from ion_d2.config import add_ion_config
 from ion_d2.vgg16 import IONVGG16
 
 _TOOL_PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_vgg16_to_d2.py")
@@ -33,14 +32,15 @@ def _conv_names(stage):
 
 
 def _cfg(out_features=_ALL_FEATURES, width_mult=0.125, freeze_at=0, norm=""):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_ion_vgg16_backbone"
-    cfg.MODEL.ION.VGG16.OUT_FEATURES = list(out_features)
-    cfg.MODEL.ION.VGG16.WIDTH_MULT = width_mult
-    cfg.MODEL.ION.VGG16.NORM = norm
-    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
-    return cfg
+    return ion_cfg(
+        {
+            "MODEL.BACKBONE.NAME": "build_ion_vgg16_backbone",
+            "MODEL.ION.VGG16.OUT_FEATURES": list(out_features),
+            "MODEL.ION.VGG16.WIDTH_MULT": width_mult,
+            "MODEL.ION.VGG16.NORM": norm,
+            "MODEL.BACKBONE.FREEZE_AT": freeze_at,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
