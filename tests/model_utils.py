@@ -1,12 +1,15 @@
 """Helpers shared by the model tests: configs, tiny configs and random inputs."""
 
-from typing import Any, Dict, Optional
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from ion_d2 import add_ion_config
+from ion_d2.data import register_ion_synthetic
 
 
 def ion_cfg(overrides: Optional[Dict[str, Any]] = None, *, path: Optional[str] = None) -> CfgNode:
@@ -87,3 +90,18 @@ def random_proposals(image_size, n, generator):
     proposals.proposal_boxes = Boxes(boxes)
     proposals.objectness_logits = -torch.arange(n, dtype=torch.float32)
     return proposals
+
+
+@contextlib.contextmanager
+def synthetic_slice(root: str, **kwargs) -> Iterator[Tuple[str, str]]:
+    """
+    Register a slice of the bundled dataset under ``root`` (``register_ion_synthetic``'s
+    arguments), yield its (train, val) names, and unregister them afterwards.
+    """
+    names = register_ion_synthetic(root, **kwargs)
+    try:
+        yield names
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)

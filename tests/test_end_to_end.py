@@ -13,9 +13,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-from model_utils import load_cfg
+from model_utils import load_cfg, synthetic_slice
 
-from ion_d2.data import register_ion_synthetic
 from ion_d2.engine import train_and_evaluate
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -25,11 +24,8 @@ TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 @pytest.fixture(scope="module")
 def synth_slice(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets"))
-    train, val = register_ion_synthetic(root, num_train=8, num_val=4, seed=3, name_prefix="e2e")
-    yield train, val
-    for name in (train, val):
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    with synthetic_slice(root, num_train=8, num_val=4, seed=3, name_prefix="e2e") as names:
+        yield names
 
 
 def _read_losses(metrics_file):

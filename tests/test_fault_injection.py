@@ -21,7 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from model_utils import ion_cfg, load_cfg
+from model_utils import ion_cfg, load_cfg, synthetic_slice
 
 from ion_d2.data import register_ion_synthetic
 from ion_d2.data.loader import IterationBatches
@@ -178,11 +178,8 @@ def test_predict_refuses_random_weights_unless_asked(tiny_weights, tmp_path, cap
 @pytest.fixture(scope="module")
 def synth_slice(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets"))
-    names = register_ion_synthetic(root, num_train=8, num_val=2, seed=3, name_prefix="fault")
-    yield names
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    with synthetic_slice(root, num_train=8, num_val=2, seed=3, name_prefix="fault") as names:
+        yield names
 
 
 def _slice_cfg(synth_slice, output_dir, **solver):

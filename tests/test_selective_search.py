@@ -16,9 +16,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog, load_proposals_into_dataset
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
-from model_utils import load_cfg, shrink_cfg
+from model_utils import load_cfg, shrink_cfg, synthetic_slice
 
-from ion_d2.data import register_ion_synthetic
 from ion_d2.data import selective_search as ss
 from ion_d2.data import selective_search_proposals as ssp
 from ion_d2.engine import IONTrainer
@@ -32,11 +31,8 @@ SMALL = ss.SelectiveSearchConfig(mode="fast", max_size=128)
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets"))
-    train, val = register_ion_synthetic(root, num_train=4, num_val=4, seed=5, name_prefix="sstest")
-    yield train, val
-    for name in (train, val):
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    with synthetic_slice(root, num_train=4, num_val=4, seed=5, name_prefix="sstest") as names:
+        yield names
 
 
 def _load(path):

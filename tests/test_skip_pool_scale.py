@@ -7,14 +7,13 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from model_utils import load_cfg, random_inputs, shrink_cfg
+from model_utils import load_cfg, random_inputs, shrink_cfg, synthetic_slice
 from torchvision.ops import roi_pool
 
 import ion_d2.skip_pool_scale as skip_pool_scale
-from ion_d2.data import register_ion_synthetic
 from ion_d2.engine import IONTrainer
 from ion_d2.skip_pool_scale import measure_pooled_norms, measure_skip_pool_scale, training_batches
 
@@ -140,13 +139,8 @@ def test_every_channel_gets_the_reference_features_norm(norm, expected, monkeypa
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets"))
-    train, val = register_ion_synthetic(
-        root, num_train=4, num_val=1, seed=5, name_prefix="skipscale"
-    )
-    yield train
-    for name in (train, val):
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    with synthetic_slice(root, num_train=4, num_val=1, seed=5, name_prefix="skipscale") as names:
+        yield names[0]
 
 
 def _trainer_cfg(synth, tmp_path):
