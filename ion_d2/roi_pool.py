@@ -1,0 +1,257 @@
+"""
+Fast R-CNN's ROI max pooling (``ROIPool``, section 3.1 of ION) computed with a sparse table.
+
+torchvision's CPU ``roi_pool`` visits every cell of every bin, one channel at a time, on one
+thread: with 1000 ROIs on conv3 (stride 4) of a 600x1000 image that is seconds per image. The
+maximum over a rectangle of cells is also the maximum of four (overlapping) power-of-two
+rectangles that cover it, so after building, once per image, the maxima of every
+``2^k x 2^l`` window (a 2-D sparse table, ``K * L`` maps), each bin costs four lookups of a
+channel vector, whatever its size.
+
+The bins are computed exactly as torchvision's kernel computes them (float32 arithmetic, C's
+``round``), so the output equals ``torchvision.ops.roi_pool``'s bit for bit (a max is exact).
+"""
+
+from typing import List, Tuple
+
+import torch
+from detectron2.modeling.poolers import convert_boxes_to_pooler_format
+from detectron2.structures import Boxes
+from torch import Tensor, nn
+from torchvision.ops import roi_pool as tv_roi_pool
+
+__all__ = ["IONROIPool", "roi_pool_bins", "sparse_table_roi_pool"]
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's ``round`` (halves away from 0) of float32 values, exactly (in float64)."""
+    x = x.double()
+    return (x.abs() + 0.5).floor().copysign(x).long()
+
+
+def roi_pool_bins(
+    rois: Tensor, spatial_scale: float, output_size: Tuple[int, int], height: int, width: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """
+    The cells each bin of each ROI max-pools, as torchvision's ``roi_pool`` kernel computes
+    them (``round`` of the scaled corners, ``max(end - start + 1, 1)`` cells, bins of
+    ``size / output_size`` cells in float32 arithmetic, ``floor`` / ``ceil``, clipped to the map).
+
+    Args:
+        rois (Tensor): (R, 4) float32 boxes (x1, y1, x2, y2) in input-image coordinates.
+        spatial_scale (float): the feature's scale (1 / stride).
+        output_size (tuple[int, int]): bins per ROI (height, width).
+        height, width (int): the feature map's size.
+
+    Returns:
+        tuple[Tensor]: ``hstart, hend`` (R, PH) and ``wstart, wend`` (R, PW) long; a bin
+        covers rows ``[hstart, hend)`` and columns ``[wstart, wend)`` and is empty when either
+        range is.
+    """
+    scale = torch.tensor(spatial_scale, dtype=torch.float32)
+    corners = _round_half_away(rois.float() * scale)  # (R, 4): x1, y1, x2, y2 in cells
+    pooled_h, pooled_w = output_size
+
+    def axis(start: Tensor, end: Tensor, pooled: int, limit: int) -> Tuple[Tensor, Tensor]:
+        size = (end - start + 1).clamp(min=1).float()
+        bin_size = size / torch.tensor(float(pooled), dtype=torch.float32)
+        steps = torch.arange(pooled + 1, dtype=torch.float32)
+        lo = (steps[None, :-1] * bin_size[:, None]).floor().long() + start[:, None]
+        hi = (steps[None, 1:] * bin_size[:, None]).ceil().long() + start[:, None]
+        return lo.clamp(0, limit), hi.clamp(0, limit)
+
+    hstart, hend = axis(corners[:, 1], corners[:, 3], pooled_h, height)
+    wstart, wend = axis(corners[:, 0], corners[:, 2], pooled_w, width)
+    return hstart, hend, wstart, wend
+
+
+def _floor_log2(n: Tensor) -> Tensor:
+    """floor(log2(n)) of positive long values."""
+    out = torch.zeros_like(n)
+    n = n.clone()
+    while bool((n > 1).any()):
+        more = n > 1
+        out += more.long()
+        n = torch.where(more, n // 2, n)
+    return out
+
+
+def sparse_table_roi_pool(
+    feature: Tensor, rois: Tensor, spatial_scale: float, output_size: Tuple[int, int]
+) -> Tensor:
+    """
+    ``torchvision.ops.roi_pool(feature, rois, output_size, spatial_scale)`` without autograd,
+    computed with a sparse table per image (see the module's docstring).
+
+    Args:
+        feature (Tensor): (N, C, H, W) float32 feature map.
+        rois (Tensor): (R, 5) float32 ROIs (batch index, x1, y1, x2, y2).
+        spatial_scale (float): the feature's scale (1 / stride).
+        output_size (tuple[int, int]): bins per ROI (height, width).
+
+    Returns:
+        Tensor: (R, C, PH, PW), equal to torchvision's output.
+    """
+    n, channels, height, width = feature.shape
+    pooled_h, pooled_w = output_size
+    if len(rois) == 0 or channels == 0:
+        return feature.new_zeros(len(rois), channels, pooled_h, pooled_w)
+    hstart, hend, wstart, wend = roi_pool_bins(
+        rois[:, 1:].cpu(), spatial_scale, output_size, height, width
+    )
+    batch_index = rois[:, 0].long().cpu()
+    if n == 1 or bool((batch_index == batch_index[0]).all()):
+        windows = _bin_windows(hstart, hend, wstart, wend, width)
+        return _pool_image(feature[int(batch_index[0])], windows, pooled_h, pooled_w)
+    out = feature.new_empty(len(rois), channels, pooled_h, pooled_w)
+    for image in range(n):
+        select = (batch_index == image).nonzero().flatten()
+        if len(select) == 0:
+            continue
+        windows = _bin_windows(hstart[select], hend[select], wstart[select], wend[select], width)
+        out[select.to(feature.device)] = _pool_image(feature[image], windows, pooled_h, pooled_w)
+    return out
+
+
+def _bin_windows(
+    hstart: Tensor, hend: Tensor, wstart: Tensor, wend: Tensor, width: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """
+    Each bin as the union of four ``2^k x 2^l`` windows.
+
+    Returns:
+        tuple: per bin (R * PH * PW of them, row-major), its level ``k * L + l``, the (4, bins)
+        cells ``y * W + x`` of its four windows' top-left corners, and whether it is empty;
+        plus the number of column levels L.
+    """
+    num, pooled_h = hstart.shape
+    pooled_w = wstart.shape[1]
+    bin_h = (hend - hstart)[:, :, None].expand(num, pooled_h, pooled_w)
+    bin_w = (wend - wstart)[:, None, :].expand(num, pooled_h, pooled_w)
+    empty = (bin_h <= 0) | (bin_w <= 0)
+    level_h = _floor_log2(bin_h.clamp(min=1))
+    level_w = _floor_log2(bin_w.clamp(min=1))
+    levels_w = int(level_w.max()) + 1
+    y0 = hstart[:, :, None].expand(num, pooled_h, pooled_w)
+    y1 = (hend[:, :, None] - (1 << level_h)).clamp(min=0)
+    x0 = wstart[:, None, :].expand(num, pooled_h, pooled_w)
+    x1 = (wend[:, None, :] - (1 << level_w)).clamp(min=0)
+    corners = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
+    # Empty bins (clipped away) read cell 0 and are zeroed afterwards.
+    corners = corners.masked_fill(empty[None], 0)
+    level = level_h * levels_w + level_w
+    return level.reshape(-1), corners.view(4, -1), empty.reshape(-1), levels_w
+
+
+def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tensor:
+    """
+    The (R, C, PH, PW) pooled bins of one image's (C, H, W) feature.
+
+    The sparse table is never held whole (K * L maps of the feature's size): its maps are built
+    one after the other, each from the previous, and the bins whose windows lie on a map are
+    gathered from it before it is dropped. The bins are processed sorted by level, so each
+    level's results fill a contiguous block.
+    """
+    level, corners, empty, levels_w = windows
+    channels, height, width = feature.shape
+    num_bins = len(level)
+    device = feature.device
+    level, order = level.sort(stable=True)
+    corners = corners[:, order].to(device)
+    counts = torch.bincount(level, minlength=1).tolist()
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    levels_h = -(-len(counts) // levels_w)
+    sorted_out = feature.new_empty(num_bins, channels)
+    other = feature.new_empty(num_bins, channels)
+
+    rows = feature.permute(1, 2, 0).contiguous()  # (H, W, C): a cell's channels are contiguous
+    for k in range(levels_h):
+        if k > 0:
+            rows = _window_max(rows, 0, 1 << (k - 1))
+        last = min(len(counts), (k + 1) * levels_w)
+        if not any(counts[k * levels_w : last]):
+            continue
+        table = rows
+        for lw in range(last - k * levels_w):
+            if lw > 0:
+                table = _window_max(table, 1, 1 << (lw - 1))
+            lo, hi = bounds[k * levels_w + lw], bounds[k * levels_w + lw + 1]
+            if hi == lo:
+                continue
+            cells = table.view(height * width, channels)
+            block = sorted_out[lo:hi]
+            buffer = other[lo:hi]
+            torch.index_select(cells, 0, corners[0, lo:hi], out=block)
+            for j in range(1, 4):
+                torch.index_select(cells, 0, corners[j, lo:hi], out=buffer)
+                torch.maximum(block, buffer, out=block)
+            if not bool(lw < last - k * levels_w - 1 and any(counts[k * levels_w + lw + 1 : last])):
+                break
+    out = other  # reused: un-sort the bins
+    out.index_copy_(0, order.to(device), sorted_out)
+    out.masked_fill_(empty.to(device)[:, None], 0.0)
+    return out.view(-1, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
+
+
+def _window_max(x: Tensor, dim: int, shift: int) -> Tensor:
+    """``out[i] = max(x[i], x[i + shift])`` along ``dim`` where ``i + shift`` exists, else x[i]."""
+    out = torch.empty_like(x)
+    size = x.shape[dim]
+    body = max(size - shift, 0)
+    if body:
+        torch.maximum(
+            x.narrow(dim, 0, body), x.narrow(dim, shift, body), out=out.narrow(dim, 0, body)
+        )
+    out.narrow(dim, body, size - body).copy_(x.narrow(dim, body, size - body))
+    return out
+
+
+class IONROIPool(nn.Module):
+    """
+    A single-scale ``ROIPool`` pooler with :class:`detectron2.modeling.ROIPooler`'s call
+    signature (``forward(x: [feature], box_lists)``) that picks, per call, the fastest exact
+    implementation: :func:`sparse_table_roi_pool` on the CPU when no gradient is needed,
+    ``torchvision.ops.roi_pool`` otherwise (on a GPU its kernel runs every bin and channel in
+    parallel; training needs its argmax for the backward pass). Both give the same output.
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float):
+        """
+        Args:
+            output_size (int): bins per side (7 for VGG16's fc6).
+            spatial_scale (float): the pooled feature's scale (1 / stride).
+        """
+        super().__init__()
+        self.output_size = (int(output_size), int(output_size))
+        self.spatial_scale = float(spatial_scale)
+
+    def use_sparse_table(self, feature: Tensor) -> bool:
+        """Whether :meth:`forward` pools ``feature`` with :func:`sparse_table_roi_pool`."""
+        return (
+            feature.device.type == "cpu"
+            and feature.dtype == torch.float32
+            and not (torch.is_grad_enabled() and feature.requires_grad)
+        )
+
+    def forward(self, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
+        """
+        Args:
+            x (list[Tensor]): one (N, C, H, W) feature map.
+            box_lists (list[Boxes]): the N images' boxes, in input-image coordinates.
+
+        Returns:
+            Tensor: (R, C, output_size, output_size) for the R boxes of all images.
+        """
+        if len(x) != 1:
+            raise ValueError(f"IONROIPool pools one feature map; got {len(x)}.")
+        feature = x[0]
+        if len(box_lists) != feature.shape[0]:
+            raise ValueError(
+                f"IONROIPool got {len(box_lists)} box lists for a batch of {feature.shape[0]} "
+                "feature maps; expected one per image."
+            )
+        rois = convert_boxes_to_pooler_format(box_lists)
+        if self.use_sparse_table(feature):
+            return sparse_table_roi_pool(feature, rois, self.spatial_scale, self.output_size)
+        return tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)

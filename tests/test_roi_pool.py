@@ -1,0 +1,127 @@
+"""ion_d2.roi_pool: the sparse-table ROI max pooling equals torchvision's roi_pool exactly."""
+
+import pytest
+import torch
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+from torchvision.ops import roi_pool
+
+from ion_d2.roi_pool import IONROIPool, roi_pool_bins, sparse_table_roi_pool
+
+
+def _random_rois(generator, num, height, width, num_images=1, lo=2.0, hi=None):
+    """(num, 5) ROIs (image index, x1, y1, x2, y2) of log-uniform sizes, some off the image."""
+    hi = hi or 1.2 * max(height, width)
+    size = torch.exp(
+        torch.empty(num, 2).uniform_(
+            torch.log(torch.tensor(lo)).item(), torch.log(torch.tensor(hi)).item(),
+            generator=generator,
+        )
+    )
+    center = torch.rand(num, 2, generator=generator) * torch.tensor([width, height]) * 1.1 - 5
+    boxes = torch.cat([center - size / 2, center + size / 2], dim=1)
+    index = torch.randint(0, num_images, (num, 1), generator=generator).float()
+    return torch.cat([index, boxes], dim=1)
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8, 16])
+@pytest.mark.parametrize("output_size", [(7, 7), (3, 5), (1, 1)])
+def test_equals_torchvision_on_random_rois(stride, output_size):
+    g = torch.Generator().manual_seed(stride * 31 + output_size[1])
+    image_h, image_w = 123, 207
+    feature = torch.randn(2, 5, -(-image_h // stride), -(-image_w // stride), generator=g)
+    rois = _random_rois(g, 300, image_h, image_w, num_images=2)
+    ref = roi_pool(feature, rois, output_size, 1.0 / stride)
+    out = sparse_table_roi_pool(feature, rois, 1.0 / stride, output_size)
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref)
+
+
+def test_equals_torchvision_with_ties_and_degenerate_rois():
+    g = torch.Generator().manual_seed(0)
+    # Few distinct values (ties everywhere), many zeros as after a ReLU.
+    feature = torch.randint(-2, 3, (1, 3, 20, 30), generator=g).float().clamp(min=0)
+    rois = torch.tensor(
+        [
+            [0, 0.0, 0.0, 0.0, 0.0],  # a point
+            [0, 10.0, 10.0, 5.0, 4.0],  # x2 < x1: torchvision makes it 1x1
+            [0, -50.0, -50.0, -10.0, -10.0],  # entirely off the map: empty bins -> 0
+            [0, 100.0, 5.0, 140.0, 9.0],  # right of the map
+            [0, 0.0, 0.0, 119.0, 79.0],  # the whole map
+            [0, 1.5, 2.5, 3.5, 4.5],  # halves: C's round goes away from 0
+            [0, -1.5, -0.5, 2.5, 0.5],
+        ]
+    )
+    for scale in (0.25, 1.0, 0.5):
+        ref = roi_pool(feature, rois, (7, 7), scale)
+        assert torch.equal(sparse_table_roi_pool(feature, rois, scale, (7, 7)), ref)
+
+
+def test_bins_reproduce_float32_rounding():
+    # roi_w = 57 cells: 57 / 7 in float32 times 7 is above 57, whose ceil (58) reaches one cell
+    # past the ROI; torchvision's kernel pools that cell, and so must the bins (integer
+    # arithmetic, as adaptive pooling's, would stop at 57).
+    rois = torch.tensor([[0.0, 0.0, 56.0, 0.0]])
+    float_bin = torch.tensor(57.0) / torch.tensor(7.0)
+    assert int(torch.ceil(torch.tensor(7.0) * float_bin)) == 58
+    _, _, _, wend = roi_pool_bins(rois, 1.0, (7, 7), 5, 70)
+    assert int(wend[0, -1]) == 58
+    feature = torch.zeros(1, 1, 5, 70)
+    feature[0, 0, 0, 57] = 5.0  # only that extra cell holds a positive value
+    rois = torch.cat([torch.zeros(1, 1), rois], 1)
+    ref = roi_pool(feature, rois, (7, 7), 1.0)
+    assert ref[0, 0, 0, -1] == 5.0
+    assert torch.equal(sparse_table_roi_pool(feature, rois, 1.0, (7, 7)), ref)
+
+
+def test_empty_rois_and_images_without_rois():
+    feature = torch.randn(3, 4, 10, 10)
+    empty = torch.zeros(0, 5)
+    assert sparse_table_roi_pool(feature, empty, 0.5, (7, 7)).shape == (0, 4, 7, 7)
+    rois = torch.tensor([[2, 1.0, 1.0, 15.0, 12.0], [2, 0.0, 0.0, 5.0, 5.0]])
+    ref = roi_pool(feature, rois, (7, 7), 0.5)
+    assert torch.equal(sparse_table_roi_pool(feature, rois, 0.5, (7, 7)), ref)
+
+
+def test_large_map_many_levels():
+    """A conv3-like map (stride 4) with ROIs up to the whole image: every sparse-table level."""
+    g = torch.Generator().manual_seed(3)
+    feature = torch.relu(torch.randn(1, 8, 150, 250, generator=g))
+    rois = _random_rois(g, 200, 600, 1000, lo=16.0, hi=1000.0)
+    ref = roi_pool(feature, rois, (7, 7), 0.25)
+    assert torch.equal(sparse_table_roi_pool(feature, rois, 0.25, (7, 7)), ref)
+
+
+def test_module_matches_detectron2_roipooler_and_keeps_gradients():
+    g = torch.Generator().manual_seed(5)
+    feature = torch.randn(2, 6, 16, 24, generator=g)
+    boxes = [
+        Boxes(_random_rois(g, 40, 64, 96)[:, 1:]),
+        Boxes(_random_rois(g, 25, 64, 96)[:, 1:]),
+    ]
+    pooler = IONROIPool(7, 0.25)
+    reference = ROIPooler(output_size=7, scales=(0.25,), sampling_ratio=0, pooler_type="ROIPool")
+    assert pooler.use_sparse_table(feature)
+    assert torch.equal(pooler([feature], boxes), reference([feature], boxes))
+
+    # With a gradient to compute, torchvision's op (and its argmax backward) is used.
+    leaf = feature.clone().requires_grad_(True)
+    assert not pooler.use_sparse_table(leaf)
+    out = pooler([leaf], boxes)
+    out.sum().backward()
+    ref_leaf = feature.clone().requires_grad_(True)
+    reference([ref_leaf], boxes).sum().backward()
+    assert torch.equal(out.detach(), reference([feature], boxes))
+    assert torch.equal(leaf.grad, ref_leaf.grad)
+    with torch.no_grad():
+        assert pooler.use_sparse_table(leaf)
+        assert torch.equal(pooler([leaf], boxes), out.detach())
+
+
+def test_module_rejects_bad_input():
+    pooler = IONROIPool(7, 0.25)
+    feature = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="one feature map; got 2"):
+        pooler([feature, feature], [Boxes(torch.zeros(0, 4))] * 2)
+    with pytest.raises(ValueError, match="1 box lists for a batch of 2"):
+        pooler([feature], [Boxes(torch.zeros(0, 4))])
