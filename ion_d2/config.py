@@ -136,6 +136,17 @@ def add_ion_config(cfg: CN) -> None:
     # Dropout after fc6 and fc7 of "IONFCHead" (Fast R-CNN's VGG16 uses 0.5); 0 removes it
     # (the "D" setting of Tables 1-3). fc sizes come from MODEL.ROI_BOX_HEAD.NUM_FC / FC_DIM.
     _C.MODEL.ION.FC_DROPOUT = 0.5
+    # Truncated SVD of the box head's fc layers for faster detection, a test-time option of Fast
+    # R-CNN (Girshick, ICCV 2015, section 3.1), whose test pipeline ION inherits (ION section 4.1:
+    # "All of our experiments use Fast R-CNN"); the ION paper does not use it. Fast R-CNN: "the
+    # single fully connected layer corresponding to W is replaced by two fully connected layers,
+    # without a non-linearity between them. The first of these layers uses the weight matrix
+    # Σ_t V^T (and no biases) and the second uses U (with the original biases associated with
+    # W)." [] factors nothing; otherwise one rank t per fc layer (MODEL.ROI_BOX_HEAD.NUM_FC), each
+    # 0 (keep that layer) or in [1, min(in, out)]; Fast R-CNN's VGG16 setting is [1024, 256]
+    # (fc6 at rank 1024, fc7 at rank 256). An unfactored checkpoint is factored as it loads;
+    # tools/compress_fc_svd.py writes a factored one (ion_d2/fc_svd.py).
+    _C.MODEL.ION.FC_SVD_RANKS = []
 
     # ---------------------------------------------------------------------------------------
     # Test-time refinements ("W" in Tables 1-3, section 4.2).
