@@ -4,10 +4,12 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import yaml
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, get_cfg
+
+from .config import add_ion_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -63,20 +65,26 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
-def config_differences(stored: str, current: str) -> List[str]:
+def config_differences(stored: str, current: str, defaults: Optional[str] = None) -> List[str]:
     """
     Args:
         stored, current (str): two configs as YAML (:meth:`CfgNode.dump`).
+        defaults (str or None): the defaults of ``current`` as YAML. A key that ``stored`` lacks
+            and whose current value is its default is no difference: it was added after the
+            stored run was trained, which then ran with that default.
 
     Returns:
         list[str]: "KEY: stored -> current" for each key, not in :data:`IGNORED_KEYS`, whose
         value differs or that only one of them has.
     """
     old, new = _flatten(yaml.safe_load(stored)), _flatten(yaml.safe_load(current))
+    default = _flatten(yaml.safe_load(defaults)) if defaults is not None else {}
     missing = object()
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
+        if a is missing and key in default and b == default[key]:
+            continue
         if a != b and not _ignored(key):
             a = "(absent)" if a is missing else repr(a)
             b = "(absent)" if b is missing else repr(b)
@@ -100,6 +108,12 @@ def _move_run_aside(output_dir: str) -> str:
         if name in _RUN_FILES or name.startswith(_RUN_PREFIXES):
             shutil.move(os.path.join(output_dir, name), os.path.join(target, name))
     return target
+
+
+def _default_config() -> CfgNode:
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    return cfg
 
 
 def prepare_run_dir(cfg: CfgNode, *, retrain: bool = False) -> None:
@@ -126,7 +140,7 @@ def prepare_run_dir(cfg: CfgNode, *, retrain: bool = False) -> None:
                 "train again, or choose another OUTPUT_DIR."
             )
         with open(path) as f:
-            diffs = config_differences(f.read(), cfg.dump())
+            diffs = config_differences(f.read(), cfg.dump(), _default_config().dump())
         if diffs:
             raise ValueError(
                 f"{out} holds a run trained with another config ({path}); it differs in "
