@@ -161,3 +161,40 @@ def test_bad_arguments_raise(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         IONSkipPooler(**args)
+
+
+@pytest.mark.parametrize(
+    "norm,scale,out_channels",
+    [("roi", "learned", 6), ("location", "learned", 6), ("roi", "fixed", 0), ("none", "", 0),
+     ("none", "", 6), ("location", "fixed", 0)],
+)
+def test_inference_path_equals_training_path(norm, scale, out_channels):
+    """Eval without autograd (sparse-table pooling, fused normalisation and channels-last 1x1
+    conv) gives the training path's output (eval mode with autograd on), up to float rounding."""
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm=norm,
+        scale=scale or "learned",
+        scale_init=0.0 if norm == "none" else 3.0,
+        out_channels=out_channels,
+        dropout=0.25,
+    ).eval()
+    if pooler.scale is not None:
+        with torch.no_grad():
+            pooler.scale.copy_(torch.linspace(0.5, 5.0, len(pooler.scale)))
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.relu(torch.randn(2, s.channels, 16, 16, generator=g)) for s in SHAPES]
+    feats = [f.requires_grad_(True) for f in feats]
+    boxes = [
+        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0], [-9.0, 0, -1, 5]])),
+        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0], [0.0, 0.0, 255.0, 255.0]])),
+    ]
+    reference = pooler(feats, boxes)  # autograd on: torchvision pooling, unfused path
+    assert reference.requires_grad
+    with torch.no_grad():
+        fast = pooler(feats, boxes)
+    assert fast.shape == reference.shape
+    assert torch.allclose(fast, reference.detach(), rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
