@@ -129,6 +129,8 @@ VARIANTS: Dict[str, Variant] = {
     ),
 }
 QUICK_VARIANTS = [BASELINE, "ion_whh_learned", "ion_whh_removed", "ion_whh_removed_box_voting"]
+# Section 4.1: 128 ROIs per image (the configs' value, stated here as it is measured).
+ROIS_PER_IMAGE = 128
 
 # The rows of the stage table, in order; "pool <feature>" rows are inserted after "rpn".
 STAGES_BEFORE_POOL = ["trunk", "context", "rpn"]
@@ -161,8 +163,7 @@ def build_cfg(name: str, mode: str, num_proposals: int, args: argparse.Namespace
         "MODEL.ION.SKIP_POOL.SCALE_INIT": 0.0,
         "MODEL.RPN.POST_NMS_TOPK_TEST": num_proposals,
         "MODEL.RPN.PRE_NMS_TOPK_TEST": max(6000, 3 * num_proposals),
-        # Section 4.1: 128 ROIs per image (the configs' value, stated here as it is measured).
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 128,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": ROIS_PER_IMAGE,
         "MODEL.BACKBONE.FREEZE_AT": 5 if args.train_stage == 1 else 2,
         **variant.overrides,
     }
@@ -276,8 +277,7 @@ def row_of(stage: str, call: int) -> str:
 
 def stage_rows(model: nn.Module) -> List[str]:
     """The rows that exist for ``model``; the other rows of the table are "-"."""
-    present = {row_of(name, 0) for name, _ in stage_modules(model)}
-    present |= {"other", "skip pooler other", "post-processing"}
+    present = {row_of(name, 0) for name, _ in stage_modules(model)} | {"other"}
     if getattr(model.roi_heads, "box_voting", False):
         present.add("round 2")
     return [r for r in STAGES_BEFORE_POOL + pool_rows(model) + STAGES_AFTER_POOL if r in present]
@@ -447,7 +447,13 @@ def median_run(runs: List[Dict[str, float]]) -> Dict[str, float]:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def time_setting(mode: str, num_proposals: int, args, image: torch.Tensor, all_rows) -> Dict:
+def time_setting(
+    mode: str,
+    num_proposals: int,
+    args: argparse.Namespace,
+    image: torch.Tensor,
+    all_rows: List[str],
+) -> Dict[str, Any]:
     """Times every variant in one setting, interleaved; returns the setting's JSON entry."""
     models = setting_models(mode, num_proposals, args, image)
     log(f"[{mode}, {num_proposals} proposals] warm-up (and FLOP count)")
@@ -612,7 +618,7 @@ def time_training(args: argparse.Namespace, image: torch.Tensor) -> Dict[str, An
         res["ratio_to_baseline"] = res["seconds"] / base["seconds"] if base else None
     return {
         "proposals": args.train_proposals,
-        "rois_per_image": 128,
+        "rois_per_image": ROIS_PER_IMAGE,
         "freeze_at": 5 if args.train_stage == 1 else 2,
         "variants": variants,
     }
@@ -684,7 +690,7 @@ def print_header(info: Dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  detectron2 {info['detectron2']}, python {info['python']}")
     print(f"  load average at start: {info['load_average']}")
     size = f"{args.height}x{args.width}"
-    resized = test_resize(args)
+    resized = configs_test_size(args)
     if resized == [args.height, args.width]:
         print(f"  the configs' test-time resize keeps a {size} image at {size}")
     else:
@@ -698,9 +704,9 @@ def print_header(info: Dict[str, Any], args: argparse.Namespace) -> None:
         + (", TINY WIDTHS (a smoke test, not a measurement)" if args.tiny else "")
     )
     print(
-        "  random weights: the class scores are near uniform, so how many boxes pass "
-        "SCORE_THRESH_TEST into NMS and voting (post-processing) differs from a trained model; "
-        "'detections' counts the boxes each variant returns"
+        "  random weights: how many boxes pass SCORE_THRESH_TEST into NMS and voting "
+        "(post-processing) differs from a trained model's; 'detections' counts the boxes each "
+        "variant returns (at most TEST.DETECTIONS_PER_IMAGE)"
     )
     print("  variants:")
     for name in args.variants:
@@ -801,12 +807,8 @@ INFERENCE_TARGETS = [
     ("ION inference, Whh learned / baseline", "ion_whh_learned", "ratio", 1.4),
     ("IRNN context / trunk time, Whh learned", "ion_whh_learned", "context_share", 0.06),
     ("IRNN context / trunk time, Whh removed", "ion_whh_removed", "context_share", 0.04),
-    (
-        "box voting adds (total - Whh removed's) / baseline",
-        "ion_whh_removed_box_voting",
-        "voting_added",
-        0.35,
-    ),
+    # What box voting adds: its total minus Whh removed's (round 2 and the voting itself).
+    ("box voting's added time / baseline", "ion_whh_removed_box_voting", "voting_added", 0.35),
 ]
 
 
@@ -846,7 +848,7 @@ def print_targets(targets: List[Dict[str, Any]]) -> None:
     for t in targets:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         value = "variant not run" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"  {verdict}  {t['target']:<66} {value} (<= {t['limit']})")
+        print(f"  {verdict}  {t['target']:<62} {value} (<= {t['limit']})")
     print()
 
 
@@ -864,7 +866,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"default: all of {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--proposals", nargs="+", type=int, help="default: 1000 2000")
     parser.add_argument("--height", type=int, help="image height (default 600)")
@@ -964,7 +972,7 @@ def all_stage_rows(mode: str, num_proposals: int, args: argparse.Namespace) -> L
     return STAGES_BEFORE_POOL + pools + STAGES_AFTER_POOL
 
 
-def test_resize(args: argparse.Namespace) -> List[int]:
+def configs_test_size(args: argparse.Namespace) -> List[int]:
     """
     The size the configs' test-time resize (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) gives the
     image: the benchmark feeds the image tensor to the model unresized, so at 600x1000 the
@@ -981,7 +989,7 @@ def test_resize(args: argparse.Namespace) -> List[int]:
 def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "image": [args.height, args.width],
-        "configs_test_resize_of_image": test_resize(args),
+        "configs_test_resize_of_image": configs_test_size(args),
         "modes": args.modes,
         "proposals": args.proposals,
         "repeats": args.repeats,

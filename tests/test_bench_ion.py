@@ -1,4 +1,4 @@
-"""benchmarks/bench_ion.py (`make bench`) end to end at toy widths: what it reports, not how fast."""
+"""benchmarks/bench_ion.py (`make bench`) at toy widths: what it reports, not how fast it runs."""
 
 import importlib.util
 import json
@@ -112,3 +112,13 @@ def test_peak_memory_probe_runs_in_a_fresh_process(bench):
     args = bench.parse_args(TINY)
     mib = bench.measure_memory(args, "ion_whh_removed", "precomputed", PROPOSALS)
     assert 0 < mib < 1024
+
+
+def test_quick_defaults_give_way_to_explicit_options(bench):
+    quick = bench.parse_args(["--quick"])
+    assert (quick.height, quick.width, quick.proposals, quick.repeats) == (300, 500, [100], 1)
+    assert quick.variants == bench.QUICK_VARIANTS and quick.train_proposals == 100
+    full = bench.parse_args([])
+    assert (full.height, full.width, full.proposals, full.repeats) == (600, 1000, [1000, 2000], 3)
+    assert full.variants == list(bench.VARIANTS) and full.train_proposals == 2000
+    assert bench.parse_args(["--quick", "--proposals", "7", "--repeats", "2"]).proposals == [7]
