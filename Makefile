@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 export ION_D2_VENV := $(VENV)
 # `make compare PROPOSALS=ss`: the comparison on selective-search proposals instead of an RPN.
 PROPOSALS ?= rpn
+# `make bench BENCH_ARGS="--quick"`: options for benchmarks/bench_ion.py (see its --help).
+BENCH_ARGS ?=
 
-.PHONY: setup test demo compare
+.PHONY: setup test demo compare bench
 
 setup:
 	bash tools/bootstrap/setup_env.sh
@@ -18,3 +20,6 @@ demo: setup
 
 compare: setup
 	$(PY) benchmarks/compare_baseline.py --proposals $(PROPOSALS)
+
+bench: setup
+	$(PY) benchmarks/bench_ion.py $(BENCH_ARGS)
