@@ -165,28 +165,33 @@ def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tenso
     sorted_out = feature.new_empty(num_bins, channels)
     other = feature.new_empty(num_bins, channels)
 
-    rows = feature.permute(1, 2, 0).contiguous()  # (H, W, C): a cell's channels are contiguous
+    # Two buffers for the row levels and two for the column levels, reused level after level
+    # (a fresh map per level costs more in page faults than in arithmetic).
+    maps = feature.new_empty(4, height, width, channels)
+    rows, spare_rows, cols, spare_cols = maps.unbind(0)
+    rows.copy_(feature.permute(1, 2, 0))  # (H, W, C): a cell's channels are contiguous
     for k in range(levels_h):
         if k > 0:
-            rows = _window_max(rows, 0, 1 << (k - 1))
+            _window_max(rows, 0, 1 << (k - 1), out=spare_rows)
+            rows, spare_rows = spare_rows, rows
         last = min(len(counts), (k + 1) * levels_w)
         if not any(counts[k * levels_w : last]):
             continue
         table = rows
         for lw in range(last - k * levels_w):
             if lw > 0:
-                table = _window_max(table, 1, 1 << (lw - 1))
+                _window_max(table, 1, 1 << (lw - 1), out=cols)
+                table, cols, spare_cols = cols, spare_cols, cols
             lo, hi = bounds[k * levels_w + lw], bounds[k * levels_w + lw + 1]
-            if hi == lo:
-                continue
-            cells = table.view(height * width, channels)
-            block = sorted_out[lo:hi]
-            buffer = other[lo:hi]
-            torch.index_select(cells, 0, corners[0, lo:hi], out=block)
-            for j in range(1, 4):
-                torch.index_select(cells, 0, corners[j, lo:hi], out=buffer)
-                torch.maximum(block, buffer, out=block)
-            if not bool(lw < last - k * levels_w - 1 and any(counts[k * levels_w + lw + 1 : last])):
+            if hi > lo:
+                cells = table.view(height * width, channels)
+                block = sorted_out[lo:hi]
+                buffer = other[lo:hi]
+                torch.index_select(cells, 0, corners[0, lo:hi], out=block)
+                for j in range(1, 4):
+                    torch.index_select(cells, 0, corners[j, lo:hi], out=buffer)
+                    torch.maximum(block, buffer, out=block)
+            if not any(counts[k * levels_w + lw + 1 : last]):
                 break
     out = other  # reused: un-sort the bins
     out.index_copy_(0, order.to(device), sorted_out)
@@ -194,9 +199,8 @@ def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tenso
     return out.view(-1, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
 
 
-def _window_max(x: Tensor, dim: int, shift: int) -> Tensor:
+def _window_max(x: Tensor, dim: int, shift: int, *, out: Tensor) -> None:
     """``out[i] = max(x[i], x[i + shift])`` along ``dim`` where ``i + shift`` exists, else x[i]."""
-    out = torch.empty_like(x)
     size = x.shape[dim]
     body = max(size - shift, 0)
     if body:
@@ -204,7 +208,6 @@ def _window_max(x: Tensor, dim: int, shift: int) -> Tensor:
             x.narrow(dim, 0, body), x.narrow(dim, shift, body), out=out.narrow(dim, 0, body)
         )
     out.narrow(dim, body, size - body).copy_(x.narrow(dim, body, size - body))
-    return out
 
 
 class IONROIPool(nn.Module):
