@@ -12,6 +12,7 @@ The bins are computed exactly as torchvision's kernel computes them (float32 ari
 ``round``), so the output equals ``torchvision.ops.roi_pool``'s bit for bit (a max is exact).
 """
 
+import threading
 from typing import List, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 from torchvision.ops import roi_pool as tv_roi_pool
 
-__all__ = ["IONROIPool", "roi_pool_bins", "sparse_table_roi_pool"]
+__all__ = ["IONROIPool", "release_scratch", "roi_pool_bins", "sparse_table_roi_pool"]
 
 def _round_half_away(x: Tensor) -> Tensor:
     """C's ``round`` (halves away from 0) of float32 values, exactly (in float64)."""
@@ -142,6 +143,32 @@ def _bin_windows(
     return level.reshape(-1), corners.view(4, -1), empty.reshape(-1), levels_w
 
 
+# Per thread, the scratch memory of the last sparse-table pooling, kept for the next: fresh
+# memory costs page faults (a conv3 map at 600x1000 is 38 MB, and pooling needs 4 and the bins),
+# which took longer than the pooling's arithmetic. It holds at most the largest call's need
+# (e.g. about 280 MB for 1000 boxes on VGG16's conv4 at 600x1000); release_scratch() frees it.
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, like: Tensor) -> Tensor:
+    """A 1-D scratch tensor of ``numel`` elements of ``like``'s dtype and device, reused."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if (
+        buffer is None
+        or buffer.numel() < numel
+        or buffer.dtype != like.dtype
+        or buffer.device != like.device
+    ):
+        _SCRATCH.buffer = None  # free the old one first
+        buffer = _SCRATCH.buffer = like.new_empty(numel)
+    return buffer[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch memory of :func:`sparse_table_roi_pool`."""
+    _SCRATCH.buffer = None
+
+
 def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tensor:
     """
     The (R, C, PH, PW) pooled bins of one image's (C, H, W) feature.
@@ -162,12 +189,13 @@ def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tenso
     for c in counts:
         bounds.append(bounds[-1] + c)
     levels_h = -(-len(counts) // levels_w)
-    sorted_out = feature.new_empty(num_bins, channels)
-    other = feature.new_empty(num_bins, channels)
-
-    # Two buffers for the row levels and two for the column levels, reused level after level
-    # (a fresh map per level costs more in page faults than in arithmetic).
-    maps = feature.new_empty(4, height, width, channels)
+    # Scratch: two buffers for the row levels and two for the column levels, reused level after
+    # level, and two for the gathered bins.
+    map_size = height * width * channels
+    scratch = _scratch(4 * map_size + 2 * num_bins * channels, feature)
+    maps = scratch[: 4 * map_size].view(4, height, width, channels)
+    sorted_out = scratch[4 * map_size : 4 * map_size + num_bins * channels].view(-1, channels)
+    other = scratch[4 * map_size + num_bins * channels :].view(-1, channels)
     rows, spare_rows, cols, spare_cols = maps.unbind(0)
     rows.copy_(feature.permute(1, 2, 0))  # (H, W, C): a cell's channels are contiguous
     for k in range(levels_h):
@@ -193,7 +221,7 @@ def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tenso
                     torch.maximum(block, buffer, out=block)
             if not any(counts[k * levels_w + lw + 1 : last]):
                 break
-    out = other  # reused: un-sort the bins
+    out = feature.new_empty(num_bins, channels)
     out.index_copy_(0, order.to(device), sorted_out)
     out.masked_fill_(empty.to(device)[:, None], 0.0)
     return out.view(-1, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
