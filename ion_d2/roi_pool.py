@@ -13,7 +13,7 @@ The bins are computed exactly as torchvision's kernel computes them (float32 ari
 """
 
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
@@ -77,7 +77,12 @@ def _floor_log2(n: Tensor) -> Tensor:
 
 
 def sparse_table_roi_pool(
-    feature: Tensor, rois: Tensor, spatial_scale: float, output_size: Tuple[int, int]
+    feature: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    output_size: Tuple[int, int],
+    *,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """
     ``torchvision.ops.roi_pool(feature, rois, output_size, spatial_scale)`` without autograd,
@@ -88,29 +93,42 @@ def sparse_table_roi_pool(
         rois (Tensor): (R, 5) float32 ROIs (batch index, x1, y1, x2, y2).
         spatial_scale (float): the feature's scale (1 / stride).
         output_size (tuple[int, int]): bins per ROI (height, width).
+        out (Tensor or None): an (R, PH, PW, C) tensor (e.g. a channel slice of a larger
+            channels-last one) to write the result into; None: a new one.
 
     Returns:
-        Tensor: (R, C, PH, PW), equal to torchvision's output.
+        Tensor: (R, C, PH, PW), equal to torchvision's output; a view of ``out`` when given.
     """
     n, channels, height, width = feature.shape
     pooled_h, pooled_w = output_size
+    if out is None:
+        out = feature.new_empty(len(rois), pooled_h, pooled_w, channels)
+    elif out.shape != (len(rois), pooled_h, pooled_w, channels):
+        raise ValueError(
+            f"sparse_table_roi_pool's out has shape {tuple(out.shape)}; expected "
+            f"{(len(rois), pooled_h, pooled_w, channels)} (R, PH, PW, C)."
+        )
+    result = out.permute(0, 3, 1, 2)
     if len(rois) == 0 or channels == 0:
-        return feature.new_zeros(len(rois), channels, pooled_h, pooled_w)
+        return result
     hstart, hend, wstart, wend = roi_pool_bins(
         rois[:, 1:].cpu(), spatial_scale, output_size, height, width
     )
+    rows = out.view(len(rois), pooled_h * pooled_w, channels)
     batch_index = rois[:, 0].long().cpu()
     if n == 1 or bool((batch_index == batch_index[0]).all()):
         windows = _bin_windows(hstart, hend, wstart, wend, width)
-        return _pool_image(feature[int(batch_index[0])], windows, pooled_h, pooled_w)
-    out = feature.new_empty(len(rois), channels, pooled_h, pooled_w)
+        _pool_image(feature[int(batch_index[0])], windows, rows)
+        return result
     for image in range(n):
         select = (batch_index == image).nonzero().flatten()
         if len(select) == 0:
             continue
         windows = _bin_windows(hstart[select], hend[select], wstart[select], wend[select], width)
-        out[select.to(feature.device)] = _pool_image(feature[image], windows, pooled_h, pooled_w)
-    return out
+        pooled = feature.new_empty(len(select), pooled_h * pooled_w, channels)
+        _pool_image(feature[image], windows, pooled)
+        rows.index_copy_(0, select.to(feature.device), pooled)
+    return result
 
 
 def _bin_windows(
@@ -169,9 +187,9 @@ def release_scratch() -> None:
     _SCRATCH.buffer = None
 
 
-def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tensor:
+def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
     """
-    The (R, C, PH, PW) pooled bins of one image's (C, H, W) feature.
+    Write into ``out`` (R, PH * PW, C) the pooled bins of one image's (C, H, W) feature.
 
     The sparse table is never held whole (K * L maps of the feature's size): its maps are built
     one after the other, each from the previous, and the bins whose windows lie on a map are
@@ -221,10 +239,9 @@ def _pool_image(feature: Tensor, windows, pooled_h: int, pooled_w: int) -> Tenso
                     torch.maximum(block, buffer, out=block)
             if not any(counts[k * levels_w + lw + 1 : last]):
                 break
-    out = feature.new_empty(num_bins, channels)
+    out = out.view(num_bins, channels)  # a view, also of a channel slice
     out.index_copy_(0, order.to(device), sorted_out)
     out.masked_fill_(empty.to(device)[:, None], 0.0)
-    return out.view(-1, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
 
 
 def _window_max(x: Tensor, dim: int, shift: int, *, out: Tensor) -> None:
@@ -265,14 +282,19 @@ class IONROIPool(nn.Module):
             and not (torch.is_grad_enabled() and feature.requires_grad)
         )
 
-    def forward(self, x: List[Tensor], box_lists: List[Boxes]) -> Tensor:
+    def forward(
+        self, x: List[Tensor], box_lists: List[Boxes], out: Optional[Tensor] = None
+    ) -> Tensor:
         """
         Args:
             x (list[Tensor]): one (N, C, H, W) feature map.
             box_lists (list[Boxes]): the N images' boxes, in input-image coordinates.
+            out (Tensor or None): (R, output_size, output_size, C) to write the result into
+                (without autograd); None: a new tensor.
 
         Returns:
-            Tensor: (R, C, output_size, output_size) for the R boxes of all images.
+            Tensor: (R, C, output_size, output_size) for the R boxes of all images (a view of
+            ``out`` when given).
         """
         if len(x) != 1:
             raise ValueError(f"IONROIPool pools one feature map; got {len(x)}.")
@@ -284,5 +306,11 @@ class IONROIPool(nn.Module):
             )
         rois = convert_boxes_to_pooler_format(box_lists)
         if self.use_sparse_table(feature):
-            return sparse_table_roi_pool(feature, rois, self.spatial_scale, self.output_size)
-        return tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+            return sparse_table_roi_pool(
+                feature, rois, self.spatial_scale, self.output_size, out=out
+            )
+        pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+        if out is None:
+            return pooled
+        out.copy_(pooled.permute(0, 2, 3, 1))
+        return out.permute(0, 3, 1, 2)

@@ -173,6 +173,7 @@ class IONSkipPooler(nn.Module):
             for s in input_shapes
         )
         self.norm = norm
+        self.output_size = output_size
         in_channels = sum(s.channels for s in input_shapes)
         # True until the scale is measured or loaded (scale_init -1); plain Python state, so a
         # checkpoint never records it: loading one that holds the scale clears it.
@@ -262,9 +263,9 @@ class IONSkipPooler(nn.Module):
                 "ion_d2.skip_pool_scale.measure_skip_pool_scale, load weights that hold it, or "
                 "set SCALE_INIT to 0 (the paper's constants) or a value > 0."
             )
-        pooled = [pooler([feature], box_lists) for pooler, feature in zip(self.poolers, x)]
         if not self.training and not torch.is_grad_enabled():
-            return self._fused_inference(pooled)
+            return self._fused_inference(x, box_lists)
+        pooled = [pooler([feature], box_lists) for pooler, feature in zip(self.poolers, x)]
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
         if self.scale is not None:
             out = out * self.scale[None, :, None, None]
@@ -273,36 +274,38 @@ class IONSkipPooler(nn.Module):
             out = self.reduce(out)
         return out
 
-    def _fused_inference(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+    def _fused_inference(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """
-        :meth:`forward`'s normalisation, scale, concatenation and 1x1 conv at inference (eval
-        mode, no gradient: no dropout, and outputs written in place), in fewer passes over the R x C x 7 x 7 descriptors: each feature is written
-        once into a channels-last concatenation, already divided by its norm and multiplied by
-        its scale, and the 1x1 conv reads that layout (a plain matrix product per cell, faster
-        than on channels-first input). Equal to the training path's output up to float
-        rounding (``x * (s / n)`` instead of ``(x / n) * s``, norms summed in another order).
+        :meth:`forward` at inference (eval mode, no gradient: no dropout, outputs written in
+        place) in fewer passes over the R x C x 7 x 7 descriptors: each feature is pooled
+        straight into its channels of one channels-last concatenation, divided there by its norm
+        and multiplied by its scale in one pass, and the 1x1 conv reads that layout (a plain
+        matrix product per cell, faster than on channels-first input). Equal to the training
+        path's output up to float rounding (``x * (s / n)`` instead of ``(x / n) * s``, norms
+        summed in another order).
         """
-        num, _, height, width = pooled[0].shape
-        channels = sum(p.shape[1] for p in pooled)
-        concat = pooled[0].new_empty(num, height, width, channels)
+        num = sum(len(b) for b in box_lists)
+        channels = [feature.shape[1] for feature in x]
+        size = self.output_size
+        concat = x[0].new_empty(num, size, size, sum(channels))
         eps = 1e-12
         start = 0
-        for p in pooled:
-            end = start + p.shape[1]
-            cells = p.permute(0, 2, 3, 1)  # (R, H, W, C): a view when p is channels-last
+        for pooler, feature, width in zip(self.poolers, x, channels):
+            end = start + width
             target = concat[..., start:end]
+            if isinstance(pooler, IONROIPool):
+                pooler([feature], box_lists, out=target)
+            else:
+                target.copy_(pooler([feature], box_lists).permute(0, 2, 3, 1))
             scale = None if self.scale is None else self.scale[start:end]
             if self.norm == "roi":
-                inv = torch.linalg.vector_norm(cells, dim=(1, 2, 3)).clamp(min=eps).reciprocal()
+                inv = torch.linalg.vector_norm(target, dim=(1, 2, 3)).clamp(min=eps).reciprocal()
                 factor = inv[:, None] if scale is None else inv[:, None] * scale[None, :]
-                torch.mul(cells, factor[:, None, None, :], out=target)
+                target.mul_(factor[:, None, None, :])
             elif self.norm == "location":
-                norm = torch.linalg.vector_norm(cells, dim=3, keepdim=True).clamp(min=eps)
-                torch.div(cells, norm, out=target)
+                target.div_(torch.linalg.vector_norm(target, dim=3, keepdim=True).clamp(min=eps))
                 if scale is not None:
                     target.mul_(scale)
-            else:
-                target.copy_(cells)
             start = end
         out = concat.permute(0, 3, 1, 2)  # (R, C, H, W) in channels-last memory
         if self.reduce is not None:

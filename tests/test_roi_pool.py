@@ -125,3 +125,19 @@ def test_module_rejects_bad_input():
         pooler([feature, feature], [Boxes(torch.zeros(0, 4))] * 2)
     with pytest.raises(ValueError, match="1 box lists for a batch of 2"):
         pooler([feature], [Boxes(torch.zeros(0, 4))])
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_writes_into_a_channel_slice_of_a_channels_last_buffer(num_images):
+    g = torch.Generator().manual_seed(7)
+    feature = torch.randn(num_images, 4, 12, 18, generator=g)
+    rois = _random_rois(g, 30, 48, 72, num_images=num_images)
+    ref = roi_pool(feature, rois, (7, 7), 0.25)
+    buffer = torch.full((30, 7, 7, 10), 123.0)
+    out = sparse_table_roi_pool(feature, rois, 0.25, (7, 7), out=buffer[..., 3:7])
+    assert torch.equal(out, ref)
+    assert torch.equal(buffer[..., 3:7].permute(0, 3, 1, 2), ref)
+    # Only the slice is written.
+    assert bool((buffer[..., :3] == 123.0).all()) and bool((buffer[..., 7:] == 123.0).all())
+    with pytest.raises(ValueError, match=r"expected \(30, 7, 7, 4\)"):
+        sparse_table_roi_pool(feature, rois, 0.25, (7, 7), out=buffer)
