@@ -58,10 +58,10 @@ def irnn_scans(
 
     All rows (for "right"/"left") or columns (for "down"/"up") of all images advance together:
     with a learned ``Whh`` each step is a single ``(N*H, C) x (C, C)`` (or ``(N*W, C) x (C, C)``)
-    matrix multiply, so the Python loop has W (or H) iterations per direction, not N*H*W. Each
-    step reads its input from ``x`` and writes its state into the output in place, so the
-    output needs no stacking nor layout change; a custom backward runs the same loop in reverse
-    and computes ``Whh``'s gradient as one matrix multiply over the whole map.
+    matrix multiply, so the Python loop has W (or H) iterations per direction, not N*H*W. The
+    output starts as a copy of the input and each step turns its cells into states in place,
+    so the output needs no stacking nor layout change; a custom backward runs the same loop in
+    reverse and computes ``Whh``'s gradient as one matrix multiply over the whole map.
 
     Args:
         x (Tensor): (N, H, W, K, C) input-to-hidden activations, channels last: K = 1, one input
@@ -128,7 +128,7 @@ def irnn_scans(
             dim=3,
         )
         return h if outside is None else h.masked_fill(outside, 0.0)
-    return _StepScans.apply(x.contiguous(), whh, directions, outside)
+    return _StepScans.apply(x, whh, directions, outside)
 
 
 def irnn_scan(
@@ -196,10 +196,9 @@ def _identity_closed_form(method: str, device: torch.device) -> bool:
     """Whether a ``Whh = I`` scan on ``device`` uses the closed form (else the step loop)."""
     if method != "auto":
         return method == "closed_form"
-    # On a GPU every op is a kernel launch, so the closed form's handful of whole-map ops beats
-    # 2 small ops per step; on a CPU the step loop wins (measured with benchmarks/bench_irnn.py,
-    # 2 threads, 1x512x38x63, 4 directions: forward 6.2 ms vs 70 ms, with backward 19 ms vs
-    # 134 ms), because cumsum/cummin along a strided dim are slow there.
+    # On a GPU every op is a kernel launch, so the closed form's few whole-map ops beat the step
+    # loop's two small ops per step, while on a CPU the step loop wins (bench_irnn.py, 2 threads,
+    # 1x512x38x63, 4 directions: forward 9.0 ms vs 115 ms, with backward 23 ms vs 153 ms).
     return device.type != "cpu"
 
 
@@ -261,14 +260,6 @@ def _steps(v: Tensor, direction: str) -> List[Tensor]:
     return steps
 
 
-def _matmul_step(out: Tensor, x_t: Tensor, h: Tensor, w: Tensor) -> None:
-    """``out = x_t + h @ w``, written into the view ``out`` (2-D, or 3-D per image)."""
-    if out.dim() == 2:
-        torch.addmm(x_t, h, w, out=out)
-    else:
-        torch.baddbmm(x_t, h, w.expand(out.shape[0], -1, -1), out=out)
-
-
 def _with_predecessor(g: Tensor, h: Tensor, direction: str, dim: int) -> Tuple[Tensor, Tensor]:
     """
     ``g`` at the cells of an (N, H, W, C) map that have a predecessor in the scan along ``dim``,
@@ -282,26 +273,30 @@ def _with_predecessor(g: Tensor, h: Tensor, direction: str, dim: int) -> Tuple[T
 
 class _StepScans(torch.autograd.Function):
     """
-    :func:`irnn_scans` as a loop over the steps: the forward writes each step's state into its
-    slot of the output; the backward runs the loop in reverse in place on a copy of the output's
-    gradient. (Autograd through in-place writes into one buffer is not possible: every write
-    bumps the version of the states saved for the previous steps.)
+    :func:`irnn_scans` as a loop over the steps, in place: the forward turns a copy of the
+    input into the states one step at a time; the backward runs the loop in reverse on a copy
+    of the output's gradient. (Autograd cannot differentiate in-place writes into one buffer:
+    every write bumps the version of the states saved for the previous steps.)
     """
 
     @staticmethod
     def forward(ctx, x, whh, directions, outside):
         n, height, width, k, c = x.shape
-        h = x.new_empty((n, height, width, len(directions), c))
+        # Every state starts as its input: each step then adds Whh @ h_{t-1} in place.
+        h = x.expand(n, height, width, len(directions), c).clone(
+            memory_format=torch.contiguous_format
+        )
         for d, direction in enumerate(directions):
-            xs = _steps(x[:, :, :, d if k > 1 else 0], direction)
             hs = _steps(h[:, :, :, d], direction)
-            torch.clamp(xs[0], min=0, out=hs[0])
+            hs[0].clamp_(min=0)
             w = None if whh is None else whh[d].t()
             for t in range(1, len(hs)):
                 if w is None:
-                    torch.add(xs[t], hs[t - 1], out=hs[t])
+                    hs[t].add_(hs[t - 1])
+                elif hs[t].dim() == 2:
+                    hs[t].addmm_(hs[t - 1], w)
                 else:
-                    _matmul_step(hs[t], xs[t], hs[t - 1], w)
+                    hs[t].baddbmm_(hs[t - 1], w.expand(hs[t].shape[0], -1, -1))
                 hs[t].clamp_(min=0)
         if outside is not None:
             # After an image (in scan order) the padding's states are not 0; they feed no
@@ -318,13 +313,15 @@ class _StepScans(torch.autograd.Function):
         h, whh = ctx.saved_tensors
         # g becomes the gradient of each cell's pre-activation Whh @ h_{t-1} + x_t.
         g = grad_h.clone(memory_format=torch.contiguous_format)
-        dead = h <= 0  # ReLU's gradient is 0 where its output is 0
+        # ReLU's gradient: 1 where its output is positive, 0 elsewhere (as a float, multiplying
+        # is faster than masked_fill_ on a CPU).
+        live = (h > 0).to(g.dtype)
         need_whh = whh is not None and ctx.needs_input_grad[1]
         grad_whh = torch.zeros_like(whh) if need_whh else None
         for d, direction in enumerate(ctx.directions):
             gs = _steps(g[:, :, :, d], direction)
-            deads = _steps(dead[:, :, :, d], direction)
-            gs[-1].masked_fill_(deads[-1], 0.0)
+            lives = _steps(live[:, :, :, d], direction)
+            gs[-1].mul_(lives[-1])
             for t in range(len(gs) - 2, -1, -1):
                 # h_t reaches the loss through its own output and through step t + 1.
                 if whh is None:
@@ -333,7 +330,7 @@ class _StepScans(torch.autograd.Function):
                     gs[t].addmm_(gs[t + 1], whh[d])
                 else:
                     gs[t].baddbmm_(gs[t + 1], whh[d].expand(gs[t].shape[0], -1, -1))
-                gs[t].masked_fill_(deads[t], 0.0)
+                gs[t].mul_(lives[t])
             if need_whh:
                 dim = 2 if direction in ("right", "left") else 1
                 if h.shape[dim] > 1:
