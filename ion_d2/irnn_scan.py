@@ -128,6 +128,10 @@ def irnn_scans(
             dim=3,
         )
         return h if outside is None else h.masked_fill(outside, 0.0)
+    if whh is not None and whh.dtype != x.dtype:
+        # Under autocast the input-to-hidden conv gives a lower precision than Whh's; the
+        # in-place steps are not autocast, so Whh is cast as autocast casts an addmm's inputs.
+        whh = whh.to(x.dtype)
     return _StepScans.apply(x, whh, directions, outside)
 
 
