@@ -1,33 +1,40 @@
 """
-Time ION's IRNN recurrences on a conv5-sized map (section 3.2).
+Time ION's IRNN recurrences and context module on a conv5-sized map (section 3.2).
 
 Compares, in one run and on the same input:
 
-1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.irnn_scan.irnn_scan`, one
-   ``(N*H, C) x (C, C)`` matmul per step for all rows of all images) against a cell-by-cell loop
-   (one ``(C, C) x (C,)`` matvec per cell), as the paper's "stepping all IRNNs together with a
-   single matrix multiply" vs "computing each RNN cell one at a time";
-2. the ``Whh = I`` scan: the cumsum/cummin closed form
-   (:func:`ion_d2.irnn_scan.irnn_scan_identity`) against the batched step loop
-   ``h = relu(h + x_t)``, forward only and forward + backward; for scale, the forward also
-   times :func:`ion_d2.irnn_scan.irnn_scan` with ``Whh = I`` (what "removing Whh" saves).
+1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.irnn_scan.irnn_scans`, one
+   ``(N*H, C) x (C, C)`` matmul per step for all rows of all images, four directions at once)
+   against a cell-by-cell loop (one ``(C, C) x (C,)`` matvec per cell), as the paper's
+   "stepping all IRNNs together with a single matrix multiply" vs "computing each RNN cell one
+   at a time";
+2. the ``Whh = I`` scan: the step loop ``h = relu(h + x_t)`` (``identity_method="step"``, the
+   CPU's choice) against the cumsum/cummin closed form (``"closed_form"``, the GPU's choice),
+   forward only and forward + backward; for scale, the forward also times the learned scan
+   with ``Whh = I`` (what "removing Whh" saves);
+3. the whole :class:`ion_d2.context.IRNN` module in eval (``--layers`` 4-direction layers of
+   ``--hidden`` units on a ``--hidden``-channel map), ``Whh`` learned and removed; with
+   ``--trunk``, also the VGG16 trunk on the image that gives this map (16 px per cell) and the
+   module's share of the trunk's time.
 
-Each line reports the median time per call over all four directions (right, left, down, up),
-the speed-up over the section's first line (the baseline) and the largest difference from the
-baseline's output relative to the baseline's largest value. Example::
+Each line reports the median time per call, the speed-up over the section's first line (the
+baseline) and the largest difference from the baseline's output relative to the baseline's
+largest value. On a shared CPU the times are noisy: compare lines of one run. Example::
 
-    python benchmarks/bench_irnn.py --height 38 --width 50 --hidden 512
+    python benchmarks/bench_irnn.py --threads 2 --trunk
 """
 
 import argparse
 import statistics
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ion_d2.irnn_scan import IRNN_DIRECTIONS, irnn_scan, irnn_scan_identity
+from ion_d2.context import IRNN
+from ion_d2.irnn_scan import IRNN_DIRECTIONS, irnn_scans
+from ion_d2.vgg16 import IONVGG16
 
 
 def cell_by_cell_scan(x: Tensor, whh: Tensor, direction: str) -> Tensor:
@@ -47,24 +54,6 @@ def cell_by_cell_scan(x: Tensor, whh: Tensor, direction: str) -> Tensor:
                 h = torch.relu(torch.mv(whh, h) + x[b, :, i, j])
                 out[b, :, i, j] = h
     return out
-
-
-def batched_identity_step_loop(x: Tensor, direction: str) -> Tensor:
-    """``h_t = relu(h_{t-1} + x_t)`` with a Python loop over steps, all rows/columns at once."""
-    dim = 3 if direction in ("right", "left") else 2
-    length = x.shape[dim]
-    steps = range(length - 1, -1, -1) if direction in ("left", "up") else range(length)
-    states: List[Optional[Tensor]] = [None] * length
-    h = None
-    for t in steps:
-        x_t = x.select(dim, t)
-        h = torch.relu(x_t) if h is None else torch.relu(h + x_t)
-        states[t] = h
-    return torch.stack(states, dim=dim)
-
-
-def all_directions(scan: Callable[[str], Tensor]) -> Tensor:
-    return torch.cat([scan(d) for d in IRNN_DIRECTIONS], dim=1)
 
 
 def timeit(fn: Callable[[], Tensor], repeats: int, warmup: int = 1) -> Tuple[float, Tensor]:
@@ -93,13 +82,45 @@ def report(name: str, rows: Sequence[Tuple[str, float, Tensor]]) -> None:
     base_name, base_t, base_out = rows[0]
     scale = base_out.abs().max().clamp(min=1e-30)
     print(name)
-    print(f"  {base_name:<40s} {base_t * 1e3:9.2f} ms   (baseline)")
+    print(f"  {base_name:<44s} {base_t * 1e3:9.2f} ms   (baseline)")
     for row_name, row_t, row_out in rows[1:]:
         diff = ((row_out - base_out).abs().max() / scale).item()
         print(
-            f"  {row_name:<40s} {row_t * 1e3:9.2f} ms   speed-up {base_t / row_t:6.1f}x   "
+            f"  {row_name:<44s} {row_t * 1e3:9.2f} ms   speed-up {base_t / row_t:6.1f}x   "
             f"max |diff| / max |baseline| {diff:.1e}"
         )
+
+
+def time_module(args: argparse.Namespace, x: Tensor) -> None:
+    """Section 3: the IRNN module in eval, learned and removed, and optionally the trunk."""
+    feature = torch.randn(args.batch, args.hidden, args.height, args.width)
+    times = {}
+    with torch.no_grad():
+        for recurrent in ("learned", "removed"):
+            module = IRNN(
+                in_feature="conv5",
+                in_channels=args.hidden,
+                stride=16,
+                hidden_dim=args.hidden,
+                num_layers=args.layers,
+                recurrent=recurrent,
+            ).eval()
+            times[recurrent] = timeit(lambda: module({"conv5": feature})["context"], args.repeats)
+        trunk_t = None
+        if args.trunk:
+            trunk = IONVGG16(out_features=["conv5"]).eval()
+            image = torch.randn(args.batch, 3, 16 * args.height, 16 * args.width)
+            trunk_t = timeit(lambda: trunk(image)["conv5"], args.trunk_repeats)[0]
+    print(
+        f"[4] IRNN module, eval forward ({args.layers} layers, hidden {args.hidden}, "
+        f"{tuple(feature.shape)})"
+    )
+    for recurrent, (t, _) in times.items():
+        share = "" if trunk_t is None else f"   {100 * t / trunk_t:5.1f} % of the trunk"
+        print(f"  Whh {recurrent:<40s} {t * 1e3:9.2f} ms{share}")
+    if trunk_t is not None:
+        size = (16 * args.height, 16 * args.width)
+        print(f"  VGG16 trunk to conv5, {size[0]}x{size[1]} image {trunk_t * 1e3:11.2f} ms")
 
 
 def main() -> None:
@@ -107,9 +128,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=512, help="hidden units per direction")
     parser.add_argument("--height", type=int, default=38, help="conv5 height (600 px / 16)")
-    parser.add_argument("--width", type=int, default=50, help="conv5 width (800 px / 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the fast paths")
+    parser.add_argument("--width", type=int, default=63, help="conv5 width (1000 px / 16)")
+    parser.add_argument("--layers", type=int, default=2, help="IRNN layers of the module")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of the fast paths")
     parser.add_argument("--cell-repeats", type=int, default=1, help="timed cell-by-cell runs")
+    parser.add_argument("--trunk", action="store_true", help="also time the VGG16 trunk")
+    parser.add_argument("--trunk-repeats", type=int, default=3, help="timed trunk runs")
     parser.add_argument(
         "--threads",
         type=int,
@@ -123,57 +147,61 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    shape = (args.batch, args.hidden, args.height, args.width)
-    x = torch.randn(shape)
-    whh = torch.eye(args.hidden) + 0.01 * torch.randn(args.hidden, args.hidden)
+    shape = (args.batch, args.height, args.width, 1, args.hidden)
+    x = torch.randn(shape)  # one input-to-hidden map shared by the four directions
+    x_nchw = x[:, :, :, 0].permute(0, 3, 1, 2).contiguous()
+    whh = torch.eye(args.hidden) + 0.01 * torch.randn(4, args.hidden, args.hidden)
     print(
-        f"input-to-hidden map {tuple(shape)}, 4 directions, float32, "
+        f"input-to-hidden map {tuple(x_nchw.shape)}, 4 directions, float32, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; median time per call"
     )
 
-    def identity_loop(t: Tensor) -> Tensor:
-        return all_directions(lambda d: batched_identity_step_loop(t, d))
+    def step(t: Tensor) -> Tensor:
+        return irnn_scans(t, IRNN_DIRECTIONS, identity_method="step")
 
-    def identity_closed(t: Tensor) -> Tensor:
-        return all_directions(lambda d: irnn_scan_identity(t, d))
+    def closed(t: Tensor) -> Tensor:
+        return irnn_scans(t, IRNN_DIRECTIONS, identity_method="closed_form")
 
-    eye = torch.eye(args.hidden)
+    eye = torch.eye(args.hidden).expand(4, -1, -1)
     with torch.no_grad():
         cell = timeit(
-            lambda: all_directions(lambda d: cell_by_cell_scan(x, whh, d)),
+            lambda: torch.stack(
+                [cell_by_cell_scan(x_nchw, whh[d], s) for d, s in enumerate(IRNN_DIRECTIONS)],
+                dim=1,
+            ),
             args.cell_repeats,
             warmup=0,
         )
-        batched = timeit(lambda: all_directions(lambda d: irnn_scan(x, whh, d)), args.repeats)
+        batched = timeit(lambda: irnn_scans(x, IRNN_DIRECTIONS, whh), args.repeats)
+        # cell-by-cell states are (N, 4, C, H, W); irnn_scans' are (N, H, W, 4, C)
+        batched = (batched[0], batched[1].permute(0, 3, 4, 1, 2))
         report(
             "[1] learned Whh, forward",
             [
                 ("cell-by-cell loop (1 matvec per cell)", *cell),
-                ("batched scan irnn_scan (1 matmul/step)", *batched),
+                ("batched scan irnn_scans (1 matmul/step)", *batched),
             ],
         )
-
-        loop = timeit(lambda: identity_loop(x), args.repeats)
-        closed = timeit(lambda: identity_closed(x), args.repeats)
-        matmul = timeit(lambda: all_directions(lambda d: irnn_scan(x, eye, d)), args.repeats)
         report(
             "[2] Whh removed, forward",
             [
-                ("batched step loop h = relu(h + x_t)", *loop),
-                ("closed form irnn_scan_identity", *closed),
-                ("irnn_scan with Whh = I (1 matmul/step)", *matmul),
+                ("closed form (cumsum/cummin)", *timeit(lambda: closed(x), args.repeats)),
+                ("step loop h = relu(h + x_t)", *timeit(lambda: step(x), args.repeats)),
+                (
+                    "learned scan with Whh = I (1 matmul/step)",
+                    *timeit(lambda: irnn_scans(x, IRNN_DIRECTIONS, eye), args.repeats),
+                ),
             ],
         )
 
-    loop = timeit(forward_backward(identity_loop, x), args.repeats)
-    closed = timeit(forward_backward(identity_closed, x), args.repeats)
     report(
         "[3] Whh removed, forward + backward (input gradients compared)",
         [
-            ("batched step loop h = relu(h + x_t)", *loop),
-            ("closed form irnn_scan_identity", *closed),
+            ("closed form (cumsum/cummin)", *timeit(forward_backward(closed, x), args.repeats)),
+            ("step loop h = relu(h + x_t)", *timeit(forward_backward(step, x), args.repeats)),
         ],
     )
+    time_module(args, x)
 
 
 if __name__ == "__main__":

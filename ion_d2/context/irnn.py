@@ -11,7 +11,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from ..irnn_scan import IRNN_DIRECTIONS, irnn_scan, irnn_scan_identity
+from ..irnn_scan import IRNN_DIRECTIONS, irnn_scans
 from ..padding import valid_cell_mask, valid_cells_of
 from .build import ION_CONTEXT_REGISTRY, context_input, context_input_shape
 
@@ -75,35 +75,79 @@ class _IRNNLayer(nn.Module):
         Args:
             x (Tensor): (N, C, H, W) layer input.
             valid_cells (Tensor or None): (N, 2) valid rows and columns of each image (see
-                :func:`irnn_scan`); None: the whole map.
+                :func:`irnn_scans`); None: the whole map.
 
         Returns:
             dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order; 0
             outside the valid cells.
         """
+        states = self._scans(_to_channels_last(x), valid_cells)
+        return {d: states[:, :, :, i].permute(0, 3, 1, 2) for i, d in enumerate(self.directions)}
+
+    def _scans(self, x: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
+        """(N, H, W, D, hidden_dim): the directions' states of ``x`` (channels_last memory)."""
         hidden = self.input_to_hidden(x)
-        if self.shared_input_to_hidden:
-            inputs = [hidden] * len(self.directions)
-        else:
-            inputs = hidden.chunk(len(self.directions), dim=1)
-        states = {}
-        for i, direction in enumerate(self.directions):
-            b0 = None if self.first_step_bias is None else self.first_step_bias[i]
-            if self.whh is None:
-                states[direction] = irnn_scan_identity(inputs[i], direction, b0, valid_cells)
-            else:
-                states[direction] = irnn_scan(inputs[i], self.whh[i], direction, b0, valid_cells)
-        return states
+        n, channels, height, width = hidden.shape
+        hidden = _to_channels_last(hidden).permute(0, 2, 3, 1)
+        # Shared, one input-to-hidden map feeds every direction (K = 1); else K = D blocks.
+        k = 1 if self.shared_input_to_hidden else len(self.directions)
+        hidden = hidden.view(n, height, width, k, channels // k)
+        return irnn_scans(hidden, self.directions, self.whh, self.first_step_bias, valid_cells)
 
     def forward(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
+        """
+        Args:
+            x (Tensor): (N, C, H, W) layer input, in any memory format.
+            valid_cells (Tensor or None): see :meth:`direction_states`.
+
+        Returns:
+            Tensor: (N, C, H, W) in channels_last memory format (the layout the scans work in;
+            the next layer reads it as is).
+        """
+        states = self._scans(_to_channels_last(x), valid_cells)
+        n, height, width, _, _ = states.shape
+        # The states already lie side by side, channels last: the directions' concatenation
+        # (right, left, down, up), read by the 1x1 conv without copying.
+        concat = states.view(n, height, width, -1).permute(0, 3, 1, 2)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # Dropout draws its mask in its input's memory order: drawn on a contiguous map,
+            # a seed gives the mask a contiguous concatenation got. (concat * keep stays
+            # channels_last: a product takes its first operand's memory format.)
+            concat = concat * self.dropout(concat.new_ones(concat.shape))
+        out = self.hidden_to_output(concat)
         # The output conv's bias must not reach the padding (the next layer, the ROI pooler or
         # the seg head would see it). Zeroed before the ReLU, in place (the conv's backward does
         # not need its output).
-        concat = self.dropout(torch.cat(list(self.direction_states(x, valid_cells).values()), 1))
-        out = self.hidden_to_output(concat)
         if valid_cells is not None:
-            out.masked_fill_(~valid_cell_mask(valid_cells, x.shape[-2], x.shape[-1]), 0.0)
+            out.masked_fill_(~valid_cell_mask(valid_cells, height, width), 0.0)
         return F.relu(out)
+
+
+def _to_channels_last(x: Tensor) -> Tensor:
+    """
+    (N, C, H, W) ``x`` in channels_last memory format (``x`` itself when it already is).
+
+    One 2-D transpose per image: ``x.contiguous(memory_format=...)`` on CPU moves the same data
+    several times slower.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    n, c, height, width = x.shape
+    out = x.new_empty((n, height, width, c))
+    for i in range(n):
+        out[i].view(height * width, c).copy_(x[i].reshape(c, height * width).t())
+    return out.permute(0, 3, 1, 2)
+
+
+def _to_contiguous(x: Tensor) -> Tensor:
+    """(N, C, H, W) ``x`` in contiguous (NCHW) memory format; see :func:`_to_channels_last`."""
+    if x.is_contiguous():
+        return x
+    n, c, height, width = x.shape
+    out = x.new_empty((n, c, height, width))
+    for i in range(n):
+        out[i].view(c, height * width).copy_(x[i].permute(1, 2, 0).reshape(height * width, c).t())
+    return out
 
 
 @ION_CONTEXT_REGISTRY.register()
@@ -113,11 +157,13 @@ class IRNN(nn.Module):
 
     Each layer computes ``x -> ReLU(conv1x1(dropout(concat_d(scan_d(conv1x1(x))))))``: an
     input-to-hidden 1x1 conv (with bias) shared by the directions (or one per direction); per
-    direction ``d`` the recurrence of :mod:`ion_d2.irnn_scan` with its own ``Whh_d`` moving
-    right, left, down or up (:func:`irnn_scan`, or :func:`irnn_scan_identity` when ``Whh`` is
-    removed); the directions' hidden maps concatenated on channels in the order right, left,
+    direction ``d`` the recurrence of :mod:`ion_d2.irnn_scan` with its own ``Whh_d`` (or
+    ``Whh = I`` when removed) moving right, left, down or up (:func:`irnn_scans`, all directions
+    at once); the directions' hidden maps concatenated on channels in the order right, left,
     down, up; dropout (training only); and a 1x1 hidden-to-output conv back to the layer's input
     channels, followed by ReLU. The output thus has the input feature's channels and spatial size.
+    Between the convs the maps are channels last, so the scans' steps and the concatenation
+    need no layout change.
 
     Given the images' sizes, every layer works on each image's valid cells only
     (:mod:`ion_d2.padding`): the scans start at the image's own edges and the padding stays 0,
@@ -256,7 +302,9 @@ class IRNN(nn.Module):
             outputs.append(x)
         if not self.output_all_layers:
             outputs = outputs[-1:]
-        return dict(zip(self._output_names(), outputs))
+        # The layers pass channels_last maps to each other; the outputs are contiguous, as the
+        # backbone's features are.
+        return dict(zip(self._output_names(), map(_to_contiguous, outputs)))
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
