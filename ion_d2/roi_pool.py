@@ -23,6 +23,7 @@ from torchvision.ops import roi_pool as tv_roi_pool
 
 __all__ = ["IONROIPool", "release_scratch", "roi_pool_bins", "sparse_table_roi_pool"]
 
+
 def _round_half_away(x: Tensor) -> Tensor:
     """C's ``round`` (halves away from 0) of float32 values, exactly (in float64)."""
     x = x.double()
@@ -164,8 +165,11 @@ def _bin_windows(
 # Per thread, the scratch memory of the last sparse-table pooling, kept for the next: fresh
 # memory costs page faults (a conv3 map at 600x1000 is 38 MB, and pooling needs 4 and the bins),
 # which took longer than the pooling's arithmetic. It holds at most the largest call's need
-# (e.g. about 280 MB for 1000 boxes on VGG16's conv4 at 600x1000); release_scratch() frees it.
+# (4 maps and two blocks of bins: about 170 MB for VGG16's conv3 at 600x1000); release_scratch() frees it.
 _SCRATCH = threading.local()
+# Bins gathered at a time: bounds the scratch memory of the gathered bins (16 MB at 512
+# channels) whatever the number of boxes.
+_BLOCK = 8192
 
 
 def _scratch(numel: int, like: Tensor) -> Tensor:
@@ -193,8 +197,7 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
 
     The sparse table is never held whole (K * L maps of the feature's size): its maps are built
     one after the other, each from the previous, and the bins whose windows lie on a map are
-    gathered from it before it is dropped. The bins are processed sorted by level, so each
-    level's results fill a contiguous block.
+    gathered from it (in blocks of at most :data:`_BLOCK` bins) before it is dropped.
     """
     level, corners, empty, levels_w = windows
     channels, height, width = feature.shape
@@ -202,18 +205,20 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
     device = feature.device
     level, order = level.sort(stable=True)
     corners = corners[:, order].to(device)
+    order = order.to(device)
     counts = torch.bincount(level, minlength=1).tolist()
     bounds = [0]
     for c in counts:
         bounds.append(bounds[-1] + c)
     levels_h = -(-len(counts) // levels_w)
-    # Scratch: two buffers for the row levels and two for the column levels, reused level after
-    # level, and two for the gathered bins.
+    out = out.view(num_bins, channels)  # a view, also of a channel slice
+    # Scratch: two maps for the row levels and two for the column levels, reused level after
+    # level, and two blocks of gathered bins.
     map_size = height * width * channels
-    scratch = _scratch(4 * map_size + 2 * num_bins * channels, feature)
+    block_size = min(num_bins, _BLOCK)
+    scratch = _scratch(4 * map_size + 2 * block_size * channels, feature)
     maps = scratch[: 4 * map_size].view(4, height, width, channels)
-    sorted_out = scratch[4 * map_size : 4 * map_size + num_bins * channels].view(-1, channels)
-    other = scratch[4 * map_size + num_bins * channels :].view(-1, channels)
+    blocks = scratch[4 * map_size :].view(2, block_size, channels)
     rows, spare_rows, cols, spare_cols = maps.unbind(0)
     rows.copy_(feature.permute(1, 2, 0))  # (H, W, C): a cell's channels are contiguous
     for k in range(levels_h):
@@ -228,19 +233,18 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
             if lw > 0:
                 _window_max(table, 1, 1 << (lw - 1), out=cols)
                 table, cols, spare_cols = cols, spare_cols, cols
+            cells = table.view(height * width, channels)
             lo, hi = bounds[k * levels_w + lw], bounds[k * levels_w + lw + 1]
-            if hi > lo:
-                cells = table.view(height * width, channels)
-                block = sorted_out[lo:hi]
-                buffer = other[lo:hi]
-                torch.index_select(cells, 0, corners[0, lo:hi], out=block)
+            for start in range(lo, hi, block_size):
+                end = min(hi, start + block_size)
+                block, buffer = blocks[0, : end - start], blocks[1, : end - start]
+                torch.index_select(cells, 0, corners[0, start:end], out=block)
                 for j in range(1, 4):
-                    torch.index_select(cells, 0, corners[j, lo:hi], out=buffer)
+                    torch.index_select(cells, 0, corners[j, start:end], out=buffer)
                     torch.maximum(block, buffer, out=block)
+                out.index_copy_(0, order[start:end], block)
             if not any(counts[k * levels_w + lw + 1 : last]):
                 break
-    out = out.view(num_bins, channels)  # a view, also of a channel slice
-    out.index_copy_(0, order.to(device), sorted_out)
     out.masked_fill_(empty.to(device)[:, None], 0.0)
 
 

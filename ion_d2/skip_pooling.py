@@ -162,13 +162,15 @@ class IONSkipPooler(nn.Module):
         # Fast R-CNN's max pooling through IONROIPool (same output as Detectron2's, faster on
         # the CPU); the other pooler types through Detectron2's ROIPooler.
         self.poolers = nn.ModuleList(
-            IONROIPool(output_size, 1.0 / s.stride)
-            if pooler_type == "ROIPool"
-            else ROIPooler(
-                output_size=output_size,
-                scales=(1.0 / s.stride,),
-                sampling_ratio=sampling_ratio,
-                pooler_type=pooler_type,
+            (
+                IONROIPool(output_size, 1.0 / s.stride)
+                if pooler_type == "ROIPool"
+                else ROIPooler(
+                    output_size=output_size,
+                    scales=(1.0 / s.stride,),
+                    sampling_ratio=sampling_ratio,
+                    pooler_type=pooler_type,
+                )
             )
             for s in input_shapes
         )

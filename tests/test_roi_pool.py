@@ -14,7 +14,8 @@ def _random_rois(generator, num, height, width, num_images=1, lo=2.0, hi=None):
     hi = hi or 1.2 * max(height, width)
     size = torch.exp(
         torch.empty(num, 2).uniform_(
-            torch.log(torch.tensor(lo)).item(), torch.log(torch.tensor(hi)).item(),
+            torch.log(torch.tensor(lo)).item(),
+            torch.log(torch.tensor(hi)).item(),
             generator=generator,
         )
     )

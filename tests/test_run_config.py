@@ -33,9 +33,7 @@ def test_key_added_since_the_run_counts_only_when_not_at_its_default(tmp_path):
     old_run = _without(cfg.dump(), "MODEL.ION.FC_SVD_RANKS")
     assert config_differences(old_run, cfg.dump(), defaults) == []
     # Without the defaults, any key one side lacks is a difference.
-    assert config_differences(old_run, cfg.dump()) == [
-        "MODEL.ION.FC_SVD_RANKS: (absent) -> []"
-    ]
+    assert config_differences(old_run, cfg.dump()) == ["MODEL.ION.FC_SVD_RANKS: (absent) -> []"]
     cfg.MODEL.ION.FC_SVD_RANKS = [16, 8]
     assert config_differences(old_run, cfg.dump(), defaults) == [
         "MODEL.ION.FC_SVD_RANKS: (absent) -> [16, 8]"

@@ -165,8 +165,14 @@ def test_bad_arguments_raise(kwargs, match):
 
 @pytest.mark.parametrize(
     "norm,scale,out_channels",
-    [("roi", "learned", 6), ("location", "learned", 6), ("roi", "fixed", 0), ("none", "", 0),
-     ("none", "", 6), ("location", "fixed", 0)],
+    [
+        ("roi", "learned", 6),
+        ("location", "learned", 6),
+        ("roi", "fixed", 0),
+        ("none", "", 0),
+        ("none", "", 6),
+        ("location", "fixed", 0),
+    ],
 )
 def test_inference_path_equals_training_path(norm, scale, out_channels):
     """Eval without autograd (sparse-table pooling, fused normalisation and channels-last 1x1
@@ -197,4 +203,6 @@ def test_inference_path_equals_training_path(norm, scale, out_channels):
     with torch.no_grad():
         fast = pooler(feats, boxes)
     assert fast.shape == reference.shape
-    assert torch.allclose(fast, reference.detach(), rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    assert torch.allclose(
+        fast, reference.detach(), rtol=1e-5, atol=1e-5 * float(reference.abs().max())
+    )
