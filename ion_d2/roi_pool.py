@@ -164,8 +164,9 @@ def _bin_windows(
 
 # Per thread, the scratch memory of the last sparse-table pooling, kept for the next: fresh
 # memory costs page faults (a conv3 map at 600x1000 is 38 MB, and pooling needs 4 and the bins),
-# which took longer than the pooling's arithmetic. It holds at most the largest call's need
-# (4 maps and two blocks of bins: about 170 MB for VGG16's conv3 at 600x1000); release_scratch() frees it.
+# which took longer than the pooling's arithmetic. It holds at most the largest call's need (4
+# maps and two blocks of bins: about 170 MB for VGG16's conv3 at 600x1000); release_scratch()
+# frees it.
 _SCRATCH = threading.local()
 # Bins gathered at a time: bounds the scratch memory of the gathered bins (16 MB at 512
 # channels) whatever the number of boxes.
