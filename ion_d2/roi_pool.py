@@ -139,9 +139,11 @@ def _bin_windows(
     Each bin as the union of four ``2^k x 2^l`` windows.
 
     Returns:
-        tuple: per bin (R * PH * PW of them, row-major), its level ``k * L + l``, the (4, bins)
-        cells ``y * W + x`` of its four windows' top-left corners, and whether it is empty;
-        plus the number of column levels L.
+        tuple: per bin (R * PH * PW of them, row-major), its key ``4 * (k * L + l) + s`` (the
+        level of its windows, and in ``s`` which of them are distinct: a bin 2^k cells high has
+        one row of windows, a bin 2^l wide one column, see :data:`_DISTINCT_CORNERS`), the
+        (4, bins) cells ``y * W + x`` of its four windows' top-left corners, and whether it is
+        empty; plus the number of column levels L.
     """
     num, pooled_h = hstart.shape
     pooled_w = wstart.shape[1]
@@ -158,8 +160,15 @@ def _bin_windows(
     corners = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
     # Empty bins (clipped away) read cell 0 and are zeroed afterwards.
     corners = corners.masked_fill(empty[None], 0)
-    level = level_h * levels_w + level_w
-    return level.reshape(-1), corners.view(4, -1), empty.reshape(-1), levels_w
+    distinct = (y1 != y0).long() * 2 + (x1 != x0).long()
+    key = (level_h * levels_w + level_w) * 4 + distinct
+    return key.reshape(-1), corners.view(4, -1), empty.reshape(-1), levels_w
+
+
+# The windows a bin reads, by its "distinct" code: 0, all four windows are one (a bin of 2^k x
+# 2^l cells); 1, two columns; 2, two rows; 3, four windows. On conv5 most bins of small boxes
+# are 1 or 2 cells a side, so this saves most of the gathers there.
+_DISTINCT_CORNERS = ((0,), (0, 1), (0, 2), (0, 1, 2, 3))
 
 
 # Per thread, the scratch memory of the last sparse-table pooling, kept for the next: fresh
@@ -200,18 +209,21 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
     one after the other, each from the previous, and the bins whose windows lie on a map are
     gathered from it (in blocks of at most :data:`_BLOCK` bins) before it is dropped.
     """
-    level, corners, empty, levels_w = windows
+    key, corners, empty, levels_w = windows
     channels, height, width = feature.shape
-    num_bins = len(level)
+    num_bins = len(key)
     device = feature.device
-    level, order = level.sort(stable=True)
+    key, order = key.sort(stable=True)
     corners = corners[:, order].to(device)
     order = order.to(device)
-    counts = torch.bincount(level, minlength=1).tolist()
+    counts = torch.bincount(key).tolist()
+    num_levels = -(-len(counts) // 4)
+    counts += [0] * (4 * num_levels - len(counts))
+    level_counts = [sum(counts[4 * i : 4 * i + 4]) for i in range(num_levels)]
     bounds = [0]
     for c in counts:
         bounds.append(bounds[-1] + c)
-    levels_h = -(-len(counts) // levels_w)
+    levels_h = -(-num_levels // levels_w)
     out = out.view(num_bins, channels)  # a view, also of a channel slice
     # Scratch: two maps for the row levels and two for the column levels, reused level after
     # level, and two blocks of gathered bins.
@@ -226,8 +238,8 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
         if k > 0:
             _window_max(rows, 0, 1 << (k - 1), out=spare_rows)
             rows, spare_rows = spare_rows, rows
-        last = min(len(counts), (k + 1) * levels_w)
-        if not any(counts[k * levels_w : last]):
+        last = min(num_levels, (k + 1) * levels_w)
+        if not any(level_counts[k * levels_w : last]):
             continue
         table = rows
         for lw in range(last - k * levels_w):
@@ -235,16 +247,18 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
                 _window_max(table, 1, 1 << (lw - 1), out=cols)
                 table, cols, spare_cols = cols, spare_cols, cols
             cells = table.view(height * width, channels)
-            lo, hi = bounds[k * levels_w + lw], bounds[k * levels_w + lw + 1]
-            for start in range(lo, hi, block_size):
-                end = min(hi, start + block_size)
-                block, buffer = blocks[0, : end - start], blocks[1, : end - start]
-                torch.index_select(cells, 0, corners[0, start:end], out=block)
-                for j in range(1, 4):
-                    torch.index_select(cells, 0, corners[j, start:end], out=buffer)
-                    torch.maximum(block, buffer, out=block)
-                out.index_copy_(0, order[start:end], block)
-            if not any(counts[k * levels_w + lw + 1 : last]):
+            level = k * levels_w + lw
+            for distinct, used in enumerate(_DISTINCT_CORNERS):
+                lo, hi = bounds[4 * level + distinct], bounds[4 * level + distinct + 1]
+                for start in range(lo, hi, block_size):
+                    end = min(hi, start + block_size)
+                    block, buffer = blocks[0, : end - start], blocks[1, : end - start]
+                    torch.index_select(cells, 0, corners[0, start:end], out=block)
+                    for j in used[1:]:
+                        torch.index_select(cells, 0, corners[j, start:end], out=buffer)
+                        torch.maximum(block, buffer, out=block)
+                    out.index_copy_(0, order[start:end], block)
+            if not any(level_counts[level + 1 : last]):
                 break
     out.masked_fill_(empty.to(device)[:, None], 0.0)
 

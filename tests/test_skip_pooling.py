@@ -206,3 +206,19 @@ def test_inference_path_equals_training_path(norm, scale, out_channels):
     assert torch.allclose(
         fast, reference.detach(), rtol=1e-5, atol=1e-5 * float(reference.abs().max())
     )
+
+
+@pytest.mark.parametrize("norm", ["roi", "location", "none"])
+def test_inference_path_without_boxes(norm):
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm=norm,
+        scale_init=5.0,
+        out_channels=4,
+    ).eval()
+    with torch.no_grad():
+        out = pooler(_features(), [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))])
+    assert out.shape == (0, 4, 7, 7)
