@@ -1,6 +1,9 @@
 """Helpers shared by the model tests: configs, tiny configs and random inputs."""
 
 import contextlib
+import importlib.util
+import os
+from types import ModuleType
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -105,3 +108,16 @@ def synthetic_slice(root: str, **kwargs) -> Iterator[Tuple[str, str]]:
         for name in names:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """Import a script of the repository (tools/, benchmarks/, train_net.py) as a module."""
+    path = os.path.join(REPO, relative_path)
+    name = "_script_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,10 +1,10 @@
 """benchmarks/bench_ion.py (`make bench`) at toy widths: what it reports, not how fast it runs."""
 
-import importlib.util
 import json
 import os
 
 import pytest
+from model_utils import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["fast_rcnn", "ion_whh_learned", "ion_whh_removed_box_voting"]
@@ -14,12 +14,7 @@ TINY = ["--tiny", "--height", str(HEIGHT), "--width", str(WIDTH), "--repeats", "
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_ion", os.path.join(REPO, "benchmarks", "bench_ion.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_ion.py")
 
 
 @pytest.fixture(scope="module")

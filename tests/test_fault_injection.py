@@ -3,7 +3,6 @@ Fault injection: each test feeds ion_d2 one of the faults of issue 11 ("nothing 
 silently wrong") and checks that it is either handled exactly or refused with a clear error.
 """
 
-import importlib.util
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from model_utils import ion_cfg, load_cfg, synthetic_slice
+from model_utils import ion_cfg, load_cfg, load_script, synthetic_slice
 
 from ion_d2.data import register_ion_synthetic
 from ion_d2.data.loader import IterationBatches
@@ -56,12 +55,7 @@ def test_ion_lr_schedule_refuses_an_end_lr_above_the_base_lr():
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f"_tool_{name}", os.path.join(REPO, "tools", name)
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Fast R-CNN's truncated SVD of the box head's fc layers (ion_d2/fc_svd.py,
 MODEL.ION.FC_SVD_RANKS, tools/compress_fc_svd.py), checked against torch.linalg.svd in float64."""
 
-import importlib.util
 import logging
 import os
 import re
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from model_utils import ion_cfg, load_cfg, random_inputs, shrink_cfg
+from model_utils import ion_cfg, load_cfg, load_script, random_inputs, shrink_cfg
 
 from ion_d2.box_head import IONFCHead
 from ion_d2.fc_svd import IONFactoredLinear, factor_linear_state_dict
@@ -130,12 +129,7 @@ def test_checkpoint_of_another_rank_raises_through_detection_checkpointer(tmp_pa
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "_tool_compress_fc_svd", os.path.join(REPO, "tools", "compress_fc_svd.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/compress_fc_svd.py")
 
 
 def _tiny_model(ranks=()):

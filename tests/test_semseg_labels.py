@@ -2,7 +2,6 @@
 VOC2012, the ``*_ionseg`` datasets, the trainer's check and a training step whose segmentation
 loss is no longer 0."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from detectron2.data.datasets import register_pascal_voc
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES
 from detectron2.data.detection_utils import read_image
-from model_utils import load_cfg
+from model_utils import load_cfg, load_script
 from PIL import Image
 from test_voc_coco_training import _write_voc
 
@@ -35,10 +34,7 @@ IONSEG_NAMES = [n for n in DatasetCatalog.list() if n.endswith("_ionseg")]
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("voc_to_semseg", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/voc_to_semseg.py")
 
 
 tool = _load_tool()

@@ -2,7 +2,6 @@
 voting: IONRCNNWithTTA against a manual merge of the two passes, flip consistency, and the
 evaluation entry points (IONTrainer.test_with_TTA, train_net.py --eval-only)."""
 
-import importlib.util
 import json
 import os
 
@@ -17,7 +16,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.layers import cat
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
-from model_utils import load_cfg
+from model_utils import load_cfg, load_script
 
 from ion_d2 import IONRCNNWithTTA
 from ion_d2.box_voting import box_voting_single_image
@@ -203,9 +202,7 @@ def test_train_net_eval_only_with_tta(tiny_coco, tmp_path, monkeypatch):
     cfg = _cfg(voting=True)
     model = _model(cfg)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("weights")
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_script("train_net.py")
     # default_setup would attach file loggers to the test process; the config is all it needs.
     monkeypatch.setattr(train_net, "default_setup", lambda cfg, args: None)
     overrides = {

@@ -1,6 +1,5 @@
 """IONVGG16 backbone, IONFCHead box head and the ImageNet VGG16 weight converter."""
 
-import importlib.util
 import logging
 import os
 
@@ -10,21 +9,17 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY, build_backbone, build_box_head, build_model
-from model_utils import ion_cfg
+from model_utils import ion_cfg, load_script
 
 from ion_d2.box_head import IONFCHead
 from ion_d2.vgg16 import IONVGG16
 
-_TOOL_PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_vgg16_to_d2.py")
 _ALL_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 _CONVS_PER_STAGE = {"conv1": 2, "conv2": 2, "conv3": 3, "conv4": 3, "conv5": 3}
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_vgg16_to_d2", _TOOL_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/convert_vgg16_to_d2.py")
 
 
 def _conv_names(stage):
