@@ -31,6 +31,8 @@ SCALE_MODES = ("learned", "fixed")
 _DEFAULT_SCALE = {"roi": 1000.0, "location": 130.0}
 # scale_init asking for the scale to be measured (MODEL.ION.SKIP_POOL.SCALE_INIT -1).
 MEASURE_SCALE = -1.0
+# Smallest norm an L2 normalisation divides by (both forward paths use it).
+_NORM_EPS = 1e-12
 
 
 # Bytes of the "feature_order" buffer: a fixed size, so that fvcore's checkpointer (which drops
@@ -60,7 +62,7 @@ def decode_feature_order(encoded: torch.Tensor) -> List[str]:
     return data.split(",") if data else []
 
 
-def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
+def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = _NORM_EPS) -> torch.Tensor:
     """
     L2-normalise pooled ROI features (Table 5).
 
@@ -290,7 +292,7 @@ class IONSkipPooler(nn.Module):
         channels = [feature.shape[1] for feature in x]
         size = self.output_size
         concat = x[0].new_empty(num, size, size, sum(channels))
-        eps = 1e-12
+        eps = _NORM_EPS
         start = 0
         for pooler, feature, width in zip(self.poolers, x, channels):
             end = start + width

@@ -6,7 +6,8 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-from ion_d2.roi_pool import IONROIPool, roi_pool_bins, sparse_table_roi_pool
+import ion_d2.roi_pool as roi_pool_module
+from ion_d2.roi_pool import IONROIPool, release_scratch, roi_pool_bins, sparse_table_roi_pool
 
 
 def _random_rois(generator, num, height, width, num_images=1, lo=2.0, hi=None):
@@ -142,3 +143,15 @@ def test_writes_into_a_channel_slice_of_a_channels_last_buffer(num_images):
     assert bool((buffer[..., :3] == 123.0).all()) and bool((buffer[..., 7:] == 123.0).all())
     with pytest.raises(ValueError, match=r"expected \(30, 7, 7, 4\)"):
         sparse_table_roi_pool(feature, rois, 0.25, (7, 7), out=buffer)
+
+
+def test_release_scratch_frees_and_pooling_rebuilds_it():
+    g = torch.Generator().manual_seed(9)
+    feature = torch.randn(1, 3, 10, 14, generator=g)
+    rois = _random_rois(g, 20, 40, 56)
+    first = sparse_table_roi_pool(feature, rois, 0.25, (7, 7))
+    assert roi_pool_module._SCRATCH.buffer is not None
+    release_scratch()
+    assert roi_pool_module._SCRATCH.buffer is None
+    assert torch.equal(sparse_table_roi_pool(feature, rois, 0.25, (7, 7)), first)
+    assert torch.equal(first, roi_pool(feature, rois, (7, 7), 0.25))
