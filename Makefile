@@ -6,8 +6,10 @@ export ION_D2_VENV := $(VENV)
 PROPOSALS ?= rpn
 # `make bench BENCH_ARGS="--quick"`: options for benchmarks/bench_ion.py (see its --help).
 BENCH_ARGS ?=
+# `make gate GATE_ARGS="--seeds 1 2"`: options for benchmarks/accuracy_gate.py (see its --help).
+GATE_ARGS ?=
 
-.PHONY: setup test demo compare bench
+.PHONY: setup test demo compare bench gate
 
 setup:
 	bash tools/bootstrap/setup_env.sh
@@ -23,3 +25,6 @@ compare: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ion.py $(BENCH_ARGS)
+
+gate: setup
+	$(PY) benchmarks/accuracy_gate.py $(GATE_ARGS)

@@ -1,0 +1,89 @@
+"""The accuracy gate's decision (benchmarks/accuracy_gate.py), on fabricated runs: training is
+what `make gate` itself does and takes minutes."""
+
+import json
+import math
+
+import pytest
+from model_utils import load_script
+
+gate = load_script("benchmarks/accuracy_gate.py")
+
+
+def _fake_runs(monkeypatch, ap_by_model_and_seed):
+    def run_one(args, model, seed):
+        ap = ap_by_model_and_seed[model][seed]
+        return {"AP": ap, "APs": ap / 2, "AP_context": ap - 1}
+
+    monkeypatch.setattr(gate, "run_one", run_one)
+
+
+BASE = {"baseline": {1: 16.0, 2: 17.0, 3: 18.0}, "ion": {1: 32.0, 2: 34.0, 3: 33.0}}
+
+
+def _shifted(model, delta):
+    runs = {m: dict(v) for m, v in BASE.items()}
+    runs[model] = {s: ap + delta for s, ap in runs[model].items()}
+    return runs
+
+
+def test_schedule_is_the_demo_schedule_shortened():
+    opts = dict(zip(*[iter(gate.schedule_opts(400, 3))] * 2))
+    assert opts["SEED"] == "3" and opts["SOLVER.MAX_ITER"] == "400"
+    assert opts["SOLVER.WARMUP_ITERS"] == "20"  # 5 %, as the demo's 50 of 1000
+    assert opts["SOLVER.CHECKPOINT_PERIOD"] == "400"
+
+
+def test_summary_mean_spread_and_gain(monkeypatch, tmp_path):
+    _fake_runs(monkeypatch, BASE)
+    ref = tmp_path / "ref.json"
+    argv = ["--output-dir", str(tmp_path), "--reference", str(ref), "--write-reference"]
+    assert gate.main(argv) == 0
+    summary = json.loads(ref.read_text())["summary"]
+    assert summary["ion"]["AP"] == pytest.approx([33.0, 1.0])
+    assert summary["baseline"]["APs"] == pytest.approx([8.5, 0.5])
+    assert summary["gain"]["AP"][0] == pytest.approx(16.0)
+    assert summary["ion"]["per_seed_AP"] == [32.0, 34.0, 33.0]
+
+
+@pytest.mark.parametrize(
+    "model, delta, passes",
+    [
+        ("ion", 0.0, True),
+        ("ion", +3.0, True),
+        ("ion", -0.9, True),  # within the floor (1 AP) and 2 sd of a difference of means
+        ("ion", -1.7, False),  # ION's sd 1.0: allowed 2 * 1.0 * sqrt(2/3) = 1.63
+        ("baseline", -1.8, False),  # baseline's sd is 1.0 too
+    ],
+)
+def test_gate_fails_only_when_a_mean_drops_beyond_its_noise(
+    monkeypatch, tmp_path, capsys, model, delta, passes
+):
+    ref = tmp_path / "ref.json"
+    _fake_runs(monkeypatch, BASE)
+    common = ["--output-dir", str(tmp_path), "--reference", str(ref)]
+    gate.main(common + ["--write-reference"])
+    _fake_runs(monkeypatch, _shifted(model, delta))
+    assert gate.main(common) == (0 if passes else 1)
+    out = capsys.readouterr().out
+    assert ("GATE PASSED" in out) == passes
+    if not passes:
+        assert f"GATE FAILED: {model} AP" in out
+
+
+def test_allowed_drop_formula():
+    reference = {"seeds": [1, 2, 3, 4], "summary": {"ion": {"AP": [30.0, 2.0]}}}
+    allowed = 2.0 * 2.0 * math.sqrt(2.0 / 4)
+    summary = {"ion": {"AP": [30.0 - allowed + 0.01, 0.0]}}
+    assert gate.compare(summary, reference, sigmas=2.0, floor=1.0) == []
+    summary = {"ion": {"AP": [30.0 - allowed - 0.01, 0.0]}}
+    assert len(gate.compare(summary, reference, sigmas=2.0, floor=1.0)) == 1
+
+
+def test_reference_of_another_schedule_is_refused(monkeypatch, tmp_path):
+    _fake_runs(monkeypatch, BASE)
+    ref = tmp_path / "ref.json"
+    common = ["--output-dir", str(tmp_path), "--reference", str(ref)]
+    gate.main(common + ["--write-reference", "--iters", "400"])
+    with pytest.raises(SystemExit, match="measured at 400 iterations, this run at 200"):
+        gate.main(common + ["--iters", "200"])
