@@ -31,17 +31,22 @@ def add_ion_config(cfg: CN) -> None:
     # Normalization after each conv ("" = none, as in VGG16; or "BN", "GN", "FrozenBN", ...).
     _C.MODEL.ION.VGG16.NORM = ""
 
-    # Run the backbone (any MODEL.BACKBONE, not only VGG16) once per group of equally padded
-    # images, each group padded only to the backbone's size_divisibility, and zero-pad the
-    # features to the batch's size: a conv at an image's border then sees the zeros it sees
-    # alone, not the activations of the batch's padding, so no feature depends on the other
-    # images. Section 4.1: "We use 4 images per mini-batch, implemented as 4 forward/backward
-    # passes of single image mini-batches, with gradient accumulation." Images of one size
-    # take a single batched pass either way. Costs: with mixed sizes one pass per size (on a
-    # GPU a batched trunk is faster); BatchNorm in training mode (VGG16.NORM "BN") computes its
-    # statistics per group, as it would per image in the paper's single-image passes. False
-    # gives Detectron2's usual single pass over the padded batch.
+    # At inference, run the backbone (any MODEL.BACKBONE, not only VGG16) once per group of
+    # equally padded images, each group padded only to the backbone's size_divisibility, and
+    # zero-pad the features to the batch's size: a conv at an image's border then sees the zeros
+    # it sees alone, not the activations of the batch's padding, so no feature depends on the
+    # other images. Section 4.1: "We use 4 images per mini-batch, implemented as 4
+    # forward/backward passes of single image mini-batches, with gradient accumulation." Images
+    # of one size take a single batched pass either way; with mixed sizes it costs one pass per
+    # size (on a GPU a batched trunk is faster). False gives Detectron2's usual single pass over
+    # the padded batch. Training: BACKBONE_PER_IMAGE_TRAIN.
     _C.MODEL.ION.BACKBONE_PER_IMAGE = True
+    # The same in training. True keeps section 4.1's single-image passes for the trunk (the
+    # paper's VGG16 has no BatchNorm, so only the padding differs). False runs one pass over the
+    # padded batch: with BatchNorm in training mode (VGG16.NORM "BN", the synthetic configs)
+    # per-size passes compute the statistics of each image alone, which cost ION about 5 AP on
+    # the bundled data (README, "Accuracy gate"); IONRCNN warns of that combination.
+    _C.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN = True
 
     # ---------------------------------------------------------------------------------------
     # Context module (section 3.2, Figure 3; alternatives of Table 7). It reads one backbone

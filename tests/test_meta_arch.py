@@ -262,6 +262,39 @@ def test_backbone_per_image_passes():
         assert (feature[1:, :, h:] == 0).all() and (feature[1:, :, :, w:] == 0).all()
 
 
+@pytest.mark.parametrize("per_image_train", [True, False])
+def test_backbone_per_image_train_decides_training_passes_only(per_image_train):
+    model = _precomputed_model(BACKBONE_PER_IMAGE_TRAIN=per_image_train)
+    assert model.backbone_per_image and model.backbone_per_image_train == per_image_train
+    calls = []
+    model.backbone.register_forward_hook(lambda m, inp, out: calls.append(tuple(inp[0].shape)))
+    images = model.preprocess_image([_image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)])
+    with torch.no_grad():
+        model.train()
+        model.backbone_features(images)
+        training_calls, calls[:] = list(calls), []
+        model.eval()
+        model.backbone_features(images)
+    per_size = [(1, 3, 80, 112), (1, 3, 128, 128)]
+    assert sorted(training_calls) == (per_size if per_image_train else [(2, 3, 128, 128)])
+    # Inference follows BACKBONE_PER_IMAGE whatever the training setting.
+    assert sorted(calls) == per_size
+
+
+@pytest.mark.parametrize(
+    "norm, per_image_train, warns", [("BN", True, True), ("BN", False, False), ("", True, False)]
+)
+def test_per_image_training_passes_with_batch_norm_warn(caplog, norm, per_image_train, warns):
+    cfg = load_cfg(TINY)
+    cfg.MODEL.ION.VGG16.NORM = norm
+    cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN = per_image_train
+    with caplog.at_level("WARNING", logger="ion_d2.meta_arch"):
+        build_model(cfg)
+    assert (
+        "BACKBONE_PER_IMAGE_TRAIN is True and the backbone has BatchNorm" in caplog.text
+    ) == warns
+
+
 def test_equal_size_outputs_same_with_and_without_backbone_per_image():
     model = _precomputed_model()
     inputs = [_image((96, 128), 1, BOXES_A), _image((96, 128), 2, BOXES_B)]
