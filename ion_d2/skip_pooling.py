@@ -267,7 +267,9 @@ class IONSkipPooler(nn.Module):
                 "ion_d2.skip_pool_scale.measure_skip_pool_scale, load weights that hold it, or "
                 "set SCALE_INIT to 0 (the paper's constants) or a value > 0."
             )
-        if not self.training and not torch.is_grad_enabled():
+        # Not while tracing: the fused path sizes its buffer from the number of boxes, which a
+        # trace would keep as a constant.
+        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
             return self._fused_inference(x, box_lists)
         pooled = [pooler([feature], box_lists) for pooler, feature in zip(self.poolers, x)]
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
