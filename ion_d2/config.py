@@ -123,9 +123,12 @@ def add_ion_config(cfg: CN) -> None:
     #     MODEL.ION.CONTEXT.IN_FEATURE (conv5: the amplitude fc6 was trained on). One scale for
     #     all layers, as the paper: after L2 normalisation they have equal amplitude (Table 4's
     #     point), which per-layer norms would undo. Skipped when the loaded weights hold the
-    #     scale (stage 2 from stage 1); a model neither measured nor loaded refuses to run.
+    #     scale (stage 2 from stage 1). Trained by another trainer (Detectron2's DefaultTrainer),
+    #     the first training forward measures it the same way on that batch's sampled ROIs
+    #     (a warning says so). A model neither measured nor loaded refuses inference.
     # 0: the paper's constants, 1000 for "roi" and 130 for "location" (Caffe VGG16 conv5,
-    #     mean-subtracted input). > 0: that value.
+    #     mean-subtracted input); refused with any backbone but build_ion_vgg16_backbone.
+    #     > 0: that value.
     _C.MODEL.ION.SKIP_POOL.SCALE_INIT = 0.0
     # Number of training images (the first ones of DATASETS.TRAIN) SCALE_INIT -1 measures on
     # (section 5.2 measured on "the training set"); >= 1.

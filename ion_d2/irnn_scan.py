@@ -132,6 +132,11 @@ def irnn_scans(
         # Under autocast the input-to-hidden conv gives a lower precision than Whh's; the
         # in-place steps are not autocast, so Whh is cast as autocast casts an addmm's inputs.
         whh = whh.to(x.dtype)
+    if torch.jit.is_tracing():
+        # A traced Python loop would keep the traced map's number of steps, and _StepScans
+        # would be a Python call that torch.jit.save refuses: a scripted loop instead.
+        codes = [IRNN_DIRECTIONS.index(d) for d in directions]
+        return _scripted_step_scans()(x, whh, codes, outside)
     return _StepScans.apply(x, whh, directions, outside)
 
 
@@ -223,7 +228,9 @@ def _first_cells(
 ) -> Tensor:
     """(N or 1, H, W) bool: the first cell of every scan line inside each image's valid cells."""
     if valid_cells is None:
-        valid_cells = torch.tensor([[height, width]], device=device)
+        # torch.stack, not torch.tensor: a trace keeps the sizes' values dynamic then.
+        valid_cells = torch.stack([torch.as_tensor(height), torch.as_tensor(width)])
+        valid_cells = valid_cells.to(device).view(1, 2)
     rows = torch.arange(height, device=device)[None, :]
     cols = torch.arange(width, device=device)[None, :]
     valid_h, valid_w = valid_cells[:, :1], valid_cells[:, 1:]
@@ -344,6 +351,56 @@ class _StepScans(torch.autograd.Function):
                     grad_whh[d] = g_cur.reshape(-1, c).t() @ h_prev.reshape(-1, c)
         grad_x = g.sum(dim=3, keepdim=True) if ctx.sum_input_grads else g
         return grad_x, grad_whh, None, None
+
+
+def _step_scans_loop(
+    x: Tensor, whh: Optional[Tensor], directions: List[int], outside: Optional[Tensor]
+) -> Tensor:
+    """
+    :class:`_StepScans`'s forward without in-place writes, for ``torch.jit.script``: the
+    step loop runs over the map's actual size, so a traced model that calls it scans maps of
+    every size (:func:`_scripted_step_scans`). ``directions`` are indices into
+    :data:`IRNN_DIRECTIONS` (0 right, 1 left, 2 down, 3 up).
+    """
+    n, height, width, k, c = x.shape
+    x = x.expand(n, height, width, len(directions), c)
+    outs: List[Tensor] = []
+    for d, direction in enumerate(directions):
+        v = x[:, :, :, d]
+        vertical = direction >= 2
+        reverse = direction == 1 or direction == 3
+        if vertical:
+            v = v.transpose(1, 2)  # scan along dim 2 in every direction
+        if reverse:
+            v = v.flip([2])
+        prev = v[:, :, 0].clamp(min=0)
+        states: List[Tensor] = [prev]
+        for t in range(1, v.shape[2]):
+            if whh is None:
+                prev = (v[:, :, t] + prev).clamp(min=0)
+            else:
+                prev = (v[:, :, t] + torch.matmul(prev, whh[d].t())).clamp(min=0)
+            states.append(prev)
+        h = torch.stack(states, dim=2)
+        if reverse:
+            h = h.flip([2])
+        if vertical:
+            h = h.transpose(1, 2)
+        outs.append(h)
+    h = torch.stack(outs, dim=3)
+    if outside is not None:
+        h = h.masked_fill(outside, 0.0)
+    return h
+
+
+_SCRIPTED_STEP_SCANS = []
+
+
+def _scripted_step_scans():
+    """:func:`_step_scans_loop` compiled by ``torch.jit.script`` (once, on first use)."""
+    if not _SCRIPTED_STEP_SCANS:
+        _SCRIPTED_STEP_SCANS.append(torch.jit.script(_step_scans_loop))
+    return _SCRIPTED_STEP_SCANS[0]
 
 
 def _identity_closed_form_scan(x: Tensor, direction: str) -> Tensor:

@@ -162,11 +162,14 @@ class IONRCNN(GeneralizedRCNN):
         Returns:
             dict[str, Tensor]: the backbone's features, of the sizes a single batched pass gives.
         """
+        per_size = self.backbone_per_image_train if self.training else self.backbone_per_image
+        if not per_size or len(images.image_sizes) == 1:
+            # One image is one group (and a traced model must not turn its size into ints).
+            return self.backbone(images.tensor)
         groups: Dict[Tuple[int, int], List[int]] = {}
         for i, image_size in enumerate(images.image_sizes):
             groups.setdefault(self._padded_size(image_size), []).append(i)
-        per_image = self.backbone_per_image_train if self.training else self.backbone_per_image
-        if not per_image or len(groups) == 1:
+        if len(groups) == 1:
             return self.backbone(images.tensor)
         per_image: List[Dict[str, torch.Tensor]] = [{} for _ in images.image_sizes]
         for (height, width), indices in groups.items():

@@ -39,6 +39,13 @@ def valid_cell_counts(
     """
     if stride < 1:
         raise ValueError(f"valid_cell_counts needs a stride >= 1, got {stride}.")
+    if torch.jit.is_tracing():
+        # The sizes are traced values (ImageList.image_sizes holds tensors then): int() and
+        # torch.tensor() would keep the traced image's counts as constants.
+        sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes])
+        limit = torch.stack([torch.as_tensor(height), torch.as_tensor(width)])
+        counts = torch.minimum((sizes.to(device).long() + stride - 1) // stride, limit.to(device))
+        return counts.view(-1, 2)
     counts = [
         (min(-(-int(h) // stride), height), min(-(-int(w) // stride), width))
         for h, w in image_sizes
@@ -67,6 +74,10 @@ def valid_cells_of(
             "expected one (h, w) per image."
         )
     height, width = x.shape[-2:]
+    if torch.jit.is_tracing():
+        # Whether the image covers the whole map depends on its size: always mask in a trace
+        # (the mask of a covering image is all True, so the output is the same).
+        return valid_cell_counts(image_sizes, stride, height, width, x.device)
     if all(-(-h // stride) >= height and -(-w // stride) >= width for h, w in image_sizes):
         return None
     return valid_cell_counts(image_sizes, stride, height, width, x.device)

@@ -11,13 +11,46 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
 from .box_voting import box_voting_inference
-from .skip_pooling import IONSkipPooler
+from .skip_pooling import IONSkipPooler, check_scale_init
 
-__all__ = ["IONROIHeads", "RESCORE_MODES"]
+__all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler"]
 
 
 # Which regressed boxes the second round of box voting scores (MODEL.ION.BOX_VOTING.RESCORE).
 RESCORE_MODES = ("top_class", "per_class")
+
+
+def build_ion_skip_pooler(
+    cfg, input_shape: Dict[str, ShapeSpec], in_features: List[str], out_channels: int = None
+) -> IONSkipPooler:
+    """
+    The :class:`IONSkipPooler` of ``MODEL.ION.SKIP_POOL`` and ``MODEL.ROI_BOX_HEAD``'s pooler
+    keys over ``in_features``; ``out_channels`` (default ``SKIP_POOL.REDUCE_DIM``) for heads
+    whose input width is fixed (res5 in :class:`IONRes5ROIHeads`).
+    """
+    missing = [f for f in in_features if f not in input_shape]
+    if missing:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.IN_FEATURES names {missing}, which the model does not produce; "
+            f'available features: {sorted(input_shape)} ("context" needs '
+            "MODEL.META_ARCHITECTURE 'IONRCNN' with MODEL.ION.CONTEXT.NAME set)."
+        )
+    check_scale_init(cfg)
+    skip = cfg.MODEL.ION.SKIP_POOL
+    reference = cfg.MODEL.ION.CONTEXT.IN_FEATURE
+    return IONSkipPooler(
+        input_shapes=[input_shape[f] for f in in_features],
+        output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+        sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+        pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        norm=skip.NORM,
+        scale=skip.SCALE,
+        scale_init=skip.SCALE_INIT,
+        out_channels=skip.REDUCE_DIM if out_channels is None else out_channels,
+        dropout=skip.CONCAT_DROPOUT,
+        feature_names=in_features,
+        scale_reference=in_features.index(reference) if reference in in_features else None,
+    )
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -78,27 +111,8 @@ class IONROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.ROI_HEADS.IN_FEATURES names {missing}, which the model does not produce; "
-                f'available features: {sorted(input_shape)} ("context" needs '
-                "MODEL.META_ARCHITECTURE 'IONRCNN' with MODEL.ION.CONTEXT.NAME set)."
-            )
         resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
-        skip = cfg.MODEL.ION.SKIP_POOL
-        box_pooler = IONSkipPooler(
-            input_shapes=[input_shape[f] for f in in_features],
-            output_size=resolution,
-            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
-            norm=skip.NORM,
-            scale=skip.SCALE,
-            scale_init=skip.SCALE_INIT,
-            out_channels=skip.REDUCE_DIM,
-            dropout=skip.CONCAT_DROPOUT,
-            feature_names=in_features,
-        )
+        box_pooler = build_ion_skip_pooler(cfg, input_shape, in_features)
         box_head = build_box_head(
             cfg,
             ShapeSpec(channels=box_pooler.out_channels, height=resolution, width=resolution),

@@ -294,9 +294,14 @@ class IONROIPool(nn.Module):
         self.spatial_scale = float(spatial_scale)
 
     def use_sparse_table(self, feature: Tensor) -> bool:
-        """Whether :meth:`forward` pools ``feature`` with :func:`sparse_table_roi_pool`."""
+        """
+        Whether :meth:`forward` pools ``feature`` with :func:`sparse_table_roi_pool`. Never
+        while tracing: its bins are computed in Python from the traced size, which a trace
+        would keep as constants (wrong boxes at any other input size, without an error).
+        """
         return (
-            feature.device.type == "cpu"
+            not torch.jit.is_tracing()
+            and feature.device.type == "cpu"
             and feature.dtype == torch.float32
             and not (torch.is_grad_enabled() and feature.requires_grad)
         )

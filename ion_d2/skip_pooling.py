@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
+from detectron2.utils import comm
 from torch import nn
 
 from .roi_pool import IONROIPool
@@ -21,6 +22,7 @@ __all__ = [
     "NORM_MODES",
     "SCALE_MODES",
     "MEASURE_SCALE",
+    "check_scale_init",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,27 @@ def decode_feature_order(encoded: torch.Tensor) -> List[str]:
     """Inverse of :func:`encode_feature_order`."""
     data = bytes(encoded.cpu().tolist()).rstrip(b"\0").decode("utf-8")
     return data.split(",") if data else []
+
+
+# The backbone whose features the paper's constant scales (section 5.2) were measured on.
+_VGG16_BACKBONE = "build_ion_vgg16_backbone"
+
+
+def check_scale_init(cfg) -> None:
+    """
+    Refuse ``MODEL.ION.SKIP_POOL.SCALE_INIT`` 0 (the paper's 1000 / 130, measured on Caffe
+    VGG16's conv5) on a backbone other than ion_d2's VGG16, where it has no meaning.
+    """
+    skip = cfg.MODEL.ION.SKIP_POOL
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if skip.NORM != "none" and skip.SCALE_INIT == 0 and backbone != _VGG16_BACKBONE:
+        raise ValueError(
+            f"MODEL.ION.SKIP_POOL.SCALE_INIT is 0, the paper's constant "
+            f"{_DEFAULT_SCALE.get(skip.NORM)} measured on Caffe VGG16's conv5 (section 5.2), but "
+            f"the backbone is {backbone!r}. Set SCALE_INIT to -1 (measure the mean pooled norm of "
+            "MODEL.ION.CONTEXT.IN_FEATURE on the training set) or to a value > 0 measured for "
+            "these features (tools/measure_roi_norms.py)."
+        )
 
 
 def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = _NORM_EPS) -> torch.Tensor:
@@ -109,6 +132,7 @@ class IONSkipPooler(nn.Module):
         out_channels: int = 512,
         dropout: float = 0.25,
         feature_names: Optional[List[str]] = None,
+        scale_reference: Optional[int] = None,
     ):
         """
         Args:
@@ -131,6 +155,11 @@ class IONSkipPooler(nn.Module):
                 They are saved with the weights (the buffer "feature_order"), and loading
                 weights saved for another order raises: the 1x1 conv's input channels follow
                 that order, so reordered features would load without error and detect nothing.
+            scale_reference (int or None): with ``scale_init`` -1, the index of the feature
+                whose mean pooled norm becomes the scale (``MODEL.ION.CONTEXT.IN_FEATURE``).
+                Given, a scale still pending at the first training forward (nothing measured it
+                before training, e.g. Detectron2's own ``DefaultTrainer``) is measured there, on
+                that batch's ROIs; None: that forward raises instead.
         """
         super().__init__()
         if not input_shapes:
@@ -153,6 +182,12 @@ class IONSkipPooler(nn.Module):
                 f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}."
             )
 
+        if scale_reference is not None and not 0 <= scale_reference < len(input_shapes):
+            raise ValueError(
+                f"scale_reference {scale_reference} is not the index of one of the "
+                f"{len(input_shapes)} pooled features."
+            )
+        self.scale_reference = scale_reference
         self.feature_names = list(feature_names) if feature_names is not None else None
         if self.feature_names is not None:
             if len(self.feature_names) != len(input_shapes):
@@ -259,6 +294,8 @@ class IONSkipPooler(nn.Module):
             raise ValueError(
                 f"IONSkipPooler was built for {len(self.poolers)} features but got {len(x)}."
             )
+        if self.scale_pending and self.training and self.scale_reference is not None:
+            self._measure_scale_on_batch(x, box_lists)
         if self.scale_pending:
             raise RuntimeError(
                 "MODEL.ION.SKIP_POOL.SCALE_INIT is -1 (measure the scale on the training set, "
@@ -267,7 +304,9 @@ class IONSkipPooler(nn.Module):
                 "ion_d2.skip_pool_scale.measure_skip_pool_scale, load weights that hold it, or "
                 "set SCALE_INIT to 0 (the paper's constants) or a value > 0."
             )
-        if not self.training and not torch.is_grad_enabled():
+        # Not while tracing: the fused path sizes its buffer from the number of boxes, which a
+        # trace would keep as a constant.
+        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
             return self._fused_inference(x, box_lists)
         pooled = [pooler([feature], box_lists) for pooler, feature in zip(self.poolers, x)]
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
@@ -277,6 +316,35 @@ class IONSkipPooler(nn.Module):
         if self.reduce is not None:
             out = self.reduce(out)
         return out
+
+    def _measure_scale_on_batch(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> None:
+        """
+        Section 5.2's measurement on one training batch: the scale becomes the mean norm (per
+        ROI for "roi", per cell for "location") of the reference feature pooled over this
+        batch's ROIs (rank 0's value when several processes train).
+        """
+        with torch.no_grad():
+            index = self.scale_reference
+            pooled = self.poolers[index]([x[index]], box_lists)
+            if self.norm == "roi":
+                norms = pooled.flatten(1).norm(dim=1)
+            else:
+                norms = torch.linalg.vector_norm(pooled, dim=1).flatten()
+            value = comm.all_gather(float(norms.mean()) if norms.numel() else float("nan"))[0]
+        if not value > 0:
+            raise RuntimeError(
+                f"Measuring the skip-pooling scale on the first training batch gave {value} "
+                f"(mean {self.norm!r} norm of {len(norms)} ROIs); set "
+                "MODEL.ION.SKIP_POOL.SCALE_INIT to a value > 0."
+            )
+        name = self.feature_names[index] if self.feature_names else f"feature {index}"
+        logger.warning(
+            f"Skip-pooling scale (MODEL.ION.SKIP_POOL.SCALE_INIT -1) measured on the first "
+            f"training batch ({len(norms)} ROIs): {value:.4g}, the mean {self.norm!r} norm of "
+            f"{name!r}. ion_d2's IONTrainer measures it on SCALE_MEASURE_IMAGES training images "
+            "before the first step instead."
+        )
+        self.set_scale(value)
 
     def _fused_inference(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """

@@ -50,6 +50,13 @@ def shrink_cfg(cfg):
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 300
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    if cfg.MODEL.BACKBONE.NAME != "build_ion_vgg16_backbone":
+        # The ResNet presets: R50's depth at toy widths (multiples of 32 for GroupNorm).
+        cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
+        cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 32
+        cfg.MODEL.FPN.OUT_CHANNELS = 32
+        cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
     return cfg
 
 

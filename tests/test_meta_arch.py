@@ -117,6 +117,8 @@ def test_swap_ion_heads_into_stock_r50_fpn_config():
             "IONRCNN",
             "MODEL.ION.CONTEXT.IN_FEATURE",
             "p5",
+            "MODEL.ION.SKIP_POOL.SCALE_INIT",
+            "-1.0",
             "MODEL.ROI_HEADS.NAME",
             "IONROIHeads",
             "MODEL.ROI_HEADS.IN_FEATURES",

@@ -95,7 +95,8 @@ def test_a_pending_scale_refuses_to_run_and_bad_settings_raise():
     model = build_model(cfg)
     pooler = model.roi_heads.box_pooler
     assert pooler.scale_pending and torch.isnan(pooler.scale).all()
-    with EventStorage(), pytest.raises(RuntimeError, match="SCALE_INIT is -1"):
+    model.eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="SCALE_INIT is -1"):
         model(random_inputs(cfg))
 
     bad = cfg.clone()
@@ -215,3 +216,28 @@ def test_ddp_wrapped_model_is_measured_through_its_module(tmp_path):
         assert torch.allclose(model.roi_heads.box_pooler.scale, torch.tensor(value))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_pending_scale_is_measured_on_the_first_training_batch(caplog):
+    # Without IONTrainer's measurement (Detectron2's own DefaultTrainer), the first training
+    # forward measures the scale: the mean per-ROI norm of conv5 pooled over the batch's ROIs.
+    cfg = _cfg()
+    model = build_model(cfg)
+    pooler = model.roi_heads.box_pooler
+    seen = {}
+    original = pooler._measure_scale_on_batch
+
+    def spy(x, box_lists):
+        seen["expected"] = float(
+            pooler.poolers[2]([x[2]], box_lists).flatten(1).norm(dim=1).mean()
+        )
+        original(x, box_lists)
+
+    pooler._measure_scale_on_batch = spy
+    with EventStorage():
+        losses = model(random_inputs(cfg))
+    assert not pooler.scale_pending
+    assert pooler.feature_names[2] == cfg.MODEL.ION.CONTEXT.IN_FEATURE == "conv5"
+    assert torch.allclose(pooler.scale, torch.full_like(pooler.scale, seen["expected"]))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert "measured on the first training batch" in caplog.text
