@@ -210,3 +210,43 @@ def test_leaf_header_names_its_row_and_command(path):
     table = re.search(r"table(\d+)", _row(path)).group(1)
     assert text.startswith(f"# Table {table}, ")
     assert f"python train_net.py --config-file {os.path.relpath(path, REPO)}" in text
+
+
+def _comments(path):
+    with open(path) as f:
+        return " ".join(line[1:].strip() for line in f if line.startswith("#"))
+
+
+PAPER_YAMLS = sorted(glob.glob(os.path.join(PAPER, "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", PAPER_YAMLS, ids=lambda p: os.path.relpath(p, PAPER))
+def test_stated_scale_setting_is_the_resolved_one(path):
+    """What a preset's comment says of the skip-pooling scale is what it resolves to: every
+    "SCALE_INIT <value>" and every "initialised to <value>" (ion_d2's own words; the paper's
+    quoted "initialized to 1000" is the paper's setting); "(per ROI)" / "(per location)" the
+    normalisation measured; "this preset's RPN" an RPN, "selective-search proposals" none."""
+    text, cfg = _comments(path), load_cfg(path)
+    pool = cfg.MODEL.ION.SKIP_POOL
+    for value in re.findall(r"SCALE_INIT (-?\d+(?:\.\d+)?)", text):
+        assert float(value) == pool.SCALE_INIT, value
+    for value in re.findall(r"initialised to (\d+(?:\.\d+)?)", text):
+        assert float(value) == pool.SCALE_INIT, value
+    measured = re.search(r"conv5's pooled features \(per (ROI|location)\)", text)
+    if measured:
+        assert pool.NORM == {"ROI": "roi", "location": "location"}[measured.group(1)]
+    if "this preset's RPN" in text:
+        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    if re.search(r"measures? (it|the scale)? ?on (its|the row's) selective-search", text):
+        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in PAPER_YAMLS if re.search(r"table[45]/(ss/)?stage1/", p)],
+    ids=lambda p: os.path.relpath(p, PAPER),
+)
+def test_scale_rows_state_their_scale(path):
+    """Tables 4 and 5 are about the scale: each row with L2 normalisation says how it is set."""
+    if load_cfg(path).MODEL.ION.SKIP_POOL.NORM != "none":
+        assert "Scale: SCALE_INIT" in _comments(path)
