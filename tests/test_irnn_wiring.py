@@ -9,7 +9,9 @@ import os
 import fvcore.nn.weight_init as weight_init
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
 from model_utils import ion_cfg, load_cfg
 from test_context import naive_conv1x1, naive_input_to_hidden, naive_scan
 
@@ -209,3 +211,14 @@ def test_per_layer_weights_from_a_seed_are_those_before_the_paper_wiring():
         weight_init.c2_xavier_fill(second)
         assert torch.equal(layer.input_to_hidden.weight, first.weight)
         assert torch.equal(layer.hidden_to_output.weight, second.weight)
+
+
+def test_detectron2_checkpointer_refuses_the_other_wiring(tmp_path):
+    """Through DetectionCheckpointer (which loads non-strictly, dropping keys of the wrong shape
+    with only a warning): a per-layer model's checkpoint into a paper-wiring model stops."""
+    tiny = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
+    cfg = load_cfg(tiny)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("per_layer")
+    cfg.MODEL.ION.CONTEXT.IRNN.WIRING = "paper"
+    with pytest.raises(ValueError, match="'per_layer' wiring.*MODEL.ION.CONTEXT.IRNN.WIRING"):
+        DetectionCheckpointer(build_model(cfg)).load(str(tmp_path / "per_layer.pth"))
