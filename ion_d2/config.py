@@ -90,6 +90,22 @@ def add_ion_config(cfg: CN) -> None:
     # all experiments. We later found that in fact the model is underfitting and there is no
     # need for dropout anywhere in the network."
     _C.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25
+    # How the IRNN layers connect (ion_d2/context/irnn.py states both; docs/PAPER_EXPERIMENTS.md,
+    # "The IRNN's wiring").
+    # "paper": Figure 3, whose labels read as two "input-to-hidden transition"s and one
+    #   "hidden-to-output transition": 1x1 -> scans -> concat -> 1x1 -> scans -> concat -> 1x1.
+    #   Section 3.2: "The output from the IRNN is computed by concatenating the hidden state from
+    #   the four directions at each spatial location"; "The subsequent 1x1 convolution then mixes
+    #   this information together as a dimension reduction"; "The RNNs sit on top of conv5 and
+    #   produce an output with the same shape as conv5" (the last 1x1 conv, linear).
+    # "per_layer": every layer is 1x1 -> scans -> concat -> 1x1 back to the input's channels ->
+    #   ReLU (four 1x1 convs for 2 layers), ion_d2's wiring up to 0.1.x.
+    # The default is "per_layer" so that a checkpoint written before this key existed loads with
+    # the config it was trained with (whose dump has no WIRING) and gives the same output;
+    # Base-ION-VGG16.yaml and so every paper preset sets "paper", the bundled synthetic configs
+    # "per_layer" (their measured figures). A checkpoint of the other wiring fails to load,
+    # naming this key.
+    _C.MODEL.ION.CONTEXT.IRNN.WIRING = "per_layer"
 
     _C.MODEL.ION.CONTEXT.CONV = CN()
     # Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5. Each conv is followed by ReLU.

@@ -19,7 +19,7 @@ from .d2_compat import has_compiled_ops
 from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts
 from .data.mapper import IONDatasetMapper
 from .data.semseg_check import check_sem_seg_labels
-from .evaluation import PascalVOCBySizeEvaluator
+from .evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from .launch import create_ddp_model_any_device
 from .run_config import prepare_run_dir
 from .skip_pool_scale import measure_skip_pool_scale
@@ -97,9 +97,12 @@ class IONTrainer(DefaultTrainer):
             if cfg.TEST.ION_VOC_AP_BY_SIZE:
                 return PascalVOCBySizeEvaluator(dataset_name)
             return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type == "pascal_voc_comp4":
+            # No public annotations (voc_2012_test): the evaluation server's result files.
+            return PascalVOCComp4Writer(dataset_name, output_folder)
         raise NotImplementedError(
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
-            "ion_d2 supports 'coco' and 'pascal_voc'."
+            "ion_d2 supports 'coco', 'pascal_voc' and 'pascal_voc_comp4'."
         )
 
     @classmethod

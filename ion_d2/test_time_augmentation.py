@@ -1,12 +1,13 @@
 """Test-time augmentation for ION: Detectron2's GeneralizedRCNNWithTTA, with box voting run once
-over the candidates of every augmented pass."""
+over the candidates of every augmented pass, and with precomputed proposals."""
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+from detectron2.data.transforms import ResizeTransform, Transform
 from detectron2.layers import cat
 from detectron2.modeling import GeneralizedRCNNWithTTA
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 
 from .box_voting import box_voting_single_image
 from .meta_arch import IONRCNN
@@ -27,6 +28,11 @@ class IONRCNNWithTTA(GeneralizedRCNNWithTTA):
     of every pass's candidates from both regression rounds (before NMS) mapped back to the input
     image: section 4.2 votes "over all boxes, including those suppressed", so a kept box is
     averaged over the boxes of all passes rather than over one pass's survivors.
+
+    With precomputed proposals (``MODEL.LOAD_PROPOSALS``, e.g. selective search as the paper),
+    which Detectron2's class refuses, each input's ``"proposals"`` (in the input image's
+    coordinates, as the test loader's mapper leaves them) go through the same transforms as the
+    image: resized with each scale and mirrored with the flip.
     """
 
     def __init__(self, cfg, model, tta_mapper=None, batch_size: int = 3):
@@ -34,13 +40,36 @@ class IONRCNNWithTTA(GeneralizedRCNNWithTTA):
         Args:
             cfg, model, tta_mapper, batch_size: see :class:`GeneralizedRCNNWithTTA`.
         """
+        load_proposals = cfg.MODEL.LOAD_PROPOSALS
+        if load_proposals:
+            # GeneralizedRCNNWithTTA asserts "TTA for pre-computed proposals is not supported
+            # yet"; _get_augmented_inputs below supports them.
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.LOAD_PROPOSALS = False
         super().__init__(cfg, model, tta_mapper=tta_mapper, batch_size=batch_size)
+        self.cfg.MODEL.LOAD_PROPOSALS = load_proposals
         self.box_voting = bool(getattr(self.model.roi_heads, "box_voting", False))
         if self.box_voting and not isinstance(self.model, IONRCNN):
             raise TypeError(
                 "Test-time augmentation with box voting needs an IONRCNN model "
                 f"(MODEL.META_ARCHITECTURE 'IONRCNN'); got {type(self.model).__name__}."
             )
+
+    def _get_augmented_inputs(self, input):
+        augmented_inputs, tfms = super()._get_augmented_inputs(input)
+        if "proposals" in input:
+            # Each tfm maps the original image (height x width) to its augmented image;
+            # the proposals are in the input image's pixels, as is "image".
+            h, w = input["image"].shape[1:3]
+            height, width = input["height"], input["width"]
+            to_original = ResizeTransform(h, w, height, width)
+            for augmented, tfm in zip(augmented_inputs, tfms):
+                size = tuple(augmented["image"].shape[1:3])
+                augmented["proposals"] = _transform_proposals(
+                    input["proposals"], [to_original, tfm], size
+                )
+        return augmented_inputs, tfms
 
     # _get_augmented_boxes and _merge_detections are the two steps GeneralizedRCNNWithTTA's
     # _inference_one_image runs (the same in detectron2 v0.6 and upstream main); with box voting
@@ -78,3 +107,32 @@ class IONRCNNWithTTA(GeneralizedRCNNWithTTA):
             topk_per_image=predictor.test_topk_per_image,
             vote_iou=heads.box_voting_iou,
         )
+
+
+def _transform_proposals(
+    proposals: Instances, tfms: List[Transform], image_size: Tuple[int, int]
+) -> Instances:
+    """
+    Precomputed proposals moved with their image.
+
+    Args:
+        proposals (Instances): ``proposal_boxes`` (XYXY, in the untransformed image's pixels) and
+            ``objectness_logits``.
+        tfms (list[Transform]): what was applied to the image, in order (e.g. a resize, then a
+            flip).
+        image_size (tuple[int, int]): (h, w) of the transformed image.
+
+    Returns:
+        Instances: the same proposals, in the same order with the same logits, their boxes
+        transformed and clipped to ``image_size``.
+    """
+    boxes = proposals.proposal_boxes.tensor
+    moved = boxes.detach().cpu().numpy()
+    for tfm in tfms:
+        moved = tfm.apply_box(moved)
+    moved = Boxes(torch.as_tensor(moved, dtype=boxes.dtype, device=boxes.device))
+    moved.clip(image_size)
+    out = Instances(image_size)
+    out.proposal_boxes = moved
+    out.objectness_logits = proposals.objectness_logits
+    return out

@@ -29,10 +29,16 @@ def _model_key(cfg) -> str:
     stage 2) build the same model and run the same steps. MODEL.BACKBONE.FREEZE_AT, the only
     model key in which a stage-2 preset differs from its stage 1 (tests/test_paper_configs.py),
     only sets requires_grad in the trunk; the top-level stage-1 and stage-2 configs run both.
+    The proposal source is left out too: a paper row and its selective-search twin
+    (configs/paper/tableN/ss/) differ only in where the ROI heads' proposals come from (the same
+    Instances either way); the top-level _SS configs run the precomputed path, every top-level
+    config running its steps.
     """
     model = cfg.MODEL.clone()
     model.WEIGHTS = ""
     model.BACKBONE.FREEZE_AT = 0
+    model.LOAD_PROPOSALS = False
+    model.PROPOSAL_GENERATOR.NAME = "RPN"
     return model.dump() + cfg.INPUT.dump() + cfg.TEST.dump()
 
 

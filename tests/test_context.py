@@ -313,6 +313,8 @@ ALL_MODULES = [
     ("IRNN", {}),
     ("IRNN", {"RECURRENT": "removed", "FIRST_STEP_BIAS": True}),
     ("IRNN", {"OUTPUT_ALL_LAYERS": True, "DIRECTIONS": "lr_then_ud"}),
+    ("IRNN", {"WIRING": "paper"}),
+    ("IRNN", {"WIRING": "paper", "OUTPUT_ALL_LAYERS": True, "DIRECTIONS": "lr_then_ud"}),
     ("StackedConv", {}),
     ("GlobalAvgPool", {}),
 ]
@@ -607,6 +609,16 @@ BATCH_CASES = [
     ("IRNN", {"RECURRENT": "removed", "FIRST_STEP_BIAS": True}, torch.float32),
     ("IRNN", {"DIRECTIONS": "lr_then_ud", "OUTPUT_ALL_LAYERS": True}, torch.float64),
     ("IRNN", {"SHARED_INPUT_TO_HIDDEN": False, "FIRST_STEP_BIAS": True}, torch.float64),
+    (
+        "IRNN",
+        {"WIRING": "paper", "FIRST_STEP_BIAS": True, "OUTPUT_ALL_LAYERS": True},
+        torch.float64,
+    ),
+    (
+        "IRNN",
+        {"WIRING": "paper", "FIRST_STEP_BIAS": True, "OUTPUT_ALL_LAYERS": True},
+        torch.float32,
+    ),
     ("StackedConv", {}, torch.float64),
     ("StackedConv", {}, torch.float32),
     ("GlobalAvgPool", {}, torch.float64),

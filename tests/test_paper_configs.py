@@ -210,3 +210,109 @@ def test_leaf_header_names_its_row_and_command(path):
     table = re.search(r"table(\d+)", _row(path)).group(1)
     assert text.startswith(f"# Table {table}, ")
     assert f"python train_net.py --config-file {os.path.relpath(path, REPO)}" in text
+
+
+def _comments(path):
+    with open(path) as f:
+        return " ".join(line[1:].strip() for line in f if line.startswith("#"))
+
+
+PAPER_YAMLS = sorted(glob.glob(os.path.join(PAPER, "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", PAPER_YAMLS, ids=lambda p: os.path.relpath(p, PAPER))
+def test_stated_scale_setting_is_the_resolved_one(path):
+    """What a preset's comment says of the skip-pooling scale is what it resolves to: every
+    "SCALE_INIT <value>" and every "initialised to <value>" (ion_d2's own words; the paper's
+    quoted "initialized to 1000" is the paper's setting); "(per ROI)" / "(per location)" the
+    normalisation measured; "this preset's RPN" an RPN, "these selective-search training
+    proposals" precomputed ones."""
+    text, cfg = _comments(path), load_cfg(path)
+    pool = cfg.MODEL.ION.SKIP_POOL
+    for value in re.findall(r"SCALE_INIT (-?\d+(?:\.\d+)?)", text):
+        assert float(value) == pool.SCALE_INIT, value
+    for value in re.findall(r"initialised to (\d+(?:\.\d+)?)", text):
+        assert float(value) == pool.SCALE_INIT, value
+    measured = re.search(r"conv5's pooled features \(per (ROI|location)\)", text)
+    if measured:
+        assert pool.NORM == {"ROI": "roi", "location": "location"}[measured.group(1)]
+    if "this preset's RPN" in text:
+        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    if "on these selective-search training proposals" in text:
+        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in PAPER_YAMLS if re.search(r"table[45]/(ss/)?stage1/", p)],
+    ids=lambda p: os.path.relpath(p, PAPER),
+)
+def test_scale_rows_state_their_scale(path):
+    """Tables 4 and 5 are about the scale: each row with L2 normalisation says how it is set."""
+    if load_cfg(path).MODEL.ION.SKIP_POOL.NORM != "none":
+        assert "Scale: SCALE_INIT" in _comments(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective-search twins: configs/paper/tableN/ss/[stage1/]<row>.yaml
+# ----------------------------------------------------------------------------------------------
+SS_KEYS = {
+    "MODEL.LOAD_PROPOSALS",
+    "MODEL.PROPOSAL_GENERATOR.NAME",
+    "DATASETS.PROPOSAL_FILES_TRAIN",
+    "DATASETS.PROPOSAL_FILES_TEST",
+    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN",
+    "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST",
+}
+
+
+def _twin(path):
+    return os.path.join(os.path.dirname(path), "ss", os.path.basename(path))
+
+
+def _proposal_file(dataset):
+    # The files are matched by image_id: the builtin dataset's file serves its "_ionseg" copy.
+    if dataset.endswith(ION_SEG_SUFFIX):
+        dataset = dataset[: -len(ION_SEG_SUFFIX)]
+    return f"datasets/ss_proposals/{dataset}.pkl"
+
+
+def test_every_row_and_stage1_file_has_a_twin_and_nothing_else_is_one():
+    rows = LEAVES + [_stage1(p) for p in TRAINED]
+    twins = sorted(glob.glob(os.path.join(PAPER, "table*", "ss", "**", "*.yaml"), recursive=True))
+    want = sorted(
+        [_twin(p) for p in LEAVES]
+        + [os.path.join(os.path.dirname(p), "ss", "stage1", os.path.basename(p)) for p in TRAINED]
+    )
+    assert twins == want and len(twins) == len(rows)
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=_row)
+def test_twin_is_its_row_on_selective_search(path):
+    pairs = [(path, _twin(path))]
+    if path in TRAINED:
+        stage1_twin = os.path.join(os.path.dirname(path), "ss", "stage1", os.path.basename(path))
+        pairs.append((_stage1(path), stage1_twin))
+    for row_path, twin_path in pairs:
+        row, twin = _cfg(row_path), _cfg(twin_path)
+        trained_weights = row["MODEL.WEIGHTS"].startswith("output/paper/")
+        allowed = SS_KEYS | {"OUTPUT_DIR"} | ({"MODEL.WEIGHTS"} if trained_weights else set())
+        assert _diff(row, twin) <= allowed, twin_path
+        assert twin["MODEL.LOAD_PROPOSALS"] is True
+        assert twin["MODEL.PROPOSAL_GENERATOR.NAME"] == "PrecomputedProposals"
+        # Figure 1: "evaluate 2000 proposed regions of interest (ROI)".
+        assert twin["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN"] == 2000
+        assert twin["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST"] == 2000
+        for split in ("TRAIN", "TEST"):
+            files = [_proposal_file(d) for d in twin[f"DATASETS.{split}"]]
+            assert list(twin[f"DATASETS.PROPOSAL_FILES_{split}"]) == files
+        # The twin's outputs, and the model it loads (stage 1's, or the trained row's for a
+        # test-time row), are its row's with "ss/" after the table.
+        for key in ("OUTPUT_DIR", "MODEL.WEIGHTS") if trained_weights else ("OUTPUT_DIR",):
+            table, rest = re.fullmatch(r"output/paper/(table\d+)/(.*)", row[key]).groups()
+            assert twin[key] == f"output/paper/{table}/ss/{rest}", key
+    with open(_twin(path)) as f:
+        text = f.read()
+    table = re.search(r"table(\d+)", _row(path)).group(1)
+    assert text.startswith(f"# Table {table}, ")
+    assert f"python train_net.py --config-file {os.path.relpath(_twin(path), REPO)}" in text

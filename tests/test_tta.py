@@ -14,8 +14,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from detectron2.layers import cat
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
+from detectron2.structures import Boxes, Instances
 from model_utils import load_cfg, load_script
 
 from ion_d2 import IONRCNNWithTTA
@@ -223,3 +224,114 @@ def test_train_net_eval_only_with_tta(tiny_coco, tmp_path, monkeypatch):
     assert set(res) == {"bbox", "bbox_TTA"}
     assert np.isfinite(res["bbox_TTA"]["AP"])
     assert os.path.isdir(tmp_path / "cli" / "inference_TTA" / tiny_coco)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed proposals (selective search, as the paper): moved with the image.
+# ----------------------------------------------------------------------------------------------
+def _proposal_cfg(voting: bool):
+    cfg = _cfg(voting)
+    cfg.MODEL.LOAD_PROPOSALS = True
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    return cfg
+
+
+def _proposals(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([W - 20.0, H - 20.0])
+    wh = 8 + torch.rand(n, 2, generator=g) * 40
+    boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([W, H]))], dim=1)
+    proposals = Instances((H, W))
+    proposals.proposal_boxes = Boxes(boxes)
+    proposals.objectness_logits = -torch.arange(n, dtype=torch.float32)
+    return proposals
+
+
+def _mirrored(proposals):
+    out = Instances(proposals.image_size)
+    out.proposal_boxes = Boxes(_mirror(proposals.proposal_boxes.tensor))
+    out.objectness_logits = proposals.objectness_logits
+    return out
+
+
+def test_detectron2_tta_refuses_precomputed_proposals():
+    cfg = _proposal_cfg(False)
+    with pytest.raises(AssertionError, match="pre-computed proposals"):
+        GeneralizedRCNNWithTTA(cfg, _model(cfg))
+
+
+@pytest.mark.parametrize("voting", [False, True])
+def test_tta_with_precomputed_proposals_is_the_manual_flip_and_merge(voting):
+    cfg = _proposal_cfg(voting)
+    model = _model(cfg)
+    image, proposals = _image(), _proposals()
+    with torch.no_grad():
+        got = IONRCNNWithTTA(cfg, model)(
+            [{"image": image, "height": H, "width": W, "proposals": proposals}]
+        )[0]["instances"]
+    inputs = [
+        {"image": image, "proposals": proposals},
+        {"image": image.flip(-1), "proposals": _mirrored(proposals)},
+    ]
+    predictor = model.roi_heads.box_predictor
+    with torch.no_grad():
+        if voting:
+            (b1, b2), (s1, s2) = model.box_voting_candidates(inputs)
+            want = box_voting_single_image(
+                cat([b1, _mirror(b2)]),
+                cat([s1, s2]),
+                (H, W),
+                score_thresh=predictor.test_score_thresh,
+                nms_thresh=predictor.test_nms_thresh,
+                topk_per_image=predictor.test_topk_per_image,
+                vote_iou=cfg.MODEL.ION.BOX_VOTING.IOU_THRESH,
+            )
+        else:
+            plain, flipped = model.inference(inputs, do_postprocess=False)
+            boxes = cat([plain.pred_boxes.tensor, _mirror(flipped.pred_boxes.tensor)])
+            classes = cat([plain.pred_classes, flipped.pred_classes])
+            scores = torch.zeros(len(boxes), cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1)
+            scores[torch.arange(len(boxes)), classes] = cat([plain.scores, flipped.scores])
+            want, _ = fast_rcnn_inference_single_image(
+                boxes,
+                scores,
+                (H, W),
+                1e-8,
+                cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
+                cfg.TEST.DETECTIONS_PER_IMAGE,
+            )
+    assert len(got) == len(want) > 0
+    torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.scores, want.scores)
+    assert torch.equal(got.pred_classes, want.pred_classes)
+
+
+def test_tta_scales_precomputed_proposals_with_the_image():
+    # The test loader resized a 2H x 2W image to H x W (proposals in those pixels); the TTA pass
+    # at twice that scale, flipped, must see the proposals doubled and mirrored.
+    cfg = _proposal_cfg(False)
+    cfg.TEST.AUG.MIN_SIZES = (2 * H,)
+    cfg.TEST.AUG.MAX_SIZE = 2 * W
+    model = _model(cfg)
+    proposals = _proposals()
+    seen = []
+    inference = model.inference
+
+    def spy(batched_inputs, *args, **kwargs):
+        seen.extend(batched_inputs)
+        return inference(batched_inputs, *args, **kwargs)
+
+    model.inference = spy
+    with torch.no_grad():
+        IONRCNNWithTTA(cfg, model)(
+            [{"image": _image(), "height": 2 * H, "width": 2 * W, "proposals": proposals}]
+        )
+    assert [tuple(x["image"].shape[1:]) for x in seen] == [(2 * H, 2 * W)] * 2
+    doubled = 2 * proposals.proposal_boxes.tensor
+    mirrored = torch.stack(
+        [2 * W - doubled[:, 2], doubled[:, 1], 2 * W - doubled[:, 0], doubled[:, 3]], dim=1
+    )
+    for x, want in zip(seen, [doubled, mirrored]):
+        assert x["proposals"].image_size == (2 * H, 2 * W)
+        torch.testing.assert_close(x["proposals"].proposal_boxes.tensor, want)
+        assert torch.equal(x["proposals"].objectness_logits, proposals.objectness_logits)

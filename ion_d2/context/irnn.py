@@ -1,5 +1,28 @@
 """
 The paper's context module: a stack of 4-direction IRNN layers (section 3.2, Figure 3).
+
+Two wirings of the stack (``MODEL.ION.CONTEXT.IRNN.WIRING``), written for 2 layers:
+
+- ``"paper"``, Figure 3 as read from the paper::
+
+      conv5 -> 1x1 (input-to-hidden) -> 4 scans -> concat -> 1x1 (input-to-hidden)
+            -> 4 scans -> concat -> 1x1 (hidden-to-output) -> context
+
+  Three 1x1 convolutions. Figure 3 labels two "input-to-hidden transition"s and one
+  "hidden-to-output transition"; section 3.2: "The output from the IRNN is computed by
+  concatenating the hidden state from the four directions at each spatial location" (an IRNN's
+  output is its concat, with no conv of its own), and "The subsequent 1x1 convolution then mixes
+  this information together as a dimension reduction" (the one conv between the two IRNNs, from
+  4 x hidden to hidden channels: the second IRNN's input-to-hidden transition). The last conv
+  maps the top IRNN's concat back to the input's channels: "The RNNs sit on top of conv5 and
+  produce an output with the same shape as conv5." The only nonlinearity is the ReLU of each
+  recurrent step (Figure 3: "RNNs with ReLU recurrent transitions"); the hidden-to-output
+  transition is linear, as no ReLU after it is described. Intermediate outputs (Table 10b,
+  ``OUTPUT_ALL_LAYERS``) are the lower IRNNs' concats (4 x hidden channels).
+- ``"per_layer"``, ion_d2's wiring before the paper's was settled (kept so that every earlier
+  checkpoint loads and gives the same output): each layer is input-to-hidden 1x1 -> scans ->
+  concat -> hidden-to-output 1x1 back to the input's channels -> ReLU; 2 layers have four 1x1
+  convolutions and a ReLU'd projection between the IRNNs.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,14 +38,18 @@ from ..irnn_scan import IRNN_DIRECTIONS, irnn_scans
 from ..padding import valid_cell_mask, valid_cells_of
 from .build import ION_CONTEXT_REGISTRY, context_input, context_input_shape
 
-__all__ = ["IRNN"]
+__all__ = ["IRNN", "IRNN_WIRINGS"]
 
 _IRNN_RECURRENT = ("learned", "removed")
 _IRNN_DIRECTION_MODES = ("all", "lr_then_ud")
+IRNN_WIRINGS = ("paper", "per_layer")
 
 
 class _IRNNLayer(nn.Module):
-    """One layer of :class:`IRNN` (Figure 3)."""
+    """
+    One layer of :class:`IRNN` (Figure 3): input-to-hidden 1x1 conv, scans, concat, and for
+    the "per_layer" wiring (``out_channels`` given) dropout, a hidden-to-output 1x1 conv and ReLU.
+    """
 
     def __init__(
         self,
@@ -33,7 +60,15 @@ class _IRNNLayer(nn.Module):
         first_step_bias: bool,
         shared_input_to_hidden: bool = True,
         concat_dropout: float = 0.0,
+        out_channels: Optional[int] = None,
     ):
+        """
+        Args:
+            out_channels (int or None): channels of the layer's hidden-to-output conv
+                ("per_layer" wiring); None: the layer has none and outputs its concat
+                ("paper" wiring, where :class:`IRNN` owns the one hidden-to-output conv).
+            others: see :class:`IRNN`.
+        """
         super().__init__()
         self.directions = tuple(directions)
         self.shared_input_to_hidden = shared_input_to_hidden
@@ -44,13 +79,21 @@ class _IRNNLayer(nn.Module):
         self.input_to_hidden = nn.Conv2d(
             in_channels, hidden_dim * (1 if shared_input_to_hidden else num_dirs), kernel_size=1
         )
-        self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
-        self.hidden_to_output = nn.Conv2d(num_dirs * hidden_dim, in_channels, kernel_size=1)
+        self.concat_channels = num_dirs * hidden_dim
+        if out_channels is not None:
+            self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
+            self.hidden_to_output = nn.Conv2d(self.concat_channels, out_channels, kernel_size=1)
+        else:
+            self.dropout = nn.Identity()
+            self.hidden_to_output = None
         # Caffe's "xavier" filler (uniform, variance 1/fan_in, zero bias): fan_in grows with the
-        # number of concatenated directions, so the output conv starts correspondingly smaller
-        # (the same reasoning as section 3.1's 1x1 conv after the skip-pool concat).
+        # number of concatenated directions, so a conv reading the concat starts correspondingly
+        # smaller (the same reasoning as section 3.1's 1x1 conv after the skip-pool concat).
+        # (Filled after both convs are built: the random draws, so a seed's weights, are those
+        # of the "per_layer" layers before the "paper" wiring existed.)
         weight_init.c2_xavier_fill(self.input_to_hidden)
-        weight_init.c2_xavier_fill(self.hidden_to_output)
+        if self.hidden_to_output is not None:
+            weight_init.c2_xavier_fill(self.hidden_to_output)
         if learned_recurrent:
             # IRNN (Le et al.): the recurrent matrix starts at the identity so that gradients
             # initially flow back along the scan with full strength.
@@ -94,8 +137,29 @@ class _IRNNLayer(nn.Module):
         hidden = hidden.view(n, height, width, k, channels // k)
         return irnn_scans(hidden, self.directions, self.whh, self.first_step_bias, valid_cells)
 
+    def concat(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
+        """
+        The IRNN's output as section 3.2 defines it: "concatenating the hidden state from the
+        four directions at each spatial location".
+
+        Args:
+            x (Tensor): (N, C, H, W) layer input, in any memory format.
+            valid_cells (Tensor or None): see :meth:`direction_states`.
+
+        Returns:
+            Tensor: (N, D * hidden_dim, H, W), directions in the order right, left, down, up,
+            in channels_last memory format; 0 outside the valid cells.
+        """
+        states = self._scans(_to_channels_last(x), valid_cells)
+        n, height, width, _, _ = states.shape
+        # The states already lie side by side, channels last: the directions' concatenation,
+        # read by the next 1x1 conv without copying.
+        return states.view(n, height, width, -1).permute(0, 3, 1, 2)
+
     def forward(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
         """
+        The "per_layer" wiring's layer.
+
         Args:
             x (Tensor): (N, C, H, W) layer input, in any memory format.
             valid_cells (Tensor or None): see :meth:`direction_states`.
@@ -104,23 +168,29 @@ class _IRNNLayer(nn.Module):
             Tensor: (N, C, H, W) in channels_last memory format (the layout the scans work in;
             the next layer reads it as is).
         """
-        states = self._scans(_to_channels_last(x), valid_cells)
-        n, height, width, _, _ = states.shape
-        # The states already lie side by side, channels last: the directions' concatenation
-        # (right, left, down, up), read by the 1x1 conv without copying.
-        concat = states.view(n, height, width, -1).permute(0, 3, 1, 2)
-        if self.training and not isinstance(self.dropout, nn.Identity):
-            # Dropout draws its mask in its input's memory order: drawn on a contiguous map,
-            # a seed gives the mask a contiguous concatenation got. (concat * keep stays
-            # channels_last: a product takes its first operand's memory format.)
-            concat = concat * self.dropout(concat.new_ones(concat.shape))
-        out = self.hidden_to_output(concat)
-        # The output conv's bias must not reach the padding (the next layer, the ROI pooler or
-        # the seg head would see it). Zeroed before the ReLU, in place (the conv's backward does
-        # not need its output).
-        if valid_cells is not None:
-            out.masked_fill_(~valid_cell_mask(valid_cells, height, width), 0.0)
-        return F.relu(out)
+        concat = _concat_dropout(self.dropout, self.concat(x, valid_cells), self.training)
+        return F.relu(_zero_padding(self.hidden_to_output(concat), valid_cells))
+
+
+def _concat_dropout(dropout: nn.Module, concat: Tensor, training: bool) -> Tensor:
+    """``dropout`` on a channels_last ``concat``, drawing the mask a contiguous map would get."""
+    if training and not isinstance(dropout, nn.Identity):
+        # Dropout draws its mask in its input's memory order: drawn on a contiguous map, a seed
+        # gives the mask a contiguous concatenation got. (concat * keep stays channels_last: a
+        # product takes its first operand's memory format.)
+        concat = concat * dropout(concat.new_ones(concat.shape))
+    return concat
+
+
+def _zero_padding(out: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
+    """
+    ``out`` (a conv's output) with every cell outside the valid cells set to 0, in place: the
+    conv's bias must not reach the padding (the next layer, the ROI pooler or the seg head would
+    see it). The conv's backward does not need its output.
+    """
+    if valid_cells is not None:
+        out.masked_fill_(~valid_cell_mask(valid_cells, out.shape[2], out.shape[3]), 0.0)
+    return out
 
 
 def _to_channels_last(x: Tensor) -> Tensor:
@@ -155,13 +225,20 @@ class IRNN(nn.Module):
     """
     Stacked 4-direction IRNN context module (section 3.2, Figure 3, Tables 8-10).
 
-    Each layer computes ``x -> ReLU(conv1x1(dropout(concat_d(scan_d(conv1x1(x))))))``: an
-    input-to-hidden 1x1 conv (with bias) shared by the directions (or one per direction); per
-    direction ``d`` the recurrence of :mod:`ion_d2.irnn_scan` with its own ``Whh_d`` (or
-    ``Whh = I`` when removed) moving right, left, down or up (:func:`irnn_scans`, all directions
-    at once); the directions' hidden maps concatenated on channels in the order right, left,
-    down, up; dropout (training only); and a 1x1 hidden-to-output conv back to the layer's input
-    channels, followed by ReLU. The output thus has the input feature's channels and spatial size.
+    An IRNN layer is an input-to-hidden 1x1 conv (with bias) shared by the directions (or one
+    per direction); per direction ``d`` the recurrence of :mod:`ion_d2.irnn_scan` with its own
+    ``Whh_d`` (or ``Whh = I`` when removed) moving right, left, down or up (:func:`irnn_scans`,
+    all directions at once); and the directions' hidden maps concatenated on channels in the
+    order right, left, down, up. How layers connect is ``wiring`` (the module docstring states
+    both and the paper's sentences they rest on):
+
+    - "paper": ``x -> L_1 -> dropout -> L_2 -> ... -> L_n -> dropout -> conv1x1`` where ``L_k``
+      is a layer's concat; layer ``k > 1``'s input-to-hidden conv reads layer ``k - 1``'s concat
+      and the one hidden-to-output conv maps the top concat back to the input's channels, with
+      no ReLU after it.
+    - "per_layer": ``x -> ReLU(conv1x1(dropout(L_k(x))))`` for each layer in turn.
+
+    Either way the output ("context") has the input feature's channels and spatial size.
     Between the convs the maps are channels last, so the scans' steps and the concatenation
     need no layout change.
 
@@ -185,6 +262,7 @@ class IRNN(nn.Module):
         output_all_layers: bool = False,
         shared_input_to_hidden: bool = True,
         concat_dropout: float = 0.25,
+        wiring: str = "per_layer",
     ):
         """
         Args:
@@ -203,8 +281,11 @@ class IRNN(nn.Module):
                 ``"context_{i}"`` (Table 10b); the top layer is always ``"context"``.
             shared_input_to_hidden (bool): one input-to-hidden 1x1 conv for all directions
                 (section 3.2), or one per direction.
-            concat_dropout (float): dropout probability in [0, 1) between each layer's concat
-                and its hidden-to-output conv (section 3.2 item 2: 0.25); 0 removes it.
+            concat_dropout (float): dropout probability in [0, 1) after each layer's concat
+                (section 3.2 item 2: 0.25); 0 removes it.
+            wiring (str): "paper" (Figure 3: one hidden-to-output conv on the top IRNN) or
+                "per_layer" (a hidden-to-output conv and ReLU in every layer); see the module
+                docstring.
         """
         super().__init__()
         if recurrent not in _IRNN_RECURRENT:
@@ -223,6 +304,10 @@ class IRNN(nn.Module):
             raise ValueError(f"IRNN hidden_dim={hidden_dim} is invalid; expected an int >= 1.")
         if in_channels < 1:
             raise ValueError(f"IRNN in_channels={in_channels} is invalid; expected an int >= 1.")
+        if wiring not in IRNN_WIRINGS:
+            raise ValueError(
+                f"IRNN wiring={wiring!r} is not supported; expected one of {IRNN_WIRINGS}."
+            )
         if not 0.0 <= concat_dropout < 1.0:
             raise ValueError(
                 f"IRNN concat_dropout={concat_dropout} is invalid; expected a float in [0, 1)."
@@ -232,24 +317,36 @@ class IRNN(nn.Module):
         self._out_channels = in_channels
         self._stride = stride
         self.output_all_layers = output_all_layers
+        self.wiring = wiring
+        per_layer = wiring == "per_layer"
         layers = []
+        layer_in = in_channels
         for i in range(num_layers):
             if directions == "all":
                 layer_dirs = IRNN_DIRECTIONS
             else:
                 layer_dirs = ("right", "left") if i % 2 == 0 else ("down", "up")
-            layers.append(
-                _IRNNLayer(
-                    in_channels,
-                    hidden_dim,
-                    layer_dirs,
-                    learned_recurrent=recurrent == "learned",
-                    first_step_bias=first_step_bias,
-                    shared_input_to_hidden=shared_input_to_hidden,
-                    concat_dropout=concat_dropout,
-                )
+            layer = _IRNNLayer(
+                layer_in,
+                hidden_dim,
+                layer_dirs,
+                learned_recurrent=recurrent == "learned",
+                first_step_bias=first_step_bias,
+                shared_input_to_hidden=shared_input_to_hidden,
+                concat_dropout=concat_dropout,
+                out_channels=in_channels if per_layer else None,
             )
+            layers.append(layer)
+            if not per_layer:
+                layer_in = layer.concat_channels
         self.layers = nn.ModuleList(layers)
+        if per_layer:
+            self.register_module("hidden_to_output", None)
+            self.dropout = nn.Identity()
+        else:
+            self.hidden_to_output = nn.Conv2d(layer_in, in_channels, kernel_size=1)
+            weight_init.c2_xavier_fill(self.hidden_to_output)
+            self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:
@@ -268,6 +365,7 @@ class IRNN(nn.Module):
             "output_all_layers":      irnn.OUTPUT_ALL_LAYERS,
             "shared_input_to_hidden": irnn.SHARED_INPUT_TO_HIDDEN,
             "concat_dropout":         irnn.CONCAT_DROPOUT,
+            "wiring":                 irnn.WIRING,
         }
         # fmt: on
 
@@ -297,9 +395,18 @@ class IRNN(nn.Module):
         x = context_input(features, self.in_feature)
         valid_cells = valid_cells_of(image_sizes, self._stride, x)
         outputs = []
-        for layer in self.layers:
-            x = layer(x, valid_cells)
-            outputs.append(x)
+        if self.hidden_to_output is None:
+            for layer in self.layers:
+                x = layer(x, valid_cells)
+                outputs.append(x)
+        else:
+            for i, layer in enumerate(self.layers):
+                if i > 0:
+                    x = _concat_dropout(self.dropout, x, self.training)
+                x = layer.concat(x, valid_cells)
+                outputs.append(x)
+            x = _concat_dropout(self.dropout, x, self.training)
+            outputs[-1] = _zero_padding(self.hidden_to_output(x), valid_cells)
         if not self.output_all_layers:
             outputs = outputs[-1:]
         # The layers pass channels_last maps to each other; the outputs are contiguous, as the
@@ -307,7 +414,29 @@ class IRNN(nn.Module):
         return dict(zip(self._output_names(), map(_to_contiguous, outputs)))
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
+        channels = [self._out_channels] * len(self.layers)
+        if self.hidden_to_output is not None:
+            # The paper's lower IRNNs output their concat (Table 10b pools it).
+            channels = [layer.concat_channels for layer in self.layers[:-1]] + channels[-1:]
+        if not self.output_all_layers:
+            channels = channels[-1:]
         return {
-            name: ShapeSpec(channels=self._out_channels, stride=self._stride)
-            for name in self._output_names()
+            name: ShapeSpec(channels=c, stride=self._stride)
+            for name, c in zip(self._output_names(), channels)
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of the other wiring would load around the missing convs with only a
+        # warning (Detectron2 loads non-strictly) and leave them at their random init.
+        per_layer_keys = f"{prefix}layers.0.hidden_to_output.weight" in state_dict
+        paper_keys = f"{prefix}hidden_to_output.weight" in state_dict
+        if (per_layer_keys and self.hidden_to_output is not None) or (
+            paper_keys and self.hidden_to_output is None
+        ):
+            found = "per_layer" if per_layer_keys else "paper"
+            raise ValueError(
+                f"The checkpoint's IRNN context ({prefix!r}) has the {found!r} wiring, but the "
+                f"model was built with MODEL.ION.CONTEXT.IRNN.WIRING {self.wiring!r}; set "
+                f"WIRING to {found!r} to load it (accepted: {IRNN_WIRINGS})."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

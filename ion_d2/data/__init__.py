@@ -4,7 +4,8 @@ Importing this package registers the bundled synthetic dataset as "ion_synth_tra
 "ion_synth_val" under ``$DETECTRON2_DATASETS`` (default "./datasets"), as Detectron2 registers
 its builtin datasets; the data is generated on first use. It also registers Detectron2's builtin
 VOC and COCO training sets with ION's segmentation labels as ``<builtin name>_ionseg`` (see
-:mod:`ion_d2.data.builtin_ionseg`).
+:mod:`ion_d2.data.builtin_ionseg`), and VOC 2012 test's images as "voc_2012_test"
+(:mod:`ion_d2.data.voc2012_test`).
 """
 
 from .builtin_ionseg import ION_SEG_SUFFIX, register_all_ionseg
@@ -20,6 +21,12 @@ from .synthetic import (
     register_ion_synthetic,
 )
 from .transforms import ResizeLongestEdgeCap
+from .voc2012_test import (
+    VOC_2012_TEST,
+    load_voc_test_images,
+    register_voc_2012_test,
+    register_voc_test,
+)
 
 __all__ = [
     "ION_SEG_SUFFIX",
@@ -36,7 +43,12 @@ __all__ = [
     "THING_CLASSES",
     "TRAIN_DATASET_NAME",
     "VAL_DATASET_NAME",
+    "VOC_2012_TEST",
+    "load_voc_test_images",
+    "register_voc_2012_test",
+    "register_voc_test",
 ]
 
 register_ion_synthetic()
 register_all_ionseg()
+register_voc_2012_test()
