@@ -188,7 +188,7 @@ def test_which_presets_use_which_wiring():
     # Detectron2's defaults with ION's keys: the wiring of every checkpoint written before the
     # key existed (their config dumps have no WIRING; tests/test_checkpoint_compat.py).
     assert ion_cfg().MODEL.ION.CONTEXT.IRNN.WIRING == "per_layer"
-    synthetic = _configs("*synthetic*.yaml") + _configs("ION_VGG16_tiny_cpu.yaml")
+    synthetic = _configs("*VGG16_synthetic*.yaml") + _configs("ION_VGG16_tiny_cpu.yaml")
     assert len(synthetic) == 5
     paper = [p for p in _configs("**/*.yaml") if p not in synthetic]
     assert len(paper) > 100
