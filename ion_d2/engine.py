@@ -6,7 +6,6 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Tuple
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.modeling import build_backbone
@@ -15,7 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import extend_trainer_state, load_trainer_state
+from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
 from .d2_compat import has_compiled_ops
 from .data.dataset_check import check_test_datasets, check_train_datasets, input_stride
 from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
@@ -71,13 +70,25 @@ class IONTrainer(DefaultTrainer):
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
         self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = IONCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """
+        See :meth:`DefaultTrainer.build_hooks`, with :class:`IONCheckpointer` (checkpoints
+        written atomically, a newest unreadable one skipped on resume) in place of the
+        ``DetectionCheckpointer`` that ``DefaultTrainer.__init__`` creates just before (the
+        same model, folder and checkpointables).
+        """
+        if not isinstance(self.checkpointer, IONCheckpointer):
+            stock = self.checkpointer
+            self.checkpointer = IONCheckpointer(
+                stock.model, stock.save_dir, save_to_disk=stock.save_to_disk, **stock.checkpointables
+            )
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,10 +1,13 @@
 """Inference on images without silent damage: IONPredictor and a checked image reader."""
 
+import os
+
 import numpy as np
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from PIL import Image, ImageFile
 
+from .checkpoint import UnreadableCheckpoint, describe_unreadable_checkpoint
 from .data.transforms import cap_unresized_images
 
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
@@ -100,10 +103,20 @@ class IONPredictor(DefaultPredictor):
     :class:`DefaultPredictor` that checks (and where unambiguous converts) its input with
     :func:`as_bgr_uint8`, and, for a config that keeps test images at their own size
     (``INPUT.MIN_SIZE_TEST: 0``), still caps their longer edge at ``INPUT.MAX_SIZE_TEST`` (the
-    stock predictor would run a 4000x6000 photo at full size).
+    stock predictor would run a 4000x6000 photo at full size). A local ``MODEL.WEIGHTS`` that
+    is not a checkpoint (empty, truncated, not a torch file) raises
+    :class:`UnreadableCheckpoint` naming it.
     """
 
     def __init__(self, cfg):
+        weights = cfg.MODEL.WEIGHTS
+        if weights and "://" not in weights and os.path.exists(weights):
+            problem = describe_unreadable_checkpoint(weights)
+            if problem is not None:
+                raise UnreadableCheckpoint(
+                    f"MODEL.WEIGHTS {weights} {problem}; expected a checkpoint written by "
+                    "torch.save (.pth) or a Detectron2 model-zoo .pkl."
+                )
         super().__init__(cfg)
         self.aug = cap_unresized_images([self.aug])[0]
 
