@@ -2,6 +2,7 @@
 
 import os
 
+import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -36,7 +37,8 @@ def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
 
     Raises:
         OSError: the file cannot be read, is not an image, or is truncated.
-        ValueError: the image is not 8-bit (one of :data:`EIGHT_BIT_MODES`).
+        ValueError: the image is not 8-bit (a PIL mode outside :data:`EIGHT_BIT_MODES`, or
+            more than 8 bits per channel as OpenCV reads it, e.g. a 16-bit RGB PNG).
     """
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -50,6 +52,14 @@ def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
             image.load()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    # PIL opens a 16-bit RGB PNG as 8-bit "RGB" (dropping the low bytes); OpenCV keeps the depth.
+    unchanged = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if unchanged is not None and unchanged.dtype != np.uint8:
+        raise ValueError(
+            f"{path} is a {unchanged.dtype} image ({unchanged.dtype.itemsize * 8}-bit, "
+            f"{unchanged.shape[2] if unchanged.ndim == 3 else 1} channels); expected an 8-bit "
+            "image. Convert it to 8-bit first."
+        )
     return read_image(path, format=format)
 
 
