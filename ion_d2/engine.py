@@ -8,8 +8,8 @@ from typing import Any, Dict, Tuple
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.modeling import build_backbone
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
@@ -86,7 +86,10 @@ class IONTrainer(DefaultTrainer):
         if not isinstance(self.checkpointer, IONCheckpointer):
             stock = self.checkpointer
             self.checkpointer = IONCheckpointer(
-                stock.model, stock.save_dir, save_to_disk=stock.save_to_disk, **stock.checkpointables
+                stock.model,
+                stock.save_dir,
+                save_to_disk=stock.save_to_disk,
+                **stock.checkpointables,
             )
         return super().build_hooks()
 

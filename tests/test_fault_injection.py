@@ -650,7 +650,12 @@ def test_predict_finishes_the_folder_and_lists_every_file_it_skips(tiny_weights,
     cv2.imwrite(str(tmp_path / "in" / "grey16.png"), rng.randint(0, 65536, (48, 64), np.uint16))
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     code = _predict(
-        "--weights", tiny_weights, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "vis")
+        "--weights",
+        tiny_weights,
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "vis"),
     )
     out = capsys.readouterr().out
     assert code == 1
@@ -660,14 +665,17 @@ def test_predict_finishes_the_folder_and_lists_every_file_it_skips(tiny_weights,
         line.strip().split(": ", 1) for line in out.split("4 failed:")[1].strip().splitlines()
     )
     folder = str(tmp_path / "in")
-    assert set(summary) == {os.path.join(folder, n) for n in ("thin.png", "rgb16.png", "grey16.png", "notes.txt")}
+    assert set(summary) == {
+        os.path.join(folder, n) for n in ("thin.png", "rgb16.png", "grey16.png", "notes.txt")
+    }
     assert summary[os.path.join(folder, "thin.png")] == (
         "ValueError: too small: 2x700 (HxW) is 0x128 after resizing (INPUT.MIN_SIZE_TEST / "
         "MAX_SIZE_TEST), under the trunk's stride (16 px)"
     )
-    assert "is a uint16 image (16-bit, 3 channels); expected an 8-bit image" in summary[
-        os.path.join(folder, "rgb16.png")
-    ]
+    assert (
+        "is a uint16 image (16-bit, 3 channels); expected an 8-bit image"
+        in summary[os.path.join(folder, "rgb16.png")]
+    )
     assert "expected an 8-bit image" in summary[os.path.join(folder, "grey16.png")]
     assert summary[os.path.join(folder, "notes.txt")].startswith("UnidentifiedImageError")
 
@@ -677,14 +685,18 @@ def test_config_errors_name_the_key():
     model = IONTrainer.build_model(cfg)
     for lr in (-0.01, 0.0):
         cfg.SOLVER.BASE_LR = lr
-        with pytest.raises(ValueError, match=rf"SOLVER.BASE_LR must be a finite number > 0; got {lr}"):
+        with pytest.raises(
+            ValueError, match=rf"SOLVER.BASE_LR must be a finite number > 0; got {lr}"
+        ):
             IONTrainer.build_optimizer(cfg, model)
     cfg.SOLVER.BASE_LR, cfg.SOLVER.ION_END_LR = 0.01, 0.0
     optimizer = IONTrainer.build_optimizer(cfg, model)
     with pytest.raises(ValueError, match="SOLVER.ION_END_LR must be a finite number > 0; got 0.0"):
         IONTrainer.build_lr_scheduler(cfg, optimizer)
     cfg.MODEL.PIXEL_STD = [0.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match=r"MODEL.PIXEL_STD must hold finite values > 0.*\[0.0, 0.0"):
+    with pytest.raises(
+        ValueError, match=r"MODEL.PIXEL_STD must hold finite values > 0.*\[0.0, 0.0"
+    ):
         IONTrainer.build_model(cfg)
 
 

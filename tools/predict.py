@@ -114,7 +114,10 @@ def predict_one(predictor, path: str, out: str, metadata, confidence: float, str
     """
     image = read_image_file(path, format="BGR")
     transform = predictor.aug.get_transform(image)  # a ResizeTransform, or a NoOpTransform
-    resized = (getattr(transform, "new_h", image.shape[0]), getattr(transform, "new_w", image.shape[1]))
+    resized = (
+        getattr(transform, "new_h", image.shape[0]),
+        getattr(transform, "new_w", image.shape[1]),
+    )
     if min(resized) < stride:
         raise ValueError(
             f"too small: {image.shape[0]}x{image.shape[1]} (HxW) is {resized[0]}x{resized[1]} "

@@ -131,7 +131,9 @@ def _annotation_problems(dicts: List[dict], limits: DatasetLimits):
             w, h = _box_size(ann)
             if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
                 box = [round(float(v), 2) for v in ann["bbox"]]
-                bad_box.append((i, j, f"{d.get('file_name')} (bbox {box}, width {w:g}, height {h:g})"))
+                bad_box.append(
+                    (i, j, f"{d.get('file_name')} (bbox {box}, width {w:g}, height {h:g})")
+                )
     return bad_category, bad_box
 
 
