@@ -7,6 +7,7 @@ saves only the iteration and the LR scheduler), the random number generators and
 loader's seed.
 """
 
+import contextlib
 import logging
 import os
 import pickle
@@ -151,14 +152,16 @@ def describe_unreadable_checkpoint(path: str) -> Optional[str]:
     """
     What is wrong with ``path`` as a checkpoint, as far as its size and first and last bytes
     tell (nothing is unpickled): "does not exist", "is empty (0 bytes)", "is truncated", "is not
-    a torch file (a PNG image, ...)"; None when it may be one. Detectron2's ``.pkl`` model-zoo
-    pickles pass as the legacy format does.
+    a torch file (a PNG image, ...)"; None when it may be one. Of a ``.pkl`` (Detectron2's
+    model-zoo pickles, read by Detectron2 with ``pickle``) only existence and size are checked.
     """
     if not os.path.isfile(path):
         return "does not exist"
     size = os.path.getsize(path)
     if size == 0:
         return "is empty (0 bytes)"
+    if path.endswith(".pkl"):  # any pickle protocol; Detectron2 reads it with pickle itself
+        return None
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_ZIP_MAGIC):
@@ -276,10 +279,11 @@ class IONCheckpointer(DetectionCheckpointer):
         """
         if not (resume and self.has_checkpoint()) or "://" in self.save_dir:
             return super().resume_or_load(path, resume=resume)
-        for name in os.listdir(self.save_dir):
+        for name in os.listdir(self.save_dir) if self.save_to_disk else ():
             if name.endswith(".partial"):
                 self.logger.info(f"Removing {name}, left by a run killed while writing it.")
-                os.remove(os.path.join(self.save_dir, name))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.save_dir, name))
         skipped = []
         for candidate in self._resume_candidates(self.get_checkpoint_file()):
             try:
