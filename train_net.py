@@ -17,7 +17,6 @@ e.g. left-right flipping), reported as "bbox_TTA".
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
@@ -25,6 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
+from ion_d2.checkpoint import IONCheckpointer
 from ion_d2.engine import IONTrainer as Trainer
 from ion_d2.launch import launch
 from ion_d2.run_config import CONFIG_FILE, config_differences
@@ -70,7 +70,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        IONCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

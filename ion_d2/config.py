@@ -220,3 +220,15 @@ def add_ion_config(cfg: CN) -> None:
     # (stage 1: 5e-3 -> 1e-4; stage 2: 1e-3 -> 1e-5).
     # ---------------------------------------------------------------------------------------
     _C.SOLVER.ION_END_LR = 1e-4
+
+    # ---------------------------------------------------------------------------------------
+    # Dataset check before the first training step (ion_d2/data/dataset_check.py): category
+    # ids outside [0, ROI_HEADS.NUM_CLASSES), boxes of non-positive or non-finite width or
+    # height, files that do not exist and images whose shorter side after resizing is under
+    # the trunk's stride are refused with one error per dataset (not from the paper).
+    # ---------------------------------------------------------------------------------------
+    # True drops boxes of non-positive or non-finite width or height from the training dicts
+    # instead, logging the count (images left without boxes are removed too when
+    # DATALOADER.FILTER_EMPTY_ANNOTATIONS); in test sets they are only counted, since the
+    # evaluators read the ground truth themselves. The other problems are always refused.
+    _C.DATALOADER.ION_DROP_INVALID_BOXES = False

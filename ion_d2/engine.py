@@ -6,19 +6,19 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Tuple
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import extend_trainer_state, load_trainer_state
+from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
 from .d2_compat import has_compiled_ops
-from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts
+from .data.dataset_check import check_test_datasets, check_train_datasets, input_stride
+from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
 from .data.mapper import IONDatasetMapper
-from .data.semseg_check import check_sem_seg_labels
 from .evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from .launch import create_ddp_model_any_device
 from .run_config import prepare_run_dir
@@ -36,7 +36,8 @@ class IONTrainer(DefaultTrainer):
     :class:`DefaultTrainer` with the evaluator chosen by each test set's ``evaluator_type``
     ("coco" or "pascal_voc"), ION's learning-rate schedule (:func:`build_ion_lr_scheduler`),
     gradient clipping (:func:`build_ion_optimizer`), ion_d2's data loaders and mapper, the
-    segmentation-label check (:func:`check_sem_seg_labels`), the skip-pooling scale measured
+    dataset check before training (:func:`check_train_datasets`, :func:`check_test_datasets`:
+    classes, boxes, files and image sizes; the segmentation labels), the skip-pooling scale measured
     before the first step when ``SKIP_POOL.SCALE_INIT`` is -1 (:func:`measure_skip_pool_scale`),
     checkpoints that resume exactly (README, "What is guaranteed") and test-time
     augmentation (:meth:`test_with_TTA`).
@@ -69,13 +70,28 @@ class IONTrainer(DefaultTrainer):
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
         self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = IONCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """
+        See :meth:`DefaultTrainer.build_hooks`, with :class:`IONCheckpointer` (checkpoints
+        written atomically, a newest unreadable one skipped on resume) in place of the
+        ``DetectionCheckpointer`` that ``DefaultTrainer.__init__`` creates just before (the
+        same model, folder and checkpointables).
+        """
+        if not isinstance(self.checkpointer, IONCheckpointer):
+            stock = self.checkpointer
+            self.checkpointer = IONCheckpointer(
+                stock.model,
+                stock.save_dir,
+                save_to_disk=stock.save_to_disk,
+                **stock.checkpointables,
+            )
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -117,14 +133,24 @@ class IONTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """
         :func:`build_ion_train_loader` (iteration ``i``'s batch depends on ``(SEED, i)`` only,
-        so a resumed run sees the same batches) with :class:`IONDatasetMapper` (labels checked);
-        with ``MODEL.ION.SEG_LOSS_ON``, :func:`check_sem_seg_labels` on the same dataset dicts.
+        so a resumed run sees the same batches) with :class:`IONDatasetMapper` (labels checked),
+        on the dataset dicts after :func:`check_train_datasets`; the datasets of
+        ``DATASETS.TEST`` are checked too (:func:`check_test_datasets`), so that a problem
+        there does not wait for the first evaluation.
         """
-        dicts = load_train_dicts(cfg)
-        if cfg.MODEL.ION.SEG_LOSS_ON:
-            # A training set without segmentation labels would train a loss that is always 0.
-            check_sem_seg_labels(dicts, cfg.DATASETS.TRAIN)
+        min_side = cls.trunk_stride(cfg)
+        dicts = check_train_datasets(cfg, load_train_dicts(cfg), min_side=min_side)
+        check_test_datasets(cfg, min_side=min_side)
         return build_ion_train_loader(cfg, IONDatasetMapper(cfg, True), dicts)
+
+    @classmethod
+    def trunk_stride(cls, cfg) -> int:
+        """
+        :func:`input_stride` of ``cfg``'s backbone, built for this on the CPU; the random
+        generators are put back afterwards, so the model and training draw what they would.
+        """
+        with seeded_rngs(0):
+            return input_stride(build_backbone(cfg))
 
     @classmethod
     def test_with_TTA(cls, cfg, model) -> "OrderedDict[str, Any]":
@@ -198,6 +224,9 @@ def train_and_evaluate(
     # see the same images in the same order.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     trainer = IONTrainer(train_cfg)
+    # The trainer checked the training set; the test sets it was not given are checked here,
+    # before training rather than after it.
+    check_test_datasets(cfg, min_side=IONTrainer.trunk_stride(cfg))
     trainer.resume_or_load(resume=resume)
     if trainer.start_iter < train_cfg.SOLVER.MAX_ITER:
         trainer.train()

@@ -35,7 +35,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .context import build_ion_context
-from .model_checks import check_context_outputs_used
+from .model_checks import check_context_outputs_used, check_pixel_std
 
 __all__ = ["IONRCNN"]
 
@@ -67,6 +67,7 @@ class IONRCNN(GeneralizedRCNN):
         sem_seg_ignore_value: Optional[int] = None,
         backbone_per_image: bool = True,
         backbone_per_image_train: bool = True,
+        unresized_test_max_size: Optional[int] = None,
         **kwargs,
     ):
         """
@@ -83,6 +84,11 @@ class IONRCNN(GeneralizedRCNN):
                 (see :meth:`backbone_features`); False: one pass over the padded batch.
             backbone_per_image_train (bool): the same in training. False: one pass over the
                 padded batch, so BatchNorm's training statistics come from the whole batch.
+            unresized_test_max_size (int or None): for a config whose test images keep their
+                own size (``INPUT.MIN_SIZE_TEST`` 0), its ``INPUT.MAX_SIZE_TEST``: an input
+                larger than it reached :meth:`forward` uncapped (Detectron2's stock
+                ``DefaultPredictor`` does not resize for 0; ion_d2's test loader and
+                ``IONPredictor`` cap it), which is logged once as a warning. Nothing changes.
             kwargs: see :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
@@ -90,6 +96,8 @@ class IONRCNN(GeneralizedRCNN):
         self.sem_seg_head = sem_seg_head
         self.backbone_per_image = backbone_per_image
         self.backbone_per_image_train = backbone_per_image_train
+        self.unresized_test_max_size = unresized_test_max_size
+        self._warned_uncapped = False
         if sem_seg_head is not None and sem_seg_ignore_value not in (
             None,
             sem_seg_head.ignore_value,
@@ -110,6 +118,7 @@ class IONRCNN(GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg):
+        check_pixel_std(cfg)
         backbone = build_backbone(cfg)
         feature_shapes = dict(backbone.output_shape())
         context = build_ion_context(cfg, feature_shapes)
@@ -128,6 +137,9 @@ class IONRCNN(GeneralizedRCNN):
             "sem_seg_head": sem_seg_head,
             "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
             "backbone_per_image_train": cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN,
+            "unresized_test_max_size": (
+                cfg.INPUT.MAX_SIZE_TEST if cfg.INPUT.MIN_SIZE_TEST == 0 else None
+            ),
             "input_format": cfg.INPUT.FORMAT,
             "vis_period": cfg.VIS_PERIOD,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -211,6 +223,7 @@ class IONRCNN(GeneralizedRCNN):
         "loss_sem_seg".
         """
         if not self.training:
+            self._warn_uncapped(batched_inputs)
             return self.inference(batched_inputs)
 
         images = self.preprocess_image(batched_inputs)
@@ -232,6 +245,21 @@ class IONRCNN(GeneralizedRCNN):
         if self.sem_seg_head is not None:
             losses.update(self._sem_seg_losses(batched_inputs, images, features))
         return losses
+
+    def _warn_uncapped(self, batched_inputs) -> None:
+        cap = self.unresized_test_max_size
+        if cap is None or self._warned_uncapped:
+            return
+        sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        big = [s for s in sizes if max(s) > cap]
+        if big:
+            self._warned_uncapped = True
+            logger.warning(
+                f"An input image of {big[0][0]}x{big[0][1]} (HxW) runs at full size: it is "
+                f"larger than INPUT.MAX_SIZE_TEST ({cap}), which this config (INPUT.MIN_SIZE_TEST "
+                "0) applies as a cap, but Detectron2's DefaultPredictor does not resize for "
+                "MIN_SIZE_TEST 0. Use ion_d2.IONPredictor, which caps it as evaluation does."
+            )
 
     def _sem_seg_losses(self, batched_inputs, images: ImageList, features) -> Dict:
         num_labelled = sum("sem_seg" in x for x in batched_inputs)

@@ -1,10 +1,11 @@
 """Checks on a whole model's config that no single component can make alone."""
 
+import math
 from typing import Optional
 
 from torch import nn
 
-__all__ = ["check_context_outputs_used"]
+__all__ = ["check_context_outputs_used", "check_pixel_std"]
 
 
 def check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
@@ -38,4 +39,21 @@ def check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
             + ("" if cfg.MODEL.ION.SEG_LOSS_ON else "; MODEL.ION.SEG_LOSS_ON is False")
             + "). Their weights would never train (and DistributedDataParallel would fail): add "
             "them to MODEL.ROI_HEADS.IN_FEATURES, or change the context module."
+        )
+
+
+def check_pixel_std(cfg) -> None:
+    """
+    Refuse a ``MODEL.PIXEL_STD`` with an entry that is zero, negative or not finite: the model
+    divides its input by it, so the first loss would be NaN and reported as divergence.
+
+    Raises:
+        ValueError: naming the key and its value.
+    """
+    std = list(cfg.MODEL.PIXEL_STD)
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(
+            f"MODEL.PIXEL_STD must hold finite values > 0 (the input is divided by them); got "
+            f"{std}. Use e.g. [58.395, 57.12, 57.375] (ImageNet, RGB 0-255) or [1.0, 1.0, 1.0] "
+            "(no scaling)."
         )

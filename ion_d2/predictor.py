@@ -1,10 +1,14 @@
 """Inference on images without silent damage: IONPredictor and a checked image reader."""
 
+import os
+
+import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from PIL import Image, ImageFile
 
+from .checkpoint import UnreadableCheckpoint, describe_unreadable_checkpoint
 from .data.transforms import cap_unresized_images
 
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
@@ -33,7 +37,8 @@ def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
 
     Raises:
         OSError: the file cannot be read, is not an image, or is truncated.
-        ValueError: the image is not 8-bit (one of :data:`EIGHT_BIT_MODES`).
+        ValueError: the image is not 8-bit (a PIL mode outside :data:`EIGHT_BIT_MODES`, or
+            more than 8 bits per channel as OpenCV reads it, e.g. a 16-bit RGB PNG).
     """
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -47,6 +52,14 @@ def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
             image.load()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    # PIL opens a 16-bit RGB PNG as 8-bit "RGB" (dropping the low bytes); OpenCV keeps the depth.
+    unchanged = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if unchanged is not None and unchanged.dtype != np.uint8:
+        raise ValueError(
+            f"{path} is a {unchanged.dtype} image ({unchanged.dtype.itemsize * 8}-bit, "
+            f"{unchanged.shape[2] if unchanged.ndim == 3 else 1} channels); expected an 8-bit "
+            "image. Convert it to 8-bit first."
+        )
     return read_image(path, format=format)
 
 
@@ -100,10 +113,20 @@ class IONPredictor(DefaultPredictor):
     :class:`DefaultPredictor` that checks (and where unambiguous converts) its input with
     :func:`as_bgr_uint8`, and, for a config that keeps test images at their own size
     (``INPUT.MIN_SIZE_TEST: 0``), still caps their longer edge at ``INPUT.MAX_SIZE_TEST`` (the
-    stock predictor would run a 4000x6000 photo at full size).
+    stock predictor would run a 4000x6000 photo at full size). A local ``MODEL.WEIGHTS`` that
+    is not a checkpoint (empty, truncated, not a torch file) raises
+    :class:`UnreadableCheckpoint` naming it.
     """
 
     def __init__(self, cfg):
+        weights = cfg.MODEL.WEIGHTS
+        if weights and "://" not in weights and os.path.exists(weights):
+            problem = describe_unreadable_checkpoint(weights)
+            if problem is not None:
+                raise UnreadableCheckpoint(
+                    f"MODEL.WEIGHTS {weights} {problem}; expected a checkpoint written by "
+                    "torch.save (.pth) or a Detectron2 model-zoo .pkl."
+                )
         super().__init__(cfg)
         self.aug = cap_unresized_images([self.aug])[0]
 

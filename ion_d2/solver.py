@@ -1,6 +1,7 @@
 """ION's solver (section 4.1): the learning-rate schedule and global gradient-norm clipping."""
 
 import logging
+import math
 from typing import Type
 
 import torch
@@ -21,11 +22,16 @@ def build_ion_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
     Build Detectron2's optimizer (:func:`detectron2.solver.build_optimizer`: SGD with its param
     groups for ``SOLVER.BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS`` and ``WEIGHT_DECAY_NORM``).
+    ``SOLVER.BASE_LR`` must be finite and > 0 (a ValueError names it otherwise).
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` "full_model" adds section 4.1's clipping: before each
     step the gradients of ALL parameters of all param groups are rescaled together so that
     their joint L2 norm is at most ``CLIP_VALUE`` (:func:`torch.nn.utils.clip_grad_norm_`), as
     Caffe's ``SGDSolver::ClipGradients`` does. Other clip types are left to Detectron2.
     """
+    base_lr = cfg.SOLVER.BASE_LR
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        # torch's own message ("Invalid learning rate: -0.01") names no key.
+        raise ValueError(f"SOLVER.BASE_LR must be a finite number > 0; got {base_lr}.")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         raise ValueError(
@@ -80,11 +86,12 @@ def build_ion_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
     if cfg.SOLVER.LR_SCHEDULER_NAME != "IONExponentialLR":
         return build_lr_scheduler(cfg, optimizer)
     base_lr, end_lr = cfg.SOLVER.BASE_LR, cfg.SOLVER.ION_END_LR
-    if not (base_lr > 0 and end_lr > 0):
-        raise ValueError(
-            f"IONExponentialLR needs SOLVER.BASE_LR > 0 and SOLVER.ION_END_LR > 0; got "
-            f"{base_lr} and {end_lr}."
-        )
+    for key, value in (("SOLVER.BASE_LR", base_lr), ("SOLVER.ION_END_LR", end_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"IONExponentialLR decays the learning rate exponentially, so {key} must be a "
+                f"finite number > 0; got {value}."
+            )
     if end_lr > base_lr:
         # A "decay" factor above 1 would raise the learning rate over training, silently.
         raise ValueError(

@@ -19,6 +19,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from model_utils import ion_cfg, load_cfg, load_script, synthetic_slice
 
@@ -636,3 +637,129 @@ def test_train_net_runs_two_cpu_processes(bundled_datasets, tmp_path):
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "GLOO" in log and os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+# --- Issue 19: tools/predict.py finishes the folder; config errors; the stock predictor ------
+
+
+def test_predict_finishes_the_folder_and_lists_every_file_it_skips(tiny_weights, tmp_path, capsys):
+    _write_images(tmp_path / "in", ["good.png", "x.tif", "y.webp"])
+    _write_images(tmp_path / "in", ["thin.png"], size=(2, 700))
+    rng = np.random.RandomState(0)
+    cv2.imwrite(str(tmp_path / "in" / "rgb16.png"), rng.randint(0, 65536, (48, 64, 3), np.uint16))
+    cv2.imwrite(str(tmp_path / "in" / "grey16.png"), rng.randint(0, 65536, (48, 64), np.uint16))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    code = _predict(
+        "--weights",
+        tiny_weights,
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "vis"),
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert sorted(os.listdir(tmp_path / "vis")) == ["good.png.png", "x.tif.png", "y.webp.png"]
+    assert "3 of 7 images written" in out and "4 failed" in out
+    summary = dict(
+        line.strip().split(": ", 1) for line in out.split("4 failed:")[1].strip().splitlines()
+    )
+    folder = str(tmp_path / "in")
+    assert set(summary) == {
+        os.path.join(folder, n) for n in ("thin.png", "rgb16.png", "grey16.png", "notes.txt")
+    }
+    assert summary[os.path.join(folder, "thin.png")] == (
+        "ValueError: too small: 2x700 (HxW) is 0x128 after resizing (INPUT.MIN_SIZE_TEST / "
+        "MAX_SIZE_TEST), under the trunk's stride (16 px)"
+    )
+    assert (
+        "is a uint16 image (16-bit, 3 channels); expected an 8-bit image"
+        in summary[os.path.join(folder, "rgb16.png")]
+    )
+    assert "expected an 8-bit image" in summary[os.path.join(folder, "grey16.png")]
+    assert summary[os.path.join(folder, "notes.txt")].startswith("UnidentifiedImageError")
+
+
+def test_config_errors_name_the_key():
+    cfg = load_cfg(TINY)
+    model = IONTrainer.build_model(cfg)
+    for lr in (-0.01, 0.0):
+        cfg.SOLVER.BASE_LR = lr
+        with pytest.raises(
+            ValueError, match=rf"SOLVER.BASE_LR must be a finite number > 0; got {lr}"
+        ):
+            IONTrainer.build_optimizer(cfg, model)
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.ION_END_LR = 0.01, 0.0
+    optimizer = IONTrainer.build_optimizer(cfg, model)
+    with pytest.raises(ValueError, match="SOLVER.ION_END_LR must be a finite number > 0; got 0.0"):
+        IONTrainer.build_lr_scheduler(cfg, optimizer)
+    cfg.MODEL.PIXEL_STD = [0.0, 0.0, 0.0]
+    with pytest.raises(
+        ValueError, match=r"MODEL.PIXEL_STD must hold finite values > 0.*\[0.0, 0.0"
+    ):
+        IONTrainer.build_model(cfg)
+
+
+def test_stock_predictor_runs_unresized_and_says_to_use_ion_predictor(tiny_weights, caplog):
+    # A preset with MIN_SIZE_TEST 0 (as ION_VGG16_synthetic.yaml): IONPredictor caps the longer
+    # edge at MAX_SIZE_TEST; Detectron2's DefaultPredictor runs the image at full size, and the
+    # model says so once.
+    cfg = load_cfg(TINY)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 96
+    cfg.MODEL.WEIGHTS = tiny_weights
+    image = np.random.RandomState(2).randint(0, 256, (300, 400, 3), np.uint8)
+    seen = {}
+    for predictor in (DefaultPredictor(cfg), IONPredictor(cfg)):
+        sizes = []
+        hook = predictor.model.backbone.register_forward_pre_hook(
+            lambda m, x: sizes.append(tuple(x[0].shape[-2:]))
+        )
+        with caplog.at_level(logging.WARNING, logger="ion_d2.meta_arch"):
+            caplog.clear()
+            predictor(image)
+            predictor(image)
+        hook.remove()
+        warned = caplog.text.count("runs at full size")
+        seen[type(predictor).__name__] = (sizes[0], warned)
+        if warned:
+            assert "larger than INPUT.MAX_SIZE_TEST (96)" in caplog.text
+            assert "Use ion_d2.IONPredictor" in caplog.text
+    assert seen["DefaultPredictor"] == ((304, 400), 1)  # padded to the stride
+    assert seen["IONPredictor"] == ((80, 96), 0)
+
+
+def _tmpfs_works(folder):
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
+    cmd = probe + [f"mount -t tmpfs -o size=1m tmpfs {folder}"]
+    try:
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_a_full_disk_keeps_the_metrics_and_log_written_before_it(bundled_datasets, tmp_path):
+    # A real full disk: train_net.py with OUTPUT_DIR on a small tmpfs in a user namespace. The
+    # second checkpoint does not fit; the failed write leaves no partial checkpoint, and the
+    # metrics and the log (with the error) written after it are kept.
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir(), copy.mkdir()
+    if not _tmpfs_works(disk):
+        pytest.skip("needs `unshare --user --map-root-user --mount` to mount a small tmpfs")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(bundled_datasets), OMP_NUM_THREADS="1")
+    train = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY]
+    train += ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATASETS.TEST", "()"]
+    train += ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(disk)]
+    script = (
+        f'mount -t tmpfs -o size=5m tmpfs "{disk}" && '
+        + " ".join(f"'{a}'" for a in train)
+        + f' > "{copy}/stdout.txt" 2>&1; echo $? > "{copy}/rc"; cp -a "{disk}"/. "{copy}"/'
+    )
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env)
+    assert (copy / "rc").read_text().strip() != "0", (copy / "stdout.txt").read_text()[-3000:]
+    assert "No space left on device" in (copy / "stdout.txt").read_text()
+    files = sorted(n for n in os.listdir(copy) if ".pth" in n)
+    assert files == ["model_0000001.pth"]
+    assert (copy / "last_checkpoint").read_text() == "model_0000001.pth"
+    torch.load(copy / "model_0000001.pth", map_location="cpu")
+    assert _metrics(copy)  # the iterations logged before and at the failure
+    assert "Exception during training" in (copy / "log.txt").read_text()

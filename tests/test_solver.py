@@ -59,7 +59,7 @@ def test_other_schedulers_fall_through_and_bad_values_raise():
     cfg.SOLVER.WARMUP_ITERS = 0
     lrs = _lrs(cfg, 60)
     assert lrs[10] == pytest.approx(5e-3) and lrs[55] == pytest.approx(5e-4)
-    with pytest.raises(ValueError, match="ION_END_LR > 0.*-1"):
+    with pytest.raises(ValueError, match="SOLVER.ION_END_LR must be a finite number > 0; got -1"):
         _lrs(_cfg(end=-1.0), 1)
 
 

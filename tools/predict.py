@@ -8,9 +8,12 @@ Run a config + weights on images (files or a folder) and write visualised PNGs.
 Each input ``<name>.<ext>`` is written as ``<output>/<name>.<ext>.png``, so ``x.jpg`` and
 ``x.png`` get two outputs and no output can be an input. The output folder must not be a folder
 that holds any of the inputs, and two inputs with the same file name (from two folders) are
-refused. Images that cannot be read, are truncated or are not 8-bit are skipped and listed at
-the end; the exit status is 1 when any image failed, 2 for bad arguments. ``--weights`` must name
-a checkpoint: a randomly initialised model runs only with ``--allow-random-weights``.
+refused. Every file of a folder is tried (.png, .jpg, .tif, .webp, ... whatever decodes);
+files that cannot be read, are truncated, are not 8-bit (16-bit PNG or TIFF, grey or RGB), are
+too small for the trunk's stride after resizing, or fail in any other way are skipped and
+listed at the end with the reason, after the rest of the folder is done; the exit status is 1
+when any file was skipped, 2 for bad arguments. ``--weights`` must name a checkpoint: a
+randomly initialised model runs only with ``--allow-random-weights``.
 """
 
 import argparse
@@ -25,26 +28,22 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
 from ion_d2 import add_ion_config
+from ion_d2.data.dataset_check import input_stride
 from ion_d2.predictor import IONPredictor, read_image_file
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def list_images(inputs: List[str]) -> List[str]:
+    """Every file of each folder of ``inputs`` (sorted) and each file named."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(
-                p
-                for p in glob.glob(os.path.join(item, "*"))
-                if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
-            )
+            paths += sorted(p for p in glob.glob(os.path.join(item, "*")) if os.path.isfile(p))
         elif os.path.isfile(item):
             paths.append(item)
         else:
             raise FileNotFoundError(f"--input {item!r} is neither an image file nor a folder.")
     if not paths:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {inputs}.")
+        raise FileNotFoundError(f"No files found in {inputs}.")
     return paths
 
 
@@ -102,6 +101,37 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def predict_one(predictor, path: str, out: str, metadata, confidence: float, stride: int) -> int:
+    """
+    Detect objects in the image file ``path`` and write their visualisation to ``out``.
+
+    Returns:
+        int: the number of detections drawn.
+
+    Raises:
+        OSError, ValueError: the file cannot be read, is truncated or not 8-bit, is too small
+            for the trunk after resizing, or ``out`` cannot be written.
+    """
+    image = read_image_file(path, format="BGR")
+    transform = predictor.aug.get_transform(image)  # a ResizeTransform, or a NoOpTransform
+    resized = (
+        getattr(transform, "new_h", image.shape[0]),
+        getattr(transform, "new_w", image.shape[1]),
+    )
+    if min(resized) < stride:
+        raise ValueError(
+            f"too small: {image.shape[0]}x{image.shape[1]} (HxW) is {resized[0]}x{resized[1]} "
+            f"after resizing (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST), under the trunk's stride "
+            f"({stride} px)"
+        )
+    instances = predictor(image)["instances"].to("cpu")
+    instances = instances[instances.scores >= confidence]
+    vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
+    if not cv2.imwrite(out, vis.get_image()[:, :, ::-1]):
+        raise OSError(f"could not write {out}")
+    return len(instances)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     cfg = get_cfg()
@@ -113,22 +143,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     predictor = IONPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
+    stride = input_stride(predictor.model.backbone)
     failed = {}
     for path, out in args.plan.items():
         try:
-            image = read_image_file(path, format="BGR")
-        except (OSError, ValueError) as e:
+            count = predict_one(predictor, path, out, metadata, args.confidence, stride)
+        except Exception as e:  # noqa: B902  one file must not stop the rest of the folder
             failed[path] = f"{type(e).__name__}: {e}"
             print(f"{path}: skipped ({failed[path]})")
             continue
-        instances = predictor(image)["instances"].to("cpu")
-        instances = instances[instances.scores >= args.confidence]
-        vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
-        if not cv2.imwrite(out, vis.get_image()[:, :, ::-1]):
-            failed[path] = f"could not write {out}"
-            print(f"{path}: {failed[path]}")
-            continue
-        print(f"{path}: {len(instances)} detections -> {out}")
+        print(f"{path}: {count} detections -> {out}")
 
     print(f"\n{len(args.plan) - len(failed)} of {len(args.plan)} images written to {args.output}.")
     if failed:
