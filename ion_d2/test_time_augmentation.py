@@ -48,7 +48,8 @@ class IONRCNNWithTTA(GeneralizedRCNNWithTTA):
             cfg.defrost()
             cfg.MODEL.LOAD_PROPOSALS = False
         super().__init__(cfg, model, tta_mapper=tta_mapper, batch_size=batch_size)
-        self.cfg.MODEL.LOAD_PROPOSALS = load_proposals
+        if load_proposals:
+            self.cfg.MODEL.LOAD_PROPOSALS = True
         self.box_voting = bool(getattr(self.model.roi_heads, "box_voting", False))
         if self.box_voting and not isinstance(self.model, IONRCNN):
             raise TypeError(

@@ -29,6 +29,9 @@ def _cfg(in_features=("f3", "f4", "f5"), **skip_pool):
         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
         "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIPool",
         "MODEL.ION.SKIP_POOL.REDUCE_DIM": 8,
+        # The heads pool made-up features; SCALE_INIT 0 (the paper's constants) is accepted
+        # for ion_d2's VGG16 only, whose features the constants were measured on.
+        "MODEL.BACKBONE.NAME": "build_ion_vgg16_backbone",
     }
     overrides.update({f"MODEL.ION.SKIP_POOL.{k}": v for k, v in skip_pool.items()})
     return ion_cfg(overrides)
