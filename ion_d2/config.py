@@ -209,7 +209,9 @@ def add_ion_config(cfg: CN) -> None:
     # Segmentation regularizer (section 3.2, Figure 3, Table 6): a training-only semantic
     # segmentation loss on the context features. The head is MODEL.SEM_SEG_HEAD.NAME
     # ("IONSegRegularizerHead"), reading MODEL.SEM_SEG_HEAD.IN_FEATURES (["context"]), with
-    # NUM_CLASSES, IGNORE_VALUE (255) and LOSS_WEIGHT (1.0) from that node.
+    # NUM_CLASSES, IGNORE_VALUE (255) and LOSS_WEIGHT (1.0) from that node. The loss is
+    # averaged over each image's labelled pixels, then over the batch's images, as the paper's
+    # Caffe setup did (one image per pass, iter_size averaging the passes; section 4.1).
     # ---------------------------------------------------------------------------------------
     # Whether IONRCNN adds the segmentation loss (Table 6 "Use seg. loss?").
     _C.MODEL.ION.SEG_LOSS_ON = False

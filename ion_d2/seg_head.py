@@ -216,11 +216,18 @@ class IONSegRegularizerHead(nn.Module):
 
     def losses(self, scores: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
-        Per-pixel softmax cross-entropy averaged over the labelled pixels of the batch.
+        Per-pixel softmax cross-entropy, averaged over each image's labelled pixels, then over
+        the images of the batch.
+
+        The paper's Caffe setup passed one image at a time (``iter_size`` averaging the passes)
+        through a softmax loss normalised by that image's labelled pixels, so every image weighs
+        the same whatever its size; an image without labelled pixels adds 0 (Caffe divides by
+        ``max(count, 1)``) and still counts in the average over the batch.
 
         Args:
             scores (Tensor): (N, K, h, w) scores at the feature's stride.
-            targets (Tensor): (N, H, W) long labels, ``ignore_value`` where unlabelled.
+            targets (Tensor): (N, H, W) long labels, ``ignore_value`` where unlabelled
+                (padding included).
 
         Returns:
             dict[str, Tensor]: ``{"loss_sem_seg": loss * loss_weight}``.
@@ -230,8 +237,9 @@ class IONSegRegularizerHead(nn.Module):
         # Target pixels the deconvolution does not reach count as ignored: dropping them
         # equals padding the logits with an ignored area.
         targets = targets[:, : logits.shape[-2], : logits.shape[-1]]
-        # A sum divided by the number of labelled pixels equals F.cross_entropy's "mean", but
-        # gives 0 (not 0 / 0 = NaN) when the batch has no labelled pixel.
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum", ignore_index=self.ignore_value)
-        num_labelled = (targets != self.ignore_value).sum().clamp(min=1)
-        return {"loss_sem_seg": loss_sum / num_labelled * self.loss_weight}
+        pixel_losses = F.cross_entropy(
+            logits, targets, reduction="none", ignore_index=self.ignore_value
+        )  # (N, H, W), 0 where ignored
+        loss_sum = pixel_losses.flatten(1).sum(dim=1)
+        num_labelled = (targets != self.ignore_value).flatten(1).sum(dim=1).clamp(min=1)
+        return {"loss_sem_seg": (loss_sum / num_labelled).mean() * self.loss_weight}

@@ -122,8 +122,9 @@ def test_loss_equals_cross_entropy(feat_hw, img_hw):
     head = make_head().train()
     randomize_scores(head)
     feature = torch.randn(2, 6, *feat_hw)
+    feature[1] *= 4  # more confident scores: the images' mean losses differ
     targets = torch.randint(0, 4, (2, *img_hw))
-    targets[0, :, -7:] = IGNORE  # padding of a narrower image
+    targets[0, :, -25:] = IGNORE  # padding of a narrower image
     targets[1, 5:9, 3:20] = IGNORE  # a crowd region
 
     with EventStorage():
@@ -135,10 +136,19 @@ def test_loss_equals_cross_entropy(feat_hw, img_hw):
     # Pixels beyond the deconvolution's reach (rows/cols >= s * h + s / 2) are ignored.
     ref_targets[:, feat_hw[0] * 16 + 8 :, :] = IGNORE
     ref_targets[:, :, feat_hw[1] * 16 + 8 :] = IGNORE
-    expected = F.cross_entropy(
-        reference_logits(head, feature, *img_hw), ref_targets, ignore_index=IGNORE
-    )
+    # Each image's mean over its own labelled pixels, then the mean over the images (the
+    # paper's Caffe setup: one image per pass, iter_size averaging the passes).
+    ref_logits = reference_logits(head, feature, *img_hw)
+    per_image = [
+        F.cross_entropy(ref_logits[i : i + 1], ref_targets[i : i + 1], ignore_index=IGNORE)
+        for i in range(2)
+    ]
+    expected = torch.stack(per_image).mean()
     assert torch.isclose(losses["loss_sem_seg"].double(), expected, rtol=1e-5)
+    # The images have different numbers of labelled pixels, so the batch-wide pixel mean (the
+    # old normalisation) is another number.
+    pixel_mean = F.cross_entropy(ref_logits, ref_targets, ignore_index=IGNORE)
+    assert not torch.isclose(losses["loss_sem_seg"].double(), pixel_mean, rtol=1e-3)
 
 
 def test_loss_weight_scales():
@@ -285,18 +295,21 @@ def test_loss_of_an_image_does_not_depend_on_the_batch(a_first):
     alone_a = loss(feature_a, labels_a[None], [SIZE_A])
     alone_b = loss(feature_b, labels_b[None], [SIZE_B])
 
-    # B unlabelled: the batch's loss is A's alone.
+    # B unlabelled: B adds 0 to the mean over the two images (Caffe's max(count, 1)).
     targets = torch.full((2, 80, 96), IGNORE, dtype=torch.long)
     targets[ia, :44, :60] = labels_a
-    torch.testing.assert_close(loss(batch, targets, sizes), alone_a, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss(batch, targets, sizes), alone_a / 2, rtol=1e-6, atol=0)
     # Without the sizes the padding's scores reach A's border pixels (the old behaviour).
-    assert not torch.allclose(loss(batch, targets, None), alone_a, rtol=1e-4, atol=0)
+    assert not torch.allclose(loss(batch, targets, None), alone_a / 2, rtol=1e-4, atol=0)
 
-    # Both labelled: the batch's summed loss is the sum of the images' summed losses alone.
+    # Both labelled, of two sizes (44 x 60 and 80 x 96 pixels): each image weighs the same, so
+    # the batch's loss is the mean of the images' losses alone, not weighted by pixel counts.
     targets[1 - ia] = labels_b
+    batch_loss = loss(batch, targets, sizes)
+    torch.testing.assert_close(batch_loss, (alone_a + alone_b) / 2, rtol=1e-6, atol=0)
     n_a, n_b = labels_a.numel(), labels_b.numel()
-    summed = loss(batch, targets, sizes) * (n_a + n_b)
-    torch.testing.assert_close(summed, alone_a * n_a + alone_b * n_b, rtol=1e-6, atol=0)
+    pixel_weighted = (alone_a * n_a + alone_b * n_b) / (n_a + n_b)
+    assert not torch.allclose(batch_loss, pixel_weighted, rtol=1e-3, atol=0)
 
 
 def test_logits_of_an_image_do_not_depend_on_the_batch():
