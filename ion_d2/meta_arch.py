@@ -175,13 +175,8 @@ class IONRCNN(GeneralizedRCNN):
             dict[str, Tensor]: the backbone's features, of the sizes a single batched pass gives.
         """
         per_size = self.backbone_per_image_train if self.training else self.backbone_per_image
-        if not per_size or len(images.image_sizes) == 1:
-            # One image is one group (and a traced model must not turn its size into ints).
-            return self.backbone(images.tensor)
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, image_size in enumerate(images.image_sizes):
-            groups.setdefault(self._padded_size(image_size), []).append(i)
-        if len(groups) == 1:
+        groups = self._size_groups(images) if per_size else {}
+        if len(groups) <= 1:
             return self.backbone(images.tensor)
         per_image: List[Dict[str, torch.Tensor]] = [{} for _ in images.image_sizes]
         for (height, width), indices in groups.items():
@@ -190,6 +185,18 @@ class IONRCNN(GeneralizedRCNN):
                 for k, i in enumerate(indices):
                     per_image[i][name] = feature[k]
         return {name: _zero_pad_and_stack([f[name] for f in per_image]) for name in per_image[0]}
+
+    def _size_groups(self, images: ImageList) -> Dict[Tuple[int, int], List[int]]:
+        """
+        The batch's images grouped by the size each pads to alone (:meth:`_padded_size`);
+        empty for a batch of one (a traced model must not turn its size into ints).
+        """
+        if len(images.image_sizes) == 1:
+            return {}
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, image_size in enumerate(images.image_sizes):
+            groups.setdefault(self._padded_size(image_size), []).append(i)
+        return groups
 
     def _padded_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         """The size :meth:`preprocess_image` pads an image to when it is alone in its batch."""
@@ -205,16 +212,52 @@ class IONRCNN(GeneralizedRCNN):
         return height, width
 
     def _proposals(self, batched_inputs, images, features, gt_instances):
-        """:class:`GeneralizedRCNN`'s proposal step, with an error naming the missing input."""
-        if self.proposal_generator is not None:
+        """
+        :class:`GeneralizedRCNN`'s proposal step, with an error naming the missing input, run
+        once per group of images that pad to the same size alone (:meth:`_size_groups`), on
+        the crop of the images and features to that size. An image's proposals are then those
+        of its own pass: anchors over another image's padding neither take its pre-NMS top-k
+        slots nor, in training, its sampled negatives (the paper's single-image passes, section
+        4.1). The groups' losses, each a mean over its images, are weighted by their image
+        counts, which is the whole batch's mean.
+        """
+        if self.proposal_generator is None:
+            if "proposals" not in batched_inputs[0]:
+                raise ValueError(
+                    "The model has no proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), so "
+                    "each input needs precomputed 'proposals' (DATASETS.PROPOSAL_FILES_TRAIN/TEST "
+                    "with MODEL.LOAD_PROPOSALS True)."
+                )
+            return [x["proposals"].to(self.device) for x in batched_inputs], {}
+        groups = self._size_groups(images)
+        if len(groups) <= 1:
             return self.proposal_generator(images, features, gt_instances)
-        if "proposals" not in batched_inputs[0]:
-            raise ValueError(
-                "The model has no proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), so each "
-                "input needs precomputed 'proposals' (DATASETS.PROPOSAL_FILES_TRAIN/TEST with "
-                "MODEL.LOAD_PROPOSALS True)."
+        batch_height, batch_width = images.tensor.shape[-2:]
+        num_images = len(images.image_sizes)
+        proposals: List[Optional[Instances]] = [None] * num_images
+        losses: Dict[str, torch.Tensor] = {}
+        for (height, width), indices in groups.items():
+            group_images = ImageList(
+                images.tensor[indices, :, :height, :width],
+                [images.image_sizes[i] for i in indices],
             )
-        return [x["proposals"].to(self.device) for x in batched_inputs], {}
+            group_features = {}
+            for name, x in features.items():
+                # The cells of a height x width image on this map: exact for a stride that
+                # divides the padded size, as the backbone's size_divisibility makes it.
+                rows = -(-height * x.shape[-2] // batch_height)
+                cols = -(-width * x.shape[-1] // batch_width)
+                group_features[name] = x[indices, :, :rows, :cols]
+            group_gt = None if gt_instances is None else [gt_instances[i] for i in indices]
+            group_proposals, group_losses = self.proposal_generator(
+                group_images, group_features, group_gt
+            )
+            for i, p in zip(indices, group_proposals):
+                proposals[i] = p
+            for name, value in group_losses.items():
+                weighted = value * (len(indices) / num_images)
+                losses[name] = losses[name] + weighted if name in losses else weighted
+        return proposals, losses
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """

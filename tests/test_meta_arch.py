@@ -231,6 +231,57 @@ def test_detections_do_not_depend_on_the_batch():
     assert not _same_detections(_detections(model, [a, b], 0), alone)
 
 
+def _rpn_model():
+    cfg = load_cfg(TINY)
+    assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    # Every anchor is sampled, so the training losses are free of random draws.
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 100000
+    model = build_model(cfg)
+    _random_biases(model)
+    return model
+
+
+def _rpn_proposals(model, inputs):
+    images = model.preprocess_image(inputs)
+    features = model.extract_features(images)
+    gt = [x["instances"] for x in inputs] if model.training else None
+    return model._proposals(inputs, images, features, gt)
+
+
+@pytest.mark.parametrize("a_first", [True, False])
+def test_rpn_proposals_and_detections_do_not_depend_on_the_batch(a_first):
+    model = _rpn_model().eval()
+    a, b = _image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)
+    for x in (a, b):
+        del x["proposals"]
+    batch, ia = ([a, b], 0) if a_first else ([b, a], 1)
+    with torch.no_grad():
+        alone = _rpn_proposals(model, _strip_gt([a]))[0][0]
+        together = _rpn_proposals(model, _strip_gt(batch))[0][ia]
+    # The RPN keeps its post-NMS top-k of A's own anchors: the same boxes and scores.
+    assert len(alone) > 10
+    torch.testing.assert_close(together.proposal_boxes.tensor, alone.proposal_boxes.tensor)
+    torch.testing.assert_close(together.objectness_logits, alone.objectness_logits)
+    # And so the whole model's detections.
+    detections = _detections(model, [a], 0)
+    assert len(detections) > 0
+    assert _same_detections(_detections(model, batch, ia), detections)
+
+
+def test_rpn_training_losses_are_the_mean_of_the_images_alone():
+    model = _rpn_model().train()
+    a, b = _image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)
+    with EventStorage(), torch.no_grad():
+        loss_a = _rpn_proposals(model, [a])[1]
+        loss_b = _rpn_proposals(model, [b])[1]
+        loss_ab = _rpn_proposals(model, [a, b])[1]
+    assert set(loss_ab) == {"loss_rpn_cls", "loss_rpn_loc"}
+    for name in loss_ab:
+        # Anchors over the batch's padding below and right of A are no negatives of A's.
+        torch.testing.assert_close(loss_ab[name], (loss_a[name] + loss_b[name]) / 2)
+
+
 def test_backbone_per_image_passes():
     model = _precomputed_model()
     calls = []
@@ -324,7 +375,8 @@ def test_seg_loss_of_an_image_does_not_depend_on_the_batch(a_first):
         alone = model([a])["loss_sem_seg"]
         together = model([a, b] if a_first else [b, a])["loss_sem_seg"]
     assert alone.item() > 0
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=0)
+    # The loss is a mean over images, B unlabelled adding 0: A's loss is unchanged by B.
+    torch.testing.assert_close(together, alone / 2, rtol=1e-5, atol=0)
 
 
 def test_sem_seg_labelled_fraction_is_logged():
