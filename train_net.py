@@ -5,6 +5,7 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
     python train_net.py --config-file configs/ION_VGG16_synthetic.yaml
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
     python train_net.py --config-file <cfg> --resume          # continue an interrupted run
+    python train_net.py --config-file <cfg> --retrain         # move a previous run aside
     python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
     python train_net.py --config-file <cfg> --num-gpus 2      # no CUDA: 2 CPU processes, GLOO
 
@@ -14,9 +15,6 @@ With TEST.AUG.ENABLED, evaluation also runs with test-time augmentation (IONTrai
 e.g. left-right flipping), reported as "bbox_TTA".
 """
 
-import logging
-import os
-
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
@@ -24,12 +22,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
-from ion_d2.checkpoint import IONCheckpointer
 from ion_d2.engine import IONTrainer as Trainer
-from ion_d2.launch import launch
-from ion_d2.run_config import CONFIG_FILE, config_differences
-
-logger = logging.getLogger("ion_d2.train_net")
+from ion_d2.engine.checkpoint import IONCheckpointer
+from ion_d2.engine.launch import launch
+from ion_d2.engine.run_folder import prepare_run_dir
 
 
 def setup(args):
@@ -39,19 +35,14 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     check_datasets(cfg, args)
-    stored = os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)
-    previous = None
-    if args.resume and os.path.isfile(stored):
-        with open(stored) as f:
-            previous = f.read()
-    default_setup(cfg, args)  # overwrites config.yaml
+    if not args.eval_only:
+        # One run-folder policy with train_and_evaluate: a folder holding a run of another
+        # config is refused (naming the differing keys) unless --retrain moves it aside.
+        if comm.is_main_process():
+            prepare_run_dir(cfg, retrain=args.retrain)
+        comm.synchronize()
+    default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ion_d2")
-    diffs = config_differences(previous, cfg.dump()) if previous is not None else []
-    if diffs:
-        logger.warning(
-            f"Resuming {cfg.OUTPUT_DIR} with a config that differs from the run's in: "
-            + "; ".join(diffs)
-        )
     return cfg
 
 
@@ -89,8 +80,18 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="move a previous run in OUTPUT_DIR (of this or another config) aside and train again",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

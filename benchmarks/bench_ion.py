@@ -49,7 +49,7 @@ from torch import nn
 
 import ion_d2
 from ion_d2 import add_ion_config
-from ion_d2.context import IRNN
+from ion_d2.modeling.context import IRNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("precomputed", "rpn")

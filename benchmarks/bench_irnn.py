@@ -3,7 +3,7 @@ Time ION's IRNN recurrences and context module on a conv5-sized map (section 3.2
 
 Compares, in one run and on the same input:
 
-1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.irnn_scan.irnn_scans`, one
+1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`, one
    ``(N*H, C) x (C, C)`` matmul per step for all rows of all images, four directions at once)
    against a cell-by-cell loop (one ``(C, C) x (C,)`` matvec per cell), as the paper's
    "stepping all IRNNs together with a single matrix multiply" vs "computing each RNN cell one
@@ -12,7 +12,7 @@ Compares, in one run and on the same input:
    CPU's choice) against the cumsum/cummin closed form (``"closed_form"``, the GPU's choice),
    forward only and forward + backward; for scale, the forward also times the learned scan
    with ``Whh = I`` (what "removing Whh" saves);
-3. the whole :class:`ion_d2.context.IRNN` module in eval (``--layers`` 4-direction layers of
+3. the whole :class:`ion_d2.modeling.context.IRNN` module in eval (``--layers`` 4-direction layers of
    ``--hidden`` units on a ``--hidden``-channel map), ``Whh`` learned and removed; with
    ``--trunk``, also the VGG16 trunk on the image that gives this map (16 px per cell) and the
    module's share of the trunk's time.
@@ -32,9 +32,9 @@ from typing import Callable, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ion_d2.context import IRNN
-from ion_d2.irnn_scan import IRNN_DIRECTIONS, irnn_scans
-from ion_d2.vgg16 import IONVGG16
+from ion_d2.modeling.context import IRNN
+from ion_d2.modeling.context.irnn_scan import IRNN_DIRECTIONS, irnn_scans
+from ion_d2.modeling.vgg16 import IONVGG16
 
 
 def cell_by_cell_scan(x: Tensor, whh: Tensor, direction: str) -> Tensor:

@@ -4,7 +4,7 @@ Time ION's ROI max pooling against torchvision's on VGG16-sized maps (section 3.
 For conv3 (stride 4, 256 channels), conv4 (stride 8, 512) and conv5 (stride 16, 512) of a
 600x1000 image, and for boxes of three size ranges, it times in one run, interleaved,
 ``torchvision.ops.roi_pool`` (what Detectron2's ``ROIPooler`` calls) against
-:func:`ion_d2.roi_pool.sparse_table_roi_pool` (what :class:`ion_d2.roi_pool.IONROIPool` calls on
+:func:`ion_d2.modeling.roi_pool.sparse_table_roi_pool` (what :class:`ion_d2.modeling.roi_pool.IONROIPool` calls on
 a CPU without autograd), checks that the outputs are equal, and prints the median times and the
 speed-up. Example::
 
@@ -20,7 +20,7 @@ from typing import Callable, List
 import torch
 from torchvision.ops import roi_pool
 
-from ion_d2.roi_pool import sparse_table_roi_pool
+from ion_d2.modeling.roi_pool import sparse_table_roi_pool
 
 # (name, stride, channels) of VGG16's pooled features.
 FEATURES = [("conv3", 4, 256), ("conv4", 8, 512), ("conv5", 16, 512)]

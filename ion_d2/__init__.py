@@ -6,17 +6,20 @@ Importing this package registers every ION component in Detectron2's registries:
 (META_ARCH) and the context modules of ``ION_CONTEXT_REGISTRY``.
 """
 
-from . import box_head as _box_head  # noqa: F401  (registration only)
 from . import data as _data  # noqa: F401  (registers the bundled datasets)
 from .config import add_ion_config
-from .context import ION_CONTEXT_REGISTRY, build_ion_context
-from .meta_arch import IONRCNN
-from .predictor import IONPredictor
-from .res5_roi_heads import IONRes5ROIHeads
-from .roi_heads import IONROIHeads
-from .seg_head import IONSegRegularizerHead
-from .test_time_augmentation import IONRCNNWithTTA
-from .vgg16 import IONVGG16, build_ion_vgg16_backbone
+from .engine import IONPredictor
+from .modeling import (
+    ION_CONTEXT_REGISTRY,
+    IONRCNN,
+    IONVGG16,
+    IONRCNNWithTTA,
+    IONRes5ROIHeads,
+    IONROIHeads,
+    IONSegRegularizerHead,
+    build_ion_context,
+    build_ion_vgg16_backbone,
+)
 
 __all__ = [
     "add_ion_config",

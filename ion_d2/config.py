@@ -90,7 +90,7 @@ def add_ion_config(cfg: CN) -> None:
     # all experiments. We later found that in fact the model is underfitting and there is no
     # need for dropout anywhere in the network."
     _C.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25
-    # How the IRNN layers connect (ion_d2/context/irnn.py states both; docs/PAPER_EXPERIMENTS.md,
+    # How the IRNN layers connect (ion_d2/modeling/context/irnn.py states both; docs/PAPER_EXPERIMENTS.md,
     # "The IRNN's wiring").
     # "paper": Figure 3, whose labels read as two "input-to-hidden transition"s and one
     #   "hidden-to-output transition": 1x1 -> scans -> concat -> 1x1 -> scans -> concat -> 1x1.
@@ -169,7 +169,7 @@ def add_ion_config(cfg: CN) -> None:
     # W)." [] factors nothing; otherwise one rank t per fc layer (MODEL.ROI_BOX_HEAD.NUM_FC), each
     # 0 (keep that layer) or in [1, min(in, out)]; Fast R-CNN's VGG16 setting is [1024, 256]
     # (fc6 at rank 1024, fc7 at rank 256). An unfactored checkpoint is factored as it loads;
-    # tools/compress_fc_svd.py writes a factored one (ion_d2/fc_svd.py).
+    # tools/compress_fc_svd.py writes a factored one (ion_d2/modeling/fc_svd.py).
     _C.MODEL.ION.FC_SVD_RANKS = []
 
     # ---------------------------------------------------------------------------------------

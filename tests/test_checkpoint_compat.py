@@ -28,7 +28,7 @@ def _cfg_from_dump(dump: str) -> CfgNode:
 
 
 # Entries added since 0.1.0 that old checkpoints lack: the skip pooler's feature order, which a
-# checkpoint without it loads around with a warning (ion_d2.skip_pooling).
+# checkpoint without it loads around with a warning (ion_d2.modeling.skip_pooling).
 ADDED_KEYS = {"roi_heads.box_pooler.feature_order"}
 
 

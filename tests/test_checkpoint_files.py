@@ -18,7 +18,7 @@ import torch
 from model_utils import load_cfg, synthetic_slice
 
 from ion_d2.engine import IONTrainer
-from ion_d2.predictor import IONPredictor
+from ion_d2.engine.predictor import IONPredictor
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
@@ -91,7 +91,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint(trained, tmp_path, caplog)
     (run / "model_final.pth").write_bytes(final[: len(final) // 3])
     (run / "model_0000003.pth").write_bytes(b"")
     resumed = IONTrainer(_cfg((cfg.DATASETS.TRAIN[0],), run, MAX_ITER=4, CHECKPOINT_PERIOD=2))
-    with caplog.at_level(logging.WARNING, logger="ion_d2.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ion_d2.engine.checkpoint"):
         resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
     assert f"Not resuming from {run / 'model_final.pth'}: " in caplog.text

@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from model_utils import ion_cfg
 
-from ion_d2.context import ION_CONTEXT_REGISTRY, IRNN, GlobalAvgPool, StackedConv, build_ion_context
-from ion_d2.irnn_scan import irnn_scan, irnn_scan_identity
+from ion_d2.modeling.context import (
+    ION_CONTEXT_REGISTRY,
+    IRNN,
+    GlobalAvgPool,
+    StackedConv,
+    build_ion_context,
+)
+from ion_d2.modeling.context.irnn_scan import irnn_scan, irnn_scan_identity
 
 C, HIDDEN, H, W = 4, 3, 5, 6
 DIRECTIONS = ("right", "left", "down", "up")
@@ -439,7 +445,7 @@ def test_stacked_conv_bad_config_raises(key, value, match):
 
 
 def test_irnn_and_stacked_conv_table_10c():
-    from ion_d2.context import IRNN, IRNNAndStackedConv, StackedConv
+    from ion_d2.modeling.context import IRNN, IRNNAndStackedConv, StackedConv
 
     cfg = _cfg("IRNNAndStackedConv")
     cfg.MODEL.ION.CONTEXT.CONV.CHANNELS = 5

@@ -5,12 +5,11 @@ import io
 import pytest
 import torch
 from detectron2.modeling import build_model
+from model_utils import load_cfg, load_script
 
 from ion_d2.export import get_tracing_adapter, trace_ion_model
-from ion_d2.irnn_scan import IRNN_DIRECTIONS, _scripted_step_scans, _StepScans
-from ion_d2.padding import valid_cell_mask
-
-from model_utils import load_cfg, load_script
+from ion_d2.modeling.context.irnn_scan import IRNN_DIRECTIONS, _scripted_step_scans, _StepScans
+from ion_d2.modeling.padding import valid_cell_mask
 
 TINY = "configs/ION_VGG16_tiny_cpu.yaml"
 
@@ -31,7 +30,10 @@ def _tiny_model(**overrides):
     "overrides",
     [
         {},  # the paper's model: learned IRNN, ROIPool (the CPU sparse-table path in eager)
-        {"MODEL.ION.CONTEXT.IRNN.RECURRENT": "removed", "MODEL.ION.CONTEXT.IRNN.FIRST_STEP_BIAS": True},
+        {
+            "MODEL.ION.CONTEXT.IRNN.RECURRENT": "removed",
+            "MODEL.ION.CONTEXT.IRNN.FIRST_STEP_BIAS": True,
+        },
     ],
     ids=["irnn_learned", "irnn_identity_first_step_bias"],
 )

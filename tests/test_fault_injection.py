@@ -28,8 +28,8 @@ from ion_d2.data.loader import IterationBatches
 from ion_d2.data.mapper import InvalidSemSegLabel, IONDatasetMapper
 from ion_d2.data.transforms import ResizeLongestEdgeCap
 from ion_d2.engine import IONTrainer, train_and_evaluate
-from ion_d2.predictor import IONPredictor
-from ion_d2.solver import build_ion_lr_scheduler
+from ion_d2.engine.predictor import IONPredictor
+from ion_d2.engine.solver import build_ion_lr_scheduler
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
@@ -254,14 +254,14 @@ def test_checkpoint_without_feature_order_loads_with_a_warning(tiny_weights, tmp
     del old["model"]["roi_heads.box_pooler.feature_order"]
     torch.save(old, tmp_path / "old.pth")
     model = build_model(load_cfg(TINY))
-    with caplog.at_level(logging.WARNING, logger="ion_d2.skip_pooling"):
+    with caplog.at_level(logging.WARNING, logger="ion_d2.modeling.skip_pooling"):
         DetectionCheckpointer(model).load(str(tmp_path / "old.pth"))
     assert "stores no feature order for roi_heads.box_pooler" in caplog.text
     # Weights without any pooler (e.g. converted ImageNet VGG16) have nothing to check.
     caplog.clear()
     trunk_only = {"model": {k: v for k, v in old["model"].items() if k.startswith("backbone.")}}
     torch.save(trunk_only, tmp_path / "trunk.pth")
-    with caplog.at_level(logging.WARNING, logger="ion_d2.skip_pooling"):
+    with caplog.at_level(logging.WARNING, logger="ion_d2.modeling.skip_pooling"):
         DetectionCheckpointer(build_model(load_cfg(TINY))).load(str(tmp_path / "trunk.pth"))
     assert "feature order" not in caplog.text
     assert torch.equal(
@@ -442,7 +442,7 @@ def test_checkpoint_written_without_trainer_extras_resumes_with_a_warning(
     (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
 
     resumed = IONTrainer(cfg)
-    with caplog.at_level(logging.WARNING, logger="ion_d2.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ion_d2.engine.checkpoint"):
         resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2 and resumed.data_loader.start_iter == 2
     for what in ("optimizer state", "random number generators", "data loader's seed"):
@@ -582,7 +582,7 @@ from detectron2.utils import comm
 from ion_d2 import add_ion_config
 from ion_d2.data import register_ion_synthetic
 from ion_d2.engine import IONTrainer
-from ion_d2.launch import launch
+from ion_d2.engine.launch import launch
 
 
 def main(config, root, out):
@@ -714,7 +714,7 @@ def test_stock_predictor_runs_unresized_and_says_to_use_ion_predictor(tiny_weigh
         hook = predictor.model.backbone.register_forward_pre_hook(
             lambda m, x: sizes.append(tuple(x[0].shape[-2:]))
         )
-        with caplog.at_level(logging.WARNING, logger="ion_d2.meta_arch"):
+        with caplog.at_level(logging.WARNING, logger="ion_d2.modeling.meta_arch"):
             caplog.clear()
             predictor(image)
             predictor(image)

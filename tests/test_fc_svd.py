@@ -1,4 +1,4 @@
-"""Fast R-CNN's truncated SVD of the box head's fc layers (ion_d2/fc_svd.py,
+"""Fast R-CNN's truncated SVD of the box head's fc layers (ion_d2/modeling/fc_svd.py,
 MODEL.ION.FC_SVD_RANKS, tools/compress_fc_svd.py), checked against torch.linalg.svd in float64."""
 
 import logging
@@ -13,8 +13,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from model_utils import ion_cfg, load_cfg, load_script, random_inputs, shrink_cfg
 
-from ion_d2.box_head import IONFCHead
-from ion_d2.fc_svd import IONFactoredLinear, factor_linear_state_dict
+from ion_d2.modeling.box_head import IONFCHead
+from ion_d2.modeling.fc_svd import IONFactoredLinear, factor_linear_state_dict
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
@@ -234,7 +234,7 @@ def test_tool_reports_each_layer_and_equals_compress_on_load(
     # Compress-on-load: the uncompressed checkpoint into a model built with the same ranks
     # gives the tool's weights, and says so in the log.
     _, model = _tiny_model([16, 0])
-    with caplog.at_level(logging.INFO, logger="ion_d2.fc_svd"):
+    with caplog.at_level(logging.INFO, logger="ion_d2.modeling.fc_svd"):
         DetectionCheckpointer(model).load(weights)
     assert "Factored the checkpoint's unfactored roi_heads.box_head.fc1.weight" in caplog.text
     loaded = model.state_dict()

@@ -19,7 +19,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
-from ion_d2.d2_compat import has_compiled_ops
+from ion_d2.engine.trainer import has_compiled_ops
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """
-The IRNN's step-loop scans (:func:`ion_d2.irnn_scan.irnn_scans`, channels last, all directions
+The IRNN's step-loop scans (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`, channels last, all directions
 at once, custom backward) and the IRNN module built on them, against a copy of the
 implementation they replaced and against a cell-by-cell loop.
 """
@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from model_utils import ion_cfg
 
-from ion_d2.context import build_ion_context
-from ion_d2.irnn_scan import (
+from ion_d2.modeling.context import build_ion_context
+from ion_d2.modeling.context.irnn_scan import (
     IRNN_DIRECTIONS,
     _identity_closed_form,
     irnn_scan,
     irnn_scan_identity,
     irnn_scans,
 )
-from ion_d2.padding import valid_cell_mask, valid_cells_of, zero_outside_valid_cells
+from ion_d2.modeling.padding import valid_cell_mask, valid_cells_of, zero_outside_valid_cells
 
 C, HIDDEN, H, W = 4, 3, 5, 6
 STRIDE = 16
@@ -34,8 +34,8 @@ def _seed():
 
 
 # ----------------------------------------------------------------------------------------------
-# REFERENCE: the implementation before irnn_scans (ion_d2/irnn_scan.py and the _IRNNLayer /
-# IRNN forward of ion_d2/context/irnn.py at commit 1b41e24), copied unchanged but for names.
+# REFERENCE: the implementation before irnn_scans (ion_d2/modeling/context/irnn_scan.py and the _IRNNLayer /
+# IRNN forward of ion_d2/modeling/context/irnn.py at commit 1b41e24), copied unchanged but for names.
 # ----------------------------------------------------------------------------------------------
 def ref_irnn_scan(x, whh, direction, first_step_bias=None, valid_cells=None):
     x = zero_outside_valid_cells(x, valid_cells)

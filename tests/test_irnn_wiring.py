@@ -1,4 +1,4 @@
-"""The IRNN stack's two wirings (MODEL.ION.CONTEXT.IRNN.WIRING; ion_d2/context/irnn.py):
+"""The IRNN stack's two wirings (MODEL.ION.CONTEXT.IRNN.WIRING; ion_d2/modeling/context/irnn.py):
 "paper", Figure 3 (1x1 -> IRNN -> concat -> 1x1 -> IRNN -> concat -> 1x1), against the paper's
 description and an independent cell-by-cell reference; "per_layer", ion_d2's earlier wiring, kept
 for its checkpoints; which presets use which; and a checkpoint of one wiring refusing the other."""
@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from model_utils import ion_cfg, load_cfg
 from test_context import naive_conv1x1, naive_input_to_hidden, naive_scan
 
-from ion_d2.context import IRNN, StackedConv, build_ion_context
+from ion_d2.modeling.context import IRNN, StackedConv, build_ion_context
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONV5 = {"conv5": ShapeSpec(channels=512, stride=16)}

@@ -243,10 +243,14 @@ def _rpn_model():
 
 
 def _rpn_proposals(model, inputs):
-    images = model.preprocess_image(inputs)
-    features = model.extract_features(images)
     gt = [x["instances"] for x in inputs] if model.training else None
-    return model._proposals(inputs, images, features, gt)
+    _, _, proposals, losses = model.features_and_proposals(inputs, gt)
+    return proposals, losses
+
+
+def _trunk(model, images):
+    """The trunk's features as IONRCNN computes them (per padded size or batched)."""
+    return {k: v for k, v in model.extract_features(images).items() if k != "context"}
 
 
 @pytest.mark.parametrize("a_first", [True, False])
@@ -292,9 +296,9 @@ def test_backbone_per_image_passes():
     # Equal padded sizes: one batched pass, exactly Detectron2's usual one.
     images = model.preprocess_image([a, a2])
     with torch.no_grad():
-        per_image = model.backbone_features(images)
+        per_image = _trunk(model, images)
         model.backbone_per_image = False
-        batched = model.backbone_features(images)
+        batched = _trunk(model, images)
         model.backbone_per_image = True
     assert calls == [(2, 3, 80, 112)] * 2
     assert all(torch.equal(per_image[k], batched[k]) for k in batched)
@@ -302,9 +306,9 @@ def test_backbone_per_image_passes():
     # Mixed: one pass per padded size, each image's features as alone, zeros beyond.
     calls.clear()
     with torch.no_grad():
-        mixed = model.backbone_features(model.preprocess_image([b, a, a2]))
+        mixed = _trunk(model, model.preprocess_image([b, a, a2]))
         assert sorted(calls) == [(1, 3, 128, 128), (2, 3, 80, 112)]
-        alone = model.backbone_features(model.preprocess_image([a]))
+        alone = _trunk(model, model.preprocess_image([a]))
     for name, feature in mixed.items():
         stride = model.backbone.output_shape()[name].stride
         assert feature.shape[-2:] == (128 // stride, 128 // stride)
@@ -324,10 +328,10 @@ def test_backbone_per_image_train_decides_training_passes_only(per_image_train):
     images = model.preprocess_image([_image(SIZE_A, 1, BOXES_A), _image(SIZE_B, 2, BOXES_B)])
     with torch.no_grad():
         model.train()
-        model.backbone_features(images)
+        _trunk(model, images)
         training_calls, calls[:] = list(calls), []
         model.eval()
-        model.backbone_features(images)
+        _trunk(model, images)
     per_size = [(1, 3, 80, 112), (1, 3, 128, 128)]
     assert sorted(training_calls) == (per_size if per_image_train else [(2, 3, 128, 128)])
     # Inference follows BACKBONE_PER_IMAGE whatever the training setting.
@@ -341,7 +345,7 @@ def test_per_image_training_passes_with_batch_norm_warn(caplog, norm, per_image_
     cfg = load_cfg(TINY)
     cfg.MODEL.ION.VGG16.NORM = norm
     cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN = per_image_train
-    with caplog.at_level("WARNING", logger="ion_d2.meta_arch"):
+    with caplog.at_level("WARNING", logger="ion_d2.modeling.meta_arch"):
         build_model(cfg)
     assert (
         "BACKBONE_PER_IMAGE_TRAIN is True and the backbone has BatchNorm" in caplog.text

@@ -10,9 +10,9 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg, load_cfg, shrink_cfg
 
-from ion_d2.box_voting import box_voting_inference
-from ion_d2.roi_heads import IONROIHeads
-from ion_d2.skip_pooling import IONSkipPooler
+from ion_d2.modeling.box_voting import box_voting_inference
+from ion_d2.modeling.roi_heads import IONROIHeads
+from ion_d2.modeling.skip_pooling import IONSkipPooler
 
 IMAGE = (64, 80)
 

@@ -1,4 +1,4 @@
-"""ion_d2.roi_pool: the sparse-table ROI max pooling equals torchvision's roi_pool exactly."""
+"""ion_d2.modeling.roi_pool: the sparse-table ROI max pooling equals torchvision's roi_pool exactly."""
 
 import pytest
 import torch
@@ -6,8 +6,13 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-import ion_d2.roi_pool as roi_pool_module
-from ion_d2.roi_pool import IONROIPool, release_scratch, roi_pool_bins, sparse_table_roi_pool
+import ion_d2.modeling.roi_pool as roi_pool_module
+from ion_d2.modeling.roi_pool import (
+    IONROIPool,
+    release_scratch,
+    roi_pool_bins,
+    sparse_table_roi_pool,
+)
 
 
 def _random_rois(generator, num, height, width, num_images=1, lo=2.0, hi=None):

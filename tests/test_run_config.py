@@ -1,4 +1,4 @@
-"""ion_d2.run_config: a stored run is reused only as the same config."""
+"""ion_d2.engine.run_folder: a stored run is reused only as the same config."""
 
 import os
 
@@ -7,7 +7,7 @@ import yaml
 from detectron2.config import get_cfg
 
 from ion_d2.config import add_ion_config
-from ion_d2.run_config import CONFIG_FILE, config_differences, prepare_run_dir
+from ion_d2.engine.run_folder import CONFIG_FILE, config_differences, prepare_run_dir
 
 
 def _cfg(tmp_path):

@@ -8,7 +8,7 @@ from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg
 from torch.nn import functional as F
 
-from ion_d2.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel
+from ion_d2.modeling.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel
 
 IGNORE = 255
 

@@ -13,9 +13,13 @@ from detectron2.utils.events import EventStorage
 from model_utils import load_cfg, random_inputs, shrink_cfg, synthetic_slice
 from torchvision.ops import roi_pool
 
-import ion_d2.skip_pool_scale as skip_pool_scale
+import ion_d2.engine.skip_pool_scale as skip_pool_scale
 from ion_d2.engine import IONTrainer
-from ion_d2.skip_pool_scale import measure_pooled_norms, measure_skip_pool_scale, training_batches
+from ion_d2.engine.skip_pool_scale import (
+    measure_pooled_norms,
+    measure_skip_pool_scale,
+    training_batches,
+)
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 FEATURES = ["conv3", "conv4", "conv5", "context"]
@@ -96,7 +100,7 @@ def test_a_pending_scale_refuses_to_run_and_bad_settings_raise():
     pooler = model.roi_heads.box_pooler
     assert pooler.scale_pending and torch.isnan(pooler.scale).all()
     model.eval()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="SCALE_INIT is -1"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="scale is not set.*SCALE_INIT -1"):
         model(random_inputs(cfg))
 
     bad = cfg.clone()
@@ -106,11 +110,11 @@ def test_a_pending_scale_refuses_to_run_and_bad_settings_raise():
     bad = cfg.clone()
     bad.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES = 0
     with pytest.raises(ValueError, match="SCALE_MEASURE_IMAGES must be >= 1.*got 0"):
-        measure_skip_pool_scale(bad, model)
+        training_batches(bad, bad.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES)
     bad = cfg.clone()
-    bad.MODEL.ION.CONTEXT.IN_FEATURE = "conv2"
-    with pytest.raises(ValueError, match="'conv2'.*does not pool"):
-        measure_skip_pool_scale(bad, model, batches=[random_inputs(cfg)])
+    bad.MODEL.ROI_HEADS.IN_FEATURES = ["conv3", "conv4", "context"]
+    with pytest.raises(ValueError, match="'conv5'.*does not pool"):
+        build_model(bad)
 
 
 @pytest.mark.parametrize("norm,expected", [("roi", 3.0), ("location", 0.3)])
@@ -126,12 +130,13 @@ def test_every_channel_gets_the_reference_features_norm(norm, expected, monkeypa
     cfg = _cfg()
     cfg.MODEL.ION.SKIP_POOL.NORM = norm
     model = build_model(cfg)
-    assert measure_skip_pool_scale(cfg, model, batches=[]) == expected
+    assert measure_skip_pool_scale(model, []) == expected
     pooler = model.roi_heads.box_pooler
     assert not pooler.scale_pending
     assert torch.equal(pooler.scale, torch.full_like(pooler.scale, expected))
-    # Set once: measuring again is skipped.
-    assert measure_skip_pool_scale(cfg, model, batches=[]) is None
+    # Set once: the scale is no longer pending, and measuring again is refused.
+    with pytest.raises(ValueError, match="scale is pending"):
+        measure_skip_pool_scale(model, [])
 
 
 # --- IONTrainer: measured before the first step, not when the loaded weights hold it ---------
@@ -161,7 +166,7 @@ def test_trainer_measures_the_scale_before_the_first_step(synth, tmp_path, caplo
     trainer = IONTrainer(cfg)
     pooler = trainer.model.roi_heads.box_pooler
     assert pooler.scale_pending
-    with caplog.at_level(logging.INFO, logger="ion_d2.skip_pool_scale"):
+    with caplog.at_level(logging.INFO, logger="ion_d2.engine.skip_pool_scale"):
         trainer.resume_or_load(resume=False)
     assert not pooler.scale_pending
     expected = measure_pooled_norms(trainer.model, training_batches(cfg, 3))
@@ -193,12 +198,11 @@ def test_trainer_keeps_a_scale_the_loaded_weights_hold(synth, tmp_path, caplog, 
 
     monkeypatch.setattr(skip_pool_scale, "measure_pooled_norms", fail)
     trainer = IONTrainer(cfg)
-    with caplog.at_level(logging.INFO, logger="ion_d2.skip_pool_scale"):
+    with caplog.at_level(logging.INFO, logger="ion_d2.engine.skip_pool_scale"):
         trainer.resume_or_load(resume=False)
     pooler = trainer.model.roi_heads.box_pooler
     assert not pooler.scale_pending
     assert torch.all(pooler.scale == 123.0)
-    assert "already set (mean 123" in caplog.text
 
 
 def test_ddp_wrapped_model_is_measured_through_its_module(tmp_path):
@@ -211,7 +215,7 @@ def test_ddp_wrapped_model_is_measured_through_its_module(tmp_path):
         model = build_model(cfg)
         wrapped = DistributedDataParallel(model)
         inputs = random_inputs(cfg)
-        value = measure_skip_pool_scale(cfg, wrapped, batches=[inputs])
+        value = measure_skip_pool_scale(wrapped, [inputs])
         assert value == pytest.approx(measure_pooled_norms(model, [inputs]).per_roi["conv5"])
         assert torch.allclose(model.roi_heads.box_pooler.scale, torch.tensor(value))
     finally:
@@ -228,9 +232,7 @@ def test_a_pending_scale_is_measured_on_the_first_training_batch(caplog):
     original = pooler._measure_scale_on_batch
 
     def spy(x, box_lists):
-        seen["expected"] = float(
-            pooler.poolers[2]([x[2]], box_lists).flatten(1).norm(dim=1).mean()
-        )
+        seen["expected"] = float(pooler.poolers[2]([x[2]], box_lists).flatten(1).norm(dim=1).mean())
         original(x, box_lists)
 
     pooler._measure_scale_on_batch = spy

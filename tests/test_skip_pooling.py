@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-from ion_d2.skip_pooling import IONSkipPooler, l2_normalize_rois
+from ion_d2.modeling.skip_pooling import IONSkipPooler, l2_normalize_rois
 
 SHAPES = [
     ShapeSpec(channels=3, stride=4),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_utils import ion_cfg
 
-from ion_d2.solver import build_ion_lr_scheduler
+from ion_d2.engine.solver import build_ion_lr_scheduler
 
 
 def _lrs(cfg, steps):

@@ -9,7 +9,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
-def _run(tmp_path, *overrides, flags=()):
+def _run(tmp_path, *overrides, flags=(), expect_failure=False):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TINY, *flags]
     common = [
@@ -29,7 +29,10 @@ def _run(tmp_path, *overrides, flags=()):
     proc = subprocess.run(
         cmd + common + list(overrides), env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if expect_failure:
+        assert proc.returncode != 0
+    else:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -39,13 +42,24 @@ def _iterations(tmp_path):
 
 
 def test_train_resume_and_eval_only(tmp_path):
-    # An "interrupted" run: 2 of 4 iterations, checkpointed at iteration 2.
-    _run(tmp_path, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
-    assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+    # A run of 4 iterations checkpointed at iteration 2, then "interrupted" there: its
+    # last_checkpoint points back at the iteration-2 checkpoint.
+    run = ("SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
+    _run(tmp_path, *run)
+    assert os.path.isfile(tmp_path / "out" / "model_0000001.pth")
+    (tmp_path / "out" / "last_checkpoint").write_text("model_0000001.pth")
     # --resume continues from the last checkpoint instead of starting over.
-    log = _run(tmp_path, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()", flags=["--resume"])
+    log = _run(tmp_path, *run, flags=["--resume"])
     assert "Starting training from iteration 2" in log
     assert max(_iterations(tmp_path)) == 3
+    # The folder holds a run of this config: another config is refused, naming the key
+    # (the run-folder policy of train_and_evaluate), until --retrain moves the run aside.
+    other = ("SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
+    refused = _run(tmp_path, *other, flags=["--resume"], expect_failure=True)
+    assert "holds a run trained with another config" in refused and "SOLVER.MAX_ITER" in refused
+    _run(tmp_path, *other, flags=["--retrain"])
+    assert [p.name.startswith("replaced_") for p in (tmp_path / "out").iterdir()].count(True) == 1
+    assert max(_iterations(tmp_path)) == 4
     # --eval-only with the stock COCO evaluator on the bundled val split.
     weights = str(tmp_path / "out" / "model_final.pth")
     log = _run(tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"])

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from model_utils import load_cfg, load_script
 
 from ion_d2 import IONRCNNWithTTA
-from ion_d2.box_voting import box_voting_single_image
+from ion_d2.modeling.box_voting import box_voting_single_image
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")

@@ -11,8 +11,8 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY, build_backbone, build_box_head, build_model
 from model_utils import ion_cfg, load_script
 
-from ion_d2.box_head import IONFCHead
-from ion_d2.vgg16 import IONVGG16
+from ion_d2.modeling.box_head import IONFCHead
+from ion_d2.modeling.vgg16 import IONVGG16
 
 _ALL_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 _CONVS_PER_STAGE = {"conv1": 2, "conv2": 2, "conv3": 3, "conv4": 3, "conv5": 3}

@@ -11,7 +11,7 @@ holds only the weights ("model"; the optimizer and scheduler state refer to the 
 layers) and loads, with no missing or unexpected keys, into a model built from the same config
 with ``MODEL.ION.FC_SVD_RANKS`` set to the ranks, the line this tool prints. A model with that
 line also loads the uncompressed checkpoint and factors it the same way while loading
-(``ion_d2.fc_svd``); this tool saves that work and reports how close each approximation is.
+(``ion_d2.modeling.fc_svd``); this tool saves that work and reports how close each approximation is.
 """
 
 import argparse
@@ -23,8 +23,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from ion_d2 import add_ion_config
-from ion_d2.box_head import IONFCHead
-from ion_d2.fc_svd import FC_SVD_RANKS_KEY, IONFactoredLinear, factor_linear_state_dict
+from ion_d2.modeling.box_head import IONFCHead
+from ion_d2.modeling.fc_svd import FC_SVD_RANKS_KEY, IONFactoredLinear, factor_linear_state_dict
 
 
 def _box_head(model: torch.nn.Module):

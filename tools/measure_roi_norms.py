@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Measure the mean L2 norm of ROI-pooled features on the training set (section 5.2), as
-MODEL.ION.SKIP_POOL.SCALE_INIT -1 does before training (ion_d2.skip_pool_scale).
+MODEL.ION.SKIP_POOL.SCALE_INIT -1 does before training (ion_d2.engine.skip_pool_scale).
 
     python tools/measure_roi_norms.py --config-file configs/ION_VGG16_synthetic.yaml \
         --num-images 100 [MODEL.WEIGHTS path/to/weights.pth]
@@ -21,7 +21,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from ion_d2 import add_ion_config
-from ion_d2.skip_pool_scale import measure_pooled_norms, training_batches
+from ion_d2.engine.skip_pool_scale import measure_pooled_norms, training_batches
 
 
 def main():

@@ -29,7 +29,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from ion_d2 import add_ion_config
 from ion_d2.data.dataset_check import input_stride
-from ion_d2.predictor import IONPredictor, read_image_file
+from ion_d2.engine.predictor import IONPredictor, read_image_file
 
 
 def list_images(inputs: List[str]) -> List[str]:

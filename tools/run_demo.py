@@ -27,9 +27,9 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from ion_d2 import add_ion_config  # noqa: E402
-from ion_d2.context import IRNN  # noqa: E402
 from ion_d2.engine import train_and_evaluate  # noqa: E402
-from ion_d2.predictor import IONPredictor  # noqa: E402
+from ion_d2.engine.predictor import IONPredictor  # noqa: E402
+from ion_d2.modeling.context import IRNN  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("ion_d2.demo")

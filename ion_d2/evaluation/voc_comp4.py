@@ -12,7 +12,6 @@ from xmin and ymin only, as ``PascalVOCDetectionEvaluator`` writes the same line
 them.
 """
 
-import itertools
 import logging
 import os
 from collections import defaultdict

@@ -1,30 +1,32 @@
 """The trainer used by train_net.py, the demo and the baseline comparison."""
 
+import functools
+import importlib.machinery
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Tuple
+from unittest import mock
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 
+from ..data.dataset_check import check_test_datasets, check_train_datasets, input_stride
+from ..data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
+from ..data.mapper import IONDatasetMapper
+from ..evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
+from ..modeling.meta_arch import IONRCNN
+from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
-from .d2_compat import has_compiled_ops
-from .data.dataset_check import check_test_datasets, check_train_datasets, input_stride
-from .data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
-from .data.mapper import IONDatasetMapper
-from .evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from .launch import create_ddp_model_any_device
-from .run_config import prepare_run_dir
-from .skip_pool_scale import measure_skip_pool_scale
+from .run_folder import prepare_run_dir
+from .skip_pool_scale import measure_skip_pool_scale, skip_pooler, training_batches
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
-from .test_time_augmentation import IONRCNNWithTTA
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -45,36 +47,19 @@ class IONTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         """
-        See :class:`DefaultTrainer`. With several processes and ``MODEL.DEVICE`` "cpu" (GLOO,
-        :func:`ion_d2.launch.launch`), the model is wrapped by
-        :func:`create_ddp_model_any_device`: Detectron2's ``create_ddp_model`` passes CUDA
-        ``device_ids`` that DistributedDataParallel refuses for a CPU model.
+        See :class:`DefaultTrainer`. With several CPU processes (GLOO,
+        :func:`ion_d2.engine.launch.launch`) the model is wrapped by
+        :func:`create_ddp_model_any_device` instead of Detectron2's ``create_ddp_model``, which
+        passes CUDA ``device_ids`` that DistributedDataParallel refuses for a CPU model: the
+        swap lasts for this call only, so ``DefaultTrainer.__init__`` runs unchanged.
         """
         if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
             super().__init__(cfg)
-        else:
-            self._init_cpu_distributed(cfg)
-
-    def _init_cpu_distributed(self, cfg):
-        # DefaultTrainer.__init__ (v0.6 and upstream alike), but for the DDP wrapping; it is
-        # skipped on purpose, hence the explicit base-class call.
-        TrainerBase.__init__(self)
+            return
         if cfg.SOLVER.AMP.ENABLED:
             raise ValueError("SOLVER.AMP.ENABLED needs CUDA; set it False for CPU processes.")
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = SimpleTrainer(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = IONCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model_any_device):
+            super().__init__(cfg)
 
     def build_hooks(self):
         """
@@ -182,7 +167,11 @@ class IONTrainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if isinstance(self.data_loader, IONTrainLoader):
             self.data_loader.set_start_iter(self.start_iter)
-        measure_skip_pool_scale(self.cfg, self.model, start_iter=self.start_iter)
+        pooler = skip_pooler(self.model)
+        model = getattr(self.model, "module", self.model)
+        if pooler is not None and pooler.scale_pending and isinstance(model, IONRCNN):
+            batches = training_batches(self.cfg, self.cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES)
+            measure_skip_pool_scale(self.model, batches, start_iter=self.start_iter)
 
     def state_dict(self):
         """Detectron2's trainer state and more (:func:`extend_trainer_state`)."""
@@ -234,3 +223,18 @@ def train_and_evaluate(
         logger.info(f"{train_cfg.OUTPUT_DIR} holds a finished run; not training again.")
     trainer.model.eval()
     return trainer, IONTrainer.test(cfg, trainer.model)
+
+
+@functools.lru_cache(maxsize=None)
+def has_compiled_ops() -> bool:
+    """
+    Returns:
+        bool: True when ``detectron2._C`` is a compiled extension module, False when it is
+        missing or a Python stand-in (such as the one ``make setup`` installs without a
+        compiler-built detectron2, see ``tools/bootstrap/``), whose compiled-only ops raise.
+    """
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return str(getattr(_C, "__file__", "")).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))

@@ -8,14 +8,14 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from ..padding import valid_cells_of, zero_outside_valid_cells
-from .build import ION_CONTEXT_REGISTRY, context_input, context_input_shape
+from ..padding import zero_outside_valid_cells
+from .build import ION_CONTEXT_REGISTRY, IONContextModule, context_input_shape
 
 __all__ = ["StackedConv"]
 
 
 @ION_CONTEXT_REGISTRY.register()
-class StackedConv(nn.Module):
+class StackedConv(IONContextModule):
     """
     Stacked convolutions as context (Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5): ``num_layers``
     ``kernel_size`` x ``kernel_size`` convs (same padding), each followed by ReLU. Given the
@@ -43,7 +43,7 @@ class StackedConv(nn.Module):
             kernel_size (int): odd kernel size; padding ``kernel_size // 2`` keeps H x W.
             channels (int): output channels of every conv.
         """
-        super().__init__()
+        super().__init__(in_feature=in_feature, stride=stride, out_channels=channels)
         if num_layers < 1:
             raise ValueError(
                 f"StackedConv num_layers={num_layers} is invalid; expected an int >= 1."
@@ -55,9 +55,6 @@ class StackedConv(nn.Module):
             )
         if channels < 1:
             raise ValueError(f"StackedConv channels={channels} is invalid; expected an int >= 1.")
-        self.in_feature = in_feature
-        self._out_channels = channels
-        self._stride = stride
         convs = []
         for i in range(num_layers):
             conv = nn.Conv2d(
@@ -92,11 +89,7 @@ class StackedConv(nn.Module):
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, channels, H, W)}``."""
-        x = context_input(features, self.in_feature)
-        valid_cells = valid_cells_of(image_sizes, self._stride, x)
+        x, valid_cells = self.input_and_valid_cells(features, image_sizes)
         for conv in self.convs:
             x = F.relu(conv(zero_outside_valid_cells(x, valid_cells)))
         return {"context": zero_outside_valid_cells(x, valid_cells)}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}

@@ -8,8 +8,8 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from PIL import Image, ImageFile
 
+from ..data.transforms import cap_unresized_images
 from .checkpoint import UnreadableCheckpoint, describe_unreadable_checkpoint
-from .data.transforms import cap_unresized_images
 
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
 

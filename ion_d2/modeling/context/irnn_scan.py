@@ -16,7 +16,7 @@ their states side by side, in the layout that the hidden-to-output 1x1 conv read
 directions' concatenation; :func:`irnn_scan` and :func:`irnn_scan_identity` are one direction on
 an (N, C, H, W) map.
 
-Every function takes each image's valid cells (:mod:`ion_d2.padding`): a scan then ignores the
+Every function takes each image's valid cells (:mod:`ion_d2.modeling.padding`): a scan then ignores the
 batch's padding, starts at each image's own edge (``b0`` at its own first cell, e.g. its last
 valid column for "left") and returns 0 outside the image.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .padding import valid_cell_mask
+from ..padding import valid_cell_mask
 
 __all__ = [
     "IRNN_DIRECTIONS",
@@ -76,7 +76,7 @@ def irnn_scans(
         first_step_bias (Tensor or None): (D, C) bias ``b0`` of each direction, added to ``x``
             at the first step of the scan, or None.
         valid_cells (Tensor or None): (N, 2) long, the rows and columns of each image's valid
-            cells (:func:`ion_d2.padding.valid_cell_counts`); None: the whole map is valid.
+            cells (:func:`ion_d2.modeling.padding.valid_cell_counts`); None: the whole map is valid.
         identity_method (str): with ``whh`` None, one of :data:`IDENTITY_SCAN_METHODS`.
 
     Returns:
@@ -164,7 +164,7 @@ def irnn_scan(
         Tensor: (N, C, H, W) hidden states, 0 outside the valid cells.
     """
     b0 = None if first_step_bias is None else first_step_bias[None]
-    h = irnn_scans(_channels_last(x), (direction,), whh[None], b0, valid_cells)
+    h = irnn_scans(_to_scan_layout(x), (direction,), whh[None], b0, valid_cells)
     return h[:, :, :, 0].permute(0, 3, 1, 2)
 
 
@@ -197,7 +197,7 @@ def irnn_scan_identity(
         Tensor: (N, C, H, W) hidden states, 0 outside the valid cells.
     """
     b0 = None if first_step_bias is None else first_step_bias[None]
-    h = irnn_scans(_channels_last(x), (direction,), None, b0, valid_cells, method)
+    h = irnn_scans(_to_scan_layout(x), (direction,), None, b0, valid_cells, method)
     return h[:, :, :, 0].permute(0, 3, 1, 2)
 
 
@@ -218,7 +218,7 @@ def _check_direction(direction: str) -> None:
         )
 
 
-def _channels_last(x: Tensor) -> Tensor:
+def _to_scan_layout(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, H, W, 1, C), the layout of :func:`irnn_scans`."""
     return x.permute(0, 2, 3, 1)[:, :, :, None]
 

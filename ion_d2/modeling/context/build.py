@@ -1,13 +1,21 @@
-"""ION_CONTEXT_REGISTRY, its builder, and the input feature every context module reads."""
+"""ION_CONTEXT_REGISTRY, its builder, and the base of the context modules."""
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-__all__ = ["ION_CONTEXT_REGISTRY", "build_ion_context", "context_input_shape", "context_input"]
+from ..padding import valid_cells_of
+
+__all__ = [
+    "ION_CONTEXT_REGISTRY",
+    "IONContextModule",
+    "build_ion_context",
+    "context_input_shape",
+    "context_input",
+]
 
 ION_CONTEXT_REGISTRY = Registry("ION_CONTEXT")
 ION_CONTEXT_REGISTRY.__doc__ = """
@@ -23,7 +31,7 @@ The registered object is called with ``(cfg, input_shape)``, where ``input_shape
   least ``{"context": Tensor}`` of shape (N, C', H, W). ``image_sizes`` are the images' (h, w)
   before the batch was padded (``ImageList.image_sizes``; None: every image fills the tensor).
   The output must not depend on the batch's padding: at stride ``s`` image ``i`` owns its
-  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.padding`); the module neither
+  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.modeling.padding`); the module neither
   reads the other cells nor writes anything but 0 there, so an image's context is the same
   alone and in any batch;
 * ``output_shape() -> dict[str, ShapeSpec]``: channels and stride (the input feature's) of
@@ -73,3 +81,28 @@ def context_input(features: Dict[str, Tensor], in_feature: str) -> Tensor:
             f"features {sorted(features)}."
         )
     return features[in_feature]
+
+
+class IONContextModule(nn.Module):
+    """
+    The part every context module shares: it reads the feature ``in_feature`` of stride
+    ``stride`` and returns ``"context"`` with ``out_channels`` channels at that stride
+    (:meth:`output_shape`); :meth:`input_and_valid_cells` gives its input and each image's valid
+    cells (:mod:`ion_d2.modeling.padding`), outside which the output must be 0.
+    """
+
+    def __init__(self, *, in_feature: str, stride: int, out_channels: int):
+        super().__init__()
+        self.in_feature = in_feature
+        self._stride = stride
+        self._out_channels = out_channels
+
+    def input_and_valid_cells(
+        self, features: Dict[str, Tensor], image_sizes: Optional[Sequence[Tuple[int, int]]]
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``features[in_feature]`` and :func:`valid_cells_of` it (None: no padding)."""
+        x = context_input(features, self.in_feature)
+        return x, valid_cells_of(image_sizes, self._stride, x)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}

@@ -45,7 +45,7 @@ class IONFCHead(FastRCNNConvFCHead):
             dropout (float): dropout probability after every fc layer's ReLU, in [0, 1);
                 0 disables dropout.
             fc_svd_ranks (list[int]): [] or one rank per fc layer: r > 0 factors that layer at
-                rank r, 0 keeps it (:func:`ion_d2.fc_svd.check_fc_svd_ranks`).
+                rank r, 0 keeps it (:func:`ion_d2.modeling.fc_svd.check_fc_svd_ranks`).
         """
         if len(fc_dims) == 0:
             raise ValueError("IONFCHead needs at least one fc layer; got fc_dims=[].")

@@ -4,16 +4,16 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..padding import valid_cells_of, zero_outside_valid_cells
-from .build import ION_CONTEXT_REGISTRY, context_input, context_input_shape
+from ..padding import zero_outside_valid_cells
+from .build import ION_CONTEXT_REGISTRY, IONContextModule, context_input_shape
 
 __all__ = ["GlobalAvgPool"]
 
 
 @ION_CONTEXT_REGISTRY.register()
-class GlobalAvgPool(nn.Module):
+class GlobalAvgPool(IONContextModule):
     """
     Global average pooling as context (Table 7c, ParseNet): the feature is averaged over H and W
     and tiled ("unpooled") back to H x W. No parameters. Given the images' sizes, each image is
@@ -28,10 +28,7 @@ class GlobalAvgPool(nn.Module):
             in_channels (int): channels of that feature; also the output channels.
             stride (int): stride of that feature; also the output stride.
         """
-        super().__init__()
-        self.in_feature = in_feature
-        self._out_channels = in_channels
-        self._stride = stride
+        super().__init__(in_feature=in_feature, stride=stride, out_channels=in_channels)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:
@@ -44,8 +41,7 @@ class GlobalAvgPool(nn.Module):
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, C, H, W)}``."""
-        x = context_input(features, self.in_feature)
-        valid_cells = valid_cells_of(image_sizes, self._stride, x)
+        x, valid_cells = self.input_and_valid_cells(features, image_sizes)
         if valid_cells is None:
             pooled = x.mean(dim=(2, 3), keepdim=True)
         else:
@@ -54,6 +50,3 @@ class GlobalAvgPool(nn.Module):
         # A real (contiguous) tile rather than a stride-0 view, so that consumers may write to
         # it or hand it to kernels that assume dense storage.
         return {"context": zero_outside_valid_cells(pooled.expand_as(x).contiguous(), valid_cells)}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}

@@ -1,7 +1,7 @@
 """Skip pooling: ION's multi-layer ROI descriptor (section 3.1, Figure 1, Tables 4-5)."""
 
 import logging
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -144,9 +144,10 @@ class IONSkipPooler(nn.Module):
             scale (str): "learned" (per-channel, as the paper's scale layer) or "fixed"
                 (section 5.2). Unused when ``norm`` is "none".
             scale_init (float): initial or fixed scale; 0 picks 1000 for "roi" and 130 for
-                "location" normalisation (section 5.2); :data:`MEASURE_SCALE` (-1) leaves it to
-                be measured (:func:`ion_d2.skip_pool_scale.measure_skip_pool_scale`) or loaded
-                from a checkpoint, and :meth:`forward` refuses to run until then.
+                "location" normalisation (section 5.2); :data:`MEASURE_SCALE` (-1) leaves it
+                pending (NaN, :attr:`scale_pending`) until :meth:`set_scale` or loaded weights
+                set it; a pending scale is measured on the first training batch
+                (``scale_reference``), and refused at inference.
             out_channels (int): channels of the 1x1 conv output (512 in the paper); 0 skips
                 the conv, so the output has the concatenated channels (with one feature and
                 ``norm="none"`` this is plain Fast R-CNN pooling).
@@ -155,11 +156,9 @@ class IONSkipPooler(nn.Module):
                 They are saved with the weights (the buffer "feature_order"), and loading
                 weights saved for another order raises: the 1x1 conv's input channels follow
                 that order, so reordered features would load without error and detect nothing.
-            scale_reference (int or None): with ``scale_init`` -1, the index of the feature
-                whose mean pooled norm becomes the scale (``MODEL.ION.CONTEXT.IN_FEATURE``).
-                Given, a scale still pending at the first training forward (nothing measured it
-                before training, e.g. Detectron2's own ``DefaultTrainer``) is measured there, on
-                that batch's ROIs; None: that forward raises instead.
+            scale_reference (int or None): the index of the feature whose mean pooled norm
+                becomes a pending scale (``MODEL.ION.CONTEXT.IN_FEATURE``, conv5); None: a
+                pending scale is never measured here.
         """
         super().__init__()
         if not input_shapes:
@@ -214,14 +213,15 @@ class IONSkipPooler(nn.Module):
         self.norm = norm
         self.output_size = output_size
         in_channels = sum(s.channels for s in input_shapes)
-        # True until the scale is measured or loaded (scale_init -1); plain Python state, so a
-        # checkpoint never records it: loading one that holds the scale clears it.
-        self.scale_pending = norm != "none" and scale_init == MEASURE_SCALE
         if norm == "none":
             self.scale = None
         else:
-            # NaN while pending, so that a scale that was never set cannot pass for a value.
-            init = float("nan") if self.scale_pending else (scale_init or _DEFAULT_SCALE[norm])
+            # NaN until measured or loaded (scale_init -1): the scale's only "pending" state.
+            init = (
+                float("nan")
+                if scale_init == MEASURE_SCALE
+                else (scale_init or _DEFAULT_SCALE[norm])
+            )
             values = torch.full((in_channels,), float(init))
             if scale == "learned":
                 self.scale = nn.Parameter(values)
@@ -238,6 +238,11 @@ class IONSkipPooler(nn.Module):
             self.reduce = None
             self.out_channels = in_channels
 
+    @property
+    def scale_pending(self) -> bool:
+        """True while the scale is NaN: ``scale_init`` -1 and neither measured nor loaded."""
+        return self.scale is not None and bool(torch.isnan(self.scale).any())
+
     def set_scale(self, value: float) -> None:
         """
         Set every channel of the scale to ``value`` (a measured mean norm, section 5.2).
@@ -248,13 +253,37 @@ class IONSkipPooler(nn.Module):
             raise ValueError(f"The skip-pooling scale must be > 0; got {value}.")
         with torch.no_grad():
             self.scale.fill_(float(value))
-        self.scale_pending = False
+
+    @torch.no_grad()
+    def pooled_norm_sums(
+        self, x: List[torch.Tensor], box_lists: List[Boxes], chunk: int = 512
+    ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """
+        Section 5.2's measurement: each feature pooled (before normalisation) over the boxes.
+
+        Args:
+            x, box_lists: as :meth:`forward`.
+            chunk (int): boxes pooled at once, to bound memory.
+
+        Returns:
+            tuple: float64 (F,) sums over the boxes of each feature's per-ROI L2 norm (over all
+            C x H x W entries) and of its per-location norm (over the C channels of a cell,
+            averaged over the cells), and the number of boxes.
+        """
+        roi = torch.zeros(len(self.poolers), dtype=torch.float64, device=x[0].device)
+        location = torch.zeros_like(roi)
+        for i, boxes in enumerate(box_lists):
+            for start in range(0, len(boxes), chunk):
+                part = [boxes[start : start + chunk]]
+                for k, (pooler, feature) in enumerate(zip(self.poolers, x)):
+                    pooled = pooler([feature[i : i + 1]], part).double()
+                    roi[k] += pooled.flatten(1).norm(dim=1).sum()
+                    location[k] += pooled.norm(dim=1).mean(dim=(1, 2)).sum()
+        return roi, location, sum(len(b) for b in box_lists)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        if self.scale is not None and prefix + "scale" in state_dict:
-            self.scale_pending = False
         key = prefix + "feature_order"
         if self.feature_names is not None:
             if key in state_dict:
@@ -294,16 +323,15 @@ class IONSkipPooler(nn.Module):
             raise ValueError(
                 f"IONSkipPooler was built for {len(self.poolers)} features but got {len(x)}."
             )
-        if self.scale_pending and self.training and self.scale_reference is not None:
+        if self.scale is not None and not torch.jit.is_tracing() and self.scale_pending:
+            if not (self.training and self.scale_reference is not None):
+                raise RuntimeError(
+                    "The skip-pooling scale is not set (MODEL.ION.SKIP_POOL.SCALE_INIT -1, "
+                    "measured on the training set as section 5.2): train the model first (the "
+                    "first training batch measures it, if nothing did before), load weights "
+                    "that hold it, call set_scale(), or set SCALE_INIT to a value > 0."
+                )
             self._measure_scale_on_batch(x, box_lists)
-        if self.scale_pending:
-            raise RuntimeError(
-                "MODEL.ION.SKIP_POOL.SCALE_INIT is -1 (measure the scale on the training set, "
-                "section 5.2) but the scale was neither measured nor loaded: train with "
-                "ion_d2.engine.IONTrainer (its resume_or_load measures it), call "
-                "ion_d2.skip_pool_scale.measure_skip_pool_scale, load weights that hold it, or "
-                "set SCALE_INIT to 0 (the paper's constants) or a value > 0."
-            )
         # Not while tracing: the fused path sizes its buffer from the number of boxes, which a
         # trace would keep as a constant.
         if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
@@ -323,26 +351,22 @@ class IONSkipPooler(nn.Module):
         ROI for "roi", per cell for "location") of the reference feature pooled over this
         batch's ROIs (rank 0's value when several processes train).
         """
-        with torch.no_grad():
-            index = self.scale_reference
-            pooled = self.poolers[index]([x[index]], box_lists)
-            if self.norm == "roi":
-                norms = pooled.flatten(1).norm(dim=1)
-            else:
-                norms = torch.linalg.vector_norm(pooled, dim=1).flatten()
-            value = comm.all_gather(float(norms.mean()) if norms.numel() else float("nan"))[0]
+        index = self.scale_reference
+        roi, location, count = self.pooled_norm_sums(x, box_lists)
+        sums = roi if self.norm == "roi" else location
+        value = comm.all_gather(sums[index].item() / count if count else float("nan"))[0]
         if not value > 0:
             raise RuntimeError(
                 f"Measuring the skip-pooling scale on the first training batch gave {value} "
-                f"(mean {self.norm!r} norm of {len(norms)} ROIs); set "
+                f"(mean {self.norm!r} norm of {count} ROIs); set "
                 "MODEL.ION.SKIP_POOL.SCALE_INIT to a value > 0."
             )
         name = self.feature_names[index] if self.feature_names else f"feature {index}"
         logger.warning(
             f"Skip-pooling scale (MODEL.ION.SKIP_POOL.SCALE_INIT -1) measured on the first "
-            f"training batch ({len(norms)} ROIs): {value:.4g}, the mean {self.norm!r} norm of "
-            f"{name!r}. ion_d2's IONTrainer measures it on SCALE_MEASURE_IMAGES training images "
-            "before the first step instead."
+            f"training batch ({count} ROIs): {value:.4g}, the mean {self.norm!r} norm of "
+            f"{name!r} (a trainer may measure it on more images before the first step, as "
+            "ion_d2's does on SCALE_MEASURE_IMAGES)."
         )
         self.set_scale(value)
 

@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
 from .box_voting import box_voting_inference
-from .skip_pooling import IONSkipPooler, check_scale_init
+from .skip_pooling import MEASURE_SCALE, IONSkipPooler, check_scale_init
 
 __all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler"]
 
@@ -38,6 +38,12 @@ def build_ion_skip_pooler(
     check_scale_init(cfg)
     skip = cfg.MODEL.ION.SKIP_POOL
     reference = cfg.MODEL.ION.CONTEXT.IN_FEATURE
+    if skip.SCALE_INIT == MEASURE_SCALE and skip.NORM != "none" and reference not in in_features:
+        raise ValueError(
+            f"MODEL.ION.SKIP_POOL.SCALE_INIT -1 sets the scale from the pooled norm of "
+            f"MODEL.ION.CONTEXT.IN_FEATURE {reference!r}, which MODEL.ROI_HEADS.IN_FEATURES "
+            f"{list(in_features)} does not pool; pool it or set SCALE_INIT to a value > 0."
+        )
     return IONSkipPooler(
         input_shapes=[input_shape[f] for f in in_features],
         output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from detectron2.config import CfgNode, get_cfg
 
-from .config import add_ion_config
+from ..config import add_ion_config
 
 __all__ = [
     "CONFIG_FILE",

@@ -1,0 +1,356 @@
+"""
+IONRCNN: Generalized R-CNN with ION's context features and segmentation regularizer.
+
+The context module is a sibling of the backbone, not a :class:`Backbone` wrapper around it (as
+:class:`FPN` wraps ``bottom_up``). The wrapper would let :class:`GeneralizedRCNN`'s
+``from_config``, ``forward`` and ``inference`` run unchanged, but ``Backbone.forward`` receives
+only the padded batch tensor, and ION's features must not depend on the batch: the backbone runs
+once per padded size and the context module stops at each image's border, both from
+``ImageList.image_sizes``. A wrapper would also move the context's weights under ``backbone.``
+and break every checkpoint written so far. So :class:`IONRCNN` replaces the one line of
+``forward`` and ``inference`` that runs the backbone (:meth:`IONRCNN.extract_features`), and
+builds the heads on the backbone's and the context's shapes together in ``from_config``
+(:meth:`GeneralizedRCNN.from_config` builds them on the backbone's alone, which fails for heads
+that pool "context"). The rest (preprocessing, visualization, ``_postprocess``) is
+:class:`GeneralizedRCNN`'s.
+"""
+
+import inspect
+import logging
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import (
+    META_ARCH_REGISTRY,
+    GeneralizedRCNN,
+    build_backbone,
+    build_proposal_generator,
+    build_roi_heads,
+    build_sem_seg_head,
+)
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .context import build_ion_context
+from .padding import backbone_per_size, proposals_per_size
+
+__all__ = ["IONRCNN"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class IONRCNN(GeneralizedRCNN):
+    """
+    Figure 1's data flow: backbone; a context module (``MODEL.ION.CONTEXT``, e.g. the 2x stacked
+    4-direction IRNN on conv5) adding the feature "context"; the proposal generator (RPN, or the
+    paper's precomputed proposals); ROI heads that may pool "context" (:class:`IONROIHeads`);
+    in training only, a segmentation loss on the context (``MODEL.ION.SEG_LOSS_ON``, section
+    3.2). An image's outputs do not depend on the rest of its batch, as in the paper's
+    single-image passes: trunk and RPN run once per padded size (:mod:`.padding`), the context
+    module and seg head stop at each image's border.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        context: Optional[nn.Module] = None,
+        sem_seg_head: Optional[nn.Module] = None,
+        sem_seg_ignore_value: Optional[int] = None,
+        backbone_per_image: bool = True,
+        backbone_per_image_train: bool = True,
+        unresized_test_max_size: Optional[int] = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            context (nn.Module or None): maps the backbone's features to extra features
+                (``ION_CONTEXT_REGISTRY``) that every head sees.
+            sem_seg_head (nn.Module or None): the training-only segmentation regularizer
+                (``SEM_SEG_HEADS_REGISTRY``'s contract); its ``ignore_value`` labels the pixels
+                of images without "sem_seg".
+            sem_seg_ignore_value (int or None): for callers of 0.1.0; must equal the head's.
+            backbone_per_image (bool): at inference, one trunk pass per padded image size
+                (:func:`backbone_per_size`); False: one pass over the padded batch.
+            backbone_per_image_train (bool): the same in training (False: BatchNorm's training
+                statistics come from the whole batch).
+            unresized_test_max_size (int or None): ``INPUT.MAX_SIZE_TEST`` of a config with
+                ``INPUT.MIN_SIZE_TEST`` 0: a larger input (Detectron2's ``DefaultPredictor``
+                does not cap it, ion_d2's loader and ``IONPredictor`` do) is logged once.
+            kwargs: see :class:`GeneralizedRCNN`.
+        """
+        super().__init__(**kwargs)
+        self.context = context
+        self.sem_seg_head = sem_seg_head
+        self.backbone_per_image = backbone_per_image
+        self.backbone_per_image_train = backbone_per_image_train
+        self.unresized_test_max_size = unresized_test_max_size
+        self._warned_uncapped = False
+        self._seg_head_takes_image_sizes = _check_seg_head(sem_seg_head, sem_seg_ignore_value)
+
+    @classmethod
+    def from_config(cls, cfg):
+        _check_pixel_std(cfg)
+        backbone = build_backbone(cfg)
+        feature_shapes = dict(backbone.output_shape())
+        context = build_ion_context(cfg, feature_shapes)
+        _check_context_outputs_used(cfg, context)
+        if context is not None:
+            feature_shapes.update(context.output_shape())
+        _warn_per_image_batch_norm(cfg, backbone)
+        sem_seg_head = (
+            build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
+        )
+        return {
+            "backbone": backbone,
+            "context": context,
+            "proposal_generator": build_proposal_generator(cfg, feature_shapes),
+            "roi_heads": build_roi_heads(cfg, feature_shapes),
+            "sem_seg_head": sem_seg_head,
+            "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
+            "backbone_per_image_train": cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN,
+            "unresized_test_max_size": (
+                cfg.INPUT.MAX_SIZE_TEST if cfg.INPUT.MIN_SIZE_TEST == 0 else None
+            ),
+            "input_format": cfg.INPUT.FORMAT,
+            "vis_period": cfg.VIS_PERIOD,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def features_and_proposals(
+        self, batched_inputs: List[Dict[str, torch.Tensor]], gt_instances=None
+    ) -> Tuple[ImageList, Dict[str, torch.Tensor], List[Instances], Dict[str, torch.Tensor]]:
+        """
+        The front half shared by training, inference, box voting and the skip-pooling scale's
+        measurement: preprocessing, the backbone's and the context module's features
+        (:meth:`extract_features`) and the proposals, from the proposal generator
+        (:func:`proposals_per_size`: once per padded image size) or the inputs' precomputed
+        "proposals".
+
+        Returns:
+            tuple: the padded ``ImageList``, the feature dict, per-image proposals and the
+            proposal generator's losses (empty at inference and for precomputed proposals).
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.extract_features(images)
+        if self.proposal_generator is not None:
+            proposals, losses = proposals_per_size(
+                self.proposal_generator, self.backbone, images, features, gt_instances
+            )
+            return images, features, proposals, losses
+        if "proposals" not in batched_inputs[0]:
+            raise ValueError(
+                "The model has no proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), so each "
+                "input needs precomputed 'proposals' (DATASETS.PROPOSAL_FILES_TRAIN/TEST with "
+                "MODEL.LOAD_PROPOSALS True)."
+            )
+        return images, features, [x["proposals"].to(self.device) for x in batched_inputs], {}
+
+    def extract_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """
+        What ``self.backbone(images.tensor)`` is to :class:`GeneralizedRCNN`: the backbone's
+        features (:func:`backbone_per_size`: once per padded image size, with
+        ``backbone_per_image``, in training ``backbone_per_image_train``) plus the context
+        module's, which stops at each image's border.
+        """
+        per_size = self.backbone_per_image_train if self.training else self.backbone_per_image
+        if per_size:
+            features = backbone_per_size(self.backbone, images)
+        else:
+            features = self.backbone(images.tensor)
+        if self.context is not None:
+            features.update(self.context(features, images.image_sizes))
+        return features
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """
+        See :meth:`GeneralizedRCNN.forward`. Inputs may also hold "sem_seg" (an (H, W) long
+        tensor, as :class:`DatasetMapper` loads from ``sem_seg_file_name``); training then adds
+        "loss_sem_seg".
+        """
+        if not self.training:
+            if not self._warned_uncapped:
+                self._warned_uncapped = _warn_if_uncapped(
+                    batched_inputs, self.unresized_test_max_size
+                )
+            return self.inference(batched_inputs)
+        gt_instances = None
+        if "instances" in batched_inputs[0]:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        images, features, proposals, losses = self.features_and_proposals(
+            batched_inputs, gt_instances
+        )
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+        losses.update(detector_losses)
+        if self.sem_seg_head is not None:
+            targets = _sem_seg_targets(batched_inputs, images, self.sem_seg_head.ignore_value)
+            sizes = {"image_sizes": images.image_sizes} if self._seg_head_takes_image_sizes else {}
+            losses.update(self.sem_seg_head(features, targets, **sizes)[1])
+        return losses
+
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
+        """See :meth:`GeneralizedRCNN.inference`. The segmentation regularizer is not run."""
+        assert not self.training
+        if detected_instances is None:
+            images, features, proposals, _ = self.features_and_proposals(batched_inputs)
+            results, _ = self.roi_heads(images, features, proposals, None)
+        else:
+            images = self.preprocess_image(batched_inputs)
+            features = self.extract_features(images)
+            detected_instances = [x.to(self.device) for x in detected_instances]
+            results = self.roi_heads.forward_with_given_boxes(features, detected_instances)
+        if not do_postprocess:
+            return results
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def box_voting_candidates(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """
+        Inference up to box voting, for test-time augmentation (:class:`IONRCNNWithTTA`): the
+        candidates of :meth:`IONROIHeads.box_voting_candidates` for each input, before NMS, in
+        the coordinates of the input image tensor (not rescaled to "height" x "width").
+
+        Returns:
+            tuple[list[Tensor], list[Tensor]]: per image, boxes (N, K * 4) and scores (N, K + 1).
+        """
+        assert not self.training
+        if not hasattr(self.roi_heads, "box_voting_candidates"):
+            raise TypeError(
+                f"Box voting needs MODEL.ROI_HEADS.NAME 'IONROIHeads'; this model has "
+                f"{type(self.roi_heads).__name__}."
+            )
+        _, features, proposals, _ = self.features_and_proposals(batched_inputs)
+        return self.roi_heads.box_voting_candidates(features, proposals)
+
+
+def _warn_per_image_batch_norm(cfg, backbone: nn.Module) -> None:
+    """Per-size trunk passes in training give BatchNorm each image's statistics alone."""
+    if cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()
+    ):
+        logger.warning(
+            "MODEL.ION.BACKBONE_PER_IMAGE_TRAIN is True and the backbone has BatchNorm layers: "
+            "in training, images of different padded sizes are normalised by their own "
+            "statistics (on the bundled data this cost ~5 AP). Set it False for whole-batch "
+            "statistics; inference stays per image (MODEL.ION.BACKBONE_PER_IMAGE)."
+        )
+
+
+def _check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
+    """
+    Refuse a context module whose outputs are not all read by a head: an output nobody pools
+    is a switch that does nothing, and a branch nobody reads (Table 10c's "context_conv", or a
+    whole context module with no pooling and no segmentation loss) never trains in one process
+    and makes DistributedDataParallel fail at the second iteration ("Expected to have finished
+    reduction ...").
+
+    Readers: ``MODEL.ROI_HEADS.IN_FEATURES``, ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` when
+    ``MODEL.ION.SEG_LOSS_ON``, and ``MODEL.RPN.IN_FEATURES`` when the proposal generator is
+    the RPN.
+
+    Raises:
+        ValueError: naming the unread outputs and the keys that could read them.
+    """
+    if context is None:
+        return
+    readers = {"MODEL.ROI_HEADS.IN_FEATURES": cfg.MODEL.ROI_HEADS.IN_FEATURES}
+    if cfg.MODEL.ION.SEG_LOSS_ON:
+        readers["MODEL.SEM_SEG_HEAD.IN_FEATURES"] = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
+    if cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
+        readers["MODEL.RPN.IN_FEATURES"] = cfg.MODEL.RPN.IN_FEATURES
+    read = {name for names in readers.values() for name in names}
+    unread = [name for name in context.output_shape() if name not in read]
+    if unread:
+        raise ValueError(
+            f"MODEL.ION.CONTEXT.NAME {cfg.MODEL.ION.CONTEXT.NAME!r} outputs {unread}, which no "
+            f"head reads ({', '.join(f'{k} = {list(v)}' for k, v in readers.items())}"
+            + ("" if cfg.MODEL.ION.SEG_LOSS_ON else "; MODEL.ION.SEG_LOSS_ON is False")
+            + "). Their weights would never train (and DistributedDataParallel would fail): add "
+            "them to MODEL.ROI_HEADS.IN_FEATURES, or change the context module."
+        )
+
+
+def _check_pixel_std(cfg) -> None:
+    """
+    Refuse a ``MODEL.PIXEL_STD`` with an entry that is zero, negative or not finite: the model
+    divides its input by it, so the first loss would be NaN and reported as divergence.
+
+    Raises:
+        ValueError: naming the key and its value.
+    """
+    std = list(cfg.MODEL.PIXEL_STD)
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(
+            f"MODEL.PIXEL_STD must hold finite values > 0 (the input is divided by them); got "
+            f"{std}. Use e.g. [58.395, 57.12, 57.375] (ImageNet, RGB 0-255) or [1.0, 1.0, 1.0] "
+            "(no scaling)."
+        )
+
+
+def _check_seg_head(sem_seg_head: Optional[nn.Module], sem_seg_ignore_value: Optional[int]) -> bool:
+    """Whether ``sem_seg_head.forward`` takes ``image_sizes``; refuses a second ignore value."""
+    if sem_seg_head is None:
+        return False
+    if sem_seg_ignore_value not in (None, sem_seg_head.ignore_value):
+        raise ValueError(
+            f"IONRCNN sem_seg_ignore_value={sem_seg_ignore_value} differs from the seg head's "
+            f"ignore_value {sem_seg_head.ignore_value}; leave it out (the head's is used)."
+        )
+    if "image_sizes" in inspect.signature(sem_seg_head.forward).parameters:
+        return True
+    logger.warning(
+        f"{type(sem_seg_head).__name__}.forward takes no image_sizes: its loss near an image's "
+        "border may depend on the batch's padding."
+    )
+    return False
+
+
+def _sem_seg_targets(batched_inputs, images: ImageList, ignore_value: int) -> torch.Tensor:
+    """
+    The inputs' "sem_seg" labels, (N, H, W) as ``images.tensor``, padded with ``ignore_value``;
+    an input without labels is all ``ignore_value``.
+    """
+    num_labelled = sum("sem_seg" in x for x in batched_inputs)
+    # How much of the batch the regularizer sees (e.g. COCO images without stuff labels).
+    get_event_storage().put_scalar(
+        "ion/sem_seg_labelled_fraction", num_labelled / len(batched_inputs)
+    )
+    height, width = images.tensor.shape[-2:]
+    targets = torch.full(
+        (len(batched_inputs), height, width), ignore_value, dtype=torch.long, device=images.device
+    )
+    for target, x in zip(targets, batched_inputs):
+        if "sem_seg" in x:
+            h, w = x["sem_seg"].shape
+            target[:h, :w] = x["sem_seg"]
+    return targets
+
+
+def _warn_if_uncapped(batched_inputs, cap: Optional[int]) -> bool:
+    """
+    Warn (and return True) when an input is larger than ``cap``, the ``INPUT.MAX_SIZE_TEST`` of
+    a config whose test images keep their own size (``INPUT.MIN_SIZE_TEST`` 0): Detectron2's
+    stock ``DefaultPredictor`` does not resize for 0.
+    """
+    if cap is None:
+        return False
+    big = [x["image"].shape[-2:] for x in batched_inputs if max(x["image"].shape[-2:]) > cap]
+    if big:
+        logger.warning(
+            f"An input image of {big[0][0]}x{big[0][1]} (HxW) runs at full size: it is larger "
+            f"than INPUT.MAX_SIZE_TEST ({cap}), which this config (INPUT.MIN_SIZE_TEST 0) applies "
+            "as a cap, but Detectron2's DefaultPredictor does not resize for MIN_SIZE_TEST 0. Use "
+            "ion_d2.IONPredictor, which caps it as evaluation does."
+        )
+    return bool(big)
