@@ -11,8 +11,9 @@ one run into the next, and writes ``result.json`` in its folder; a folder whose 
 was written by the same config is reused (``--retrain`` trains everything again).
 
 The schedule is the demo's (``configs/ION_VGG16_synthetic.yaml``: exponential LR decay over
-MAX_ITER, warm-up 5 % of it) shortened to ``--iters`` iterations (default 400); README's
-"Accuracy gate" section shows that it ranks code versions as the 1000-iteration demo does.
+MAX_ITER, warm-up 5 % of it) shortened to ``--iters`` iterations (default 400); the "Accuracy
+gate" section of docs/BENCHMARKS.md shows that it ranks code versions as the 1000-iteration demo
+does.
 """
 
 import argparse
