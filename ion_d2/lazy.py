@@ -127,7 +127,9 @@ def _build_proposal_generator(node, shapes: Dict[str, ShapeSpec], where: str):
     return _build(node, shapes, where, anchor_generator=anchor_generator, head=head)
 
 
-def _build_roi_heads(node, shapes: Dict[str, ShapeSpec], backbone: nn.Module, where: str):
+def _build_roi_heads(
+    node, shapes: Dict[str, ShapeSpec], backbone: nn.Module, reference: Optional[str], where: str
+):
     """ROI heads whose box branch is pooler -> box head -> predictor, each on the last's shape."""
     in_features = list(node["box_in_features"])
     feature_shapes = [_feature(shapes, f, f"{where}.box_in_features") for f in in_features]
@@ -143,7 +145,12 @@ def _build_roi_heads(node, shapes: Dict[str, ShapeSpec], backbone: nn.Module, wh
                     f"{type(backbone).__name__}. Use -1 (measured on the training set) or a "
                     "value > 0."
                 )
-        box_pooler = _build(pooler_node, shapes, f"{where}.box_pooler", input_shapes=feature_shapes)
+        # As build_ion_skip_pooler: the feature order is saved with the weights, and the
+        # scale (scale_init -1) is measured on the context module's input feature.
+        pooler_inferred = {"input_shapes": feature_shapes, "feature_names": in_features}
+        if reference in in_features:
+            pooler_inferred["scale_reference"] = in_features.index(reference)
+        box_pooler = _build(pooler_node, shapes, f"{where}.box_pooler", **pooler_inferred)
         channels = box_pooler.out_channels
     else:
         strides = [s.stride for s in feature_shapes]
@@ -208,7 +215,8 @@ def build_ion_rcnn(
     * ``heads.proposal_generator`` (an RPN; None for precomputed proposals): the anchor
       generator's ``strides`` and the RPN head's ``in_channels`` and ``num_anchors``;
     * ``heads.roi_heads``: the box pooler's ``input_shapes`` (:class:`IONSkipPooler`) or
-      ``scales`` (:class:`ROIPooler`), then the box head's ``input_shape`` from the pooler's
+      ``scales`` (:class:`ROIPooler`), with ``feature_names`` and ``scale_reference`` (the
+      index of the context module's ``in_feature``) as the YAML path gives them, then the box head's ``input_shape`` from the pooler's
       output and the predictor's from the box head's ``output_shape``.
 
     An inferred argument that the config also sets must agree (a ValueError says otherwise).
@@ -240,8 +248,9 @@ def build_ion_rcnn(
     built["proposal_generator"] = _build_proposal_generator(
         heads.get("proposal_generator"), shapes, "model.heads.proposal_generator"
     )
+    reference = context["in_feature"] if context is not None else None
     built["roi_heads"] = _build_roi_heads(
-        heads["roi_heads"], shapes, backbone, "model.heads.roi_heads"
+        heads["roi_heads"], shapes, backbone, reference, "model.heads.roi_heads"
     )
     return IONRCNN(backbone=backbone, **built, **kwargs)
 
