@@ -15,7 +15,6 @@ LazyConfig support: what ``configs/lazy/*.py`` need beyond Detectron2's ``LazyCa
 """
 
 import inspect
-import logging
 from collections import abc
 from typing import Any, Dict, Optional, Sequence, Type, Union
 
@@ -41,8 +40,6 @@ __all__ = [
     "ion_exponential_lr",
     "measure_lazy_skip_pool_scale",
 ]
-
-logger = logging.getLogger(__name__)
 
 # The heads build_ion_rcnn builds itself, in IONRCNN.from_config's order (the same random
 # draws as the YAML path, so a seed gives the same initial weights).
