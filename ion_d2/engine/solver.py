@@ -2,14 +2,19 @@
 
 import logging
 import math
-from typing import Type
+from typing import Tuple, Type
 
 import torch
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import ExponentialParamScheduler
 
-__all__ = ["build_ion_lr_scheduler", "build_ion_optimizer", "CLIP_TYPES"]
+__all__ = [
+    "build_ion_lr_scheduler",
+    "build_ion_optimizer",
+    "ion_exponential_param_scheduler",
+    "CLIP_TYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +90,34 @@ def build_ion_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
     """
     if cfg.SOLVER.LR_SCHEDULER_NAME != "IONExponentialLR":
         return build_lr_scheduler(cfg, optimizer)
-    base_lr, end_lr = cfg.SOLVER.BASE_LR, cfg.SOLVER.ION_END_LR
-    for key, value in (("SOLVER.BASE_LR", base_lr), ("SOLVER.ION_END_LR", end_lr)):
+    sched = ion_exponential_param_scheduler(
+        base_lr=cfg.SOLVER.BASE_LR,
+        end_lr=cfg.SOLVER.ION_END_LR,
+        max_iter=cfg.SOLVER.MAX_ITER,
+        warmup_iters=cfg.SOLVER.WARMUP_ITERS,
+        warmup_factor=cfg.SOLVER.WARMUP_FACTOR,
+        warmup_method=cfg.SOLVER.WARMUP_METHOD,
+    )
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)
+
+
+def ion_exponential_param_scheduler(
+    *,
+    base_lr: float,
+    end_lr: float,
+    max_iter: int,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+    warmup_method: str = "linear",
+    keys: Tuple[str, str] = ("SOLVER.BASE_LR", "SOLVER.ION_END_LR"),
+) -> WarmupParamScheduler:
+    """
+    The multiplier of "IONExponentialLR" (:func:`build_ion_lr_scheduler`) as an fvcore
+    ``ParamScheduler``: ``(end_lr / base_lr) ** (iter / max_iter)`` after Detectron2's warmup
+    of ``warmup_iters`` iterations. ``keys`` name ``base_lr`` and ``end_lr`` in error messages
+    (the YAML keys by default; :func:`ion_d2.lazy.ion_exponential_lr` passes its own).
+    """
+    for key, value in zip(keys, (base_lr, end_lr)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(
                 f"IONExponentialLR decays the learning rate exponentially, so {key} must be a "
@@ -95,16 +126,12 @@ def build_ion_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
     if end_lr > base_lr:
         # A "decay" factor above 1 would raise the learning rate over training, silently.
         raise ValueError(
-            f"IONExponentialLR decays the learning rate from SOLVER.BASE_LR to "
-            f"SOLVER.ION_END_LR, so it needs ION_END_LR <= BASE_LR; got BASE_LR={base_lr} and "
-            f"ION_END_LR={end_lr}, which would raise it {end_lr / base_lr:.3g}x over "
-            f"{cfg.SOLVER.MAX_ITER} iterations."
+            f"IONExponentialLR decays the learning rate from {keys[0]} to "
+            f"{keys[1]}, so it needs {keys[1].split('.')[-1]} <= {keys[0].split('.')[-1]}; got "
+            f"{keys[0].split('.')[-1]}={base_lr} and {keys[1].split('.')[-1]}={end_lr}, which "
+            f"would raise it {end_lr / base_lr:.3g}x over {max_iter} iterations."
         )
     sched = ExponentialParamScheduler(start_value=1.0, decay=end_lr / base_lr)
-    sched = WarmupParamScheduler(
-        sched,
-        cfg.SOLVER.WARMUP_FACTOR,
-        min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
-        cfg.SOLVER.WARMUP_METHOD,
+    return WarmupParamScheduler(
+        sched, warmup_factor, min(warmup_iters / max_iter, 1.0), warmup_method
     )
-    return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""
+Train or evaluate ion_d2's LazyConfigs (configs/lazy/*.py), in the style of Detectron2's
+tools/lazyconfig_train_net.py:
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/ION_VGG16_synthetic.py
+    python tools/lazyconfig_train_net.py --config-file <cfg.py> --num-gpus 8 train.max_iter=100
+    python tools/lazyconfig_train_net.py --config-file <cfg.py> --eval-only \
+        train.init_checkpoint=output/.../model_final.pth
+
+Beyond Detectron2's script: ``import ion_d2`` registers ION's components and datasets; before
+the first step the skip-pooling scale is measured when the config asks for it
+(``model.heads.roi_heads.box_pooler.scale_init`` -1, section 5.2;
+:func:`ion_d2.lazy.measure_lazy_skip_pool_scale`, as IONTrainer does); CPU models train in
+several processes too (:func:`ion_d2.launch.launch`); checkpoints are written atomically
+(:class:`ion_d2.checkpoint.IONCheckpointer`).
+"""
+
+import logging
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
+
+import ion_d2  # noqa: F401  (registers ION's components and datasets)
+from ion_d2.checkpoint import IONCheckpointer
+from ion_d2.launch import create_ddp_model_any_device, launch
+from ion_d2.lazy import measure_lazy_skip_pool_scale
+
+logger = logging.getLogger("detectron2")
+
+
+def _ddp(model, *, fp16_compression: bool = False, **kwargs):
+    """Detectron2's ``create_ddp_model`` for CUDA and CPU models (one process: the model)."""
+    model = create_ddp_model_any_device(model, **kwargs)
+    if fp16_compression and isinstance(model, DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        model.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return model
+
+
+def do_test(cfg, model):
+    """Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``, if any."""
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+
+def do_train(args, cfg):
+    """
+    Detectron2's lazy training loop (see its tools/lazyconfig_train_net.py for the config
+    entries it reads), with the skip-pooling scale measured after the weights are loaded.
+    """
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = _ddp(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = IONCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        # The checkpoint stores the iteration that just finished.
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    measure_lazy_skip_pool_scale(cfg, model, start_iter=start_iter)
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = _ddp(model)
+        IONCheckpointer(model).load(cfg.train.init_checkpoint)
+        print(do_test(cfg, model))
+    else:
+        do_train(args, cfg)
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
