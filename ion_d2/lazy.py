@@ -26,13 +26,12 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 from fvcore.common.param_scheduler import ParamScheduler
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .meta_arch import IONRCNN
-from .skip_pool_scale import measure_skip_pool_scale
-from .skip_pooling import MEASURE_SCALE, IONSkipPooler
-from .solver import CLIP_TYPES, _with_full_model_clipping, ion_exponential_param_scheduler
-from .vgg16 import IONVGG16
+from .engine.skip_pool_scale import measure_skip_pool_scale, skip_pooler
+from .engine.solver import CLIP_TYPES, _with_full_model_clipping, ion_exponential_param_scheduler
+from .modeling.meta_arch import IONRCNN
+from .modeling.skip_pooling import IONSkipPooler
+from .modeling.vgg16 import IONVGG16
 
 __all__ = [
     "build_ion_rcnn",
@@ -178,7 +177,7 @@ def _build_roi_heads(
 
 
 def _check_context_outputs_read(context: nn.Module, heads, where: str) -> None:
-    """The LazyConfig twin of :func:`ion_d2.model_checks.check_context_outputs_used`."""
+    """The LazyConfig twin of the YAML check in :mod:`ion_d2.modeling.meta_arch`."""
     read = set(heads["roi_heads"]["box_in_features"])
     if heads.get("sem_seg_head") is not None:
         read.add(heads["sem_seg_head"]["in_feature"])
@@ -262,7 +261,7 @@ def clipped_optimizer(
     """
     ``optimizer`` (a class or its dotted name) with gradient clipping, as
     ``SOLVER.CLIP_GRADIENTS`` gives it to the YAML path: "full_model" clips the L2 norm of all
-    parameters' gradients together (section 4.1; :func:`ion_d2.solver.build_ion_optimizer`),
+    parameters' gradients together (section 4.1; :func:`ion_d2.engine.solver.build_ion_optimizer`),
     "norm" and "value" each parameter tensor on its own (Detectron2's
     ``maybe_add_gradient_clipping``). Use it as ``optimizer._target_``::
 
@@ -306,7 +305,7 @@ def ion_exponential_lr(
     """
     Section 4.1's exponential decay from ``base_lr`` to ``end_lr`` over ``max_iter``
     iterations, after Detectron2's warmup: the multiplier "IONExponentialLR" gives the YAML
-    path (:func:`ion_d2.solver.ion_exponential_param_scheduler`), for ``lr_multiplier``. The
+    path (:func:`ion_d2.engine.solver.ion_exponential_param_scheduler`), for ``lr_multiplier``. The
     configs set ``base_lr="${..optimizer.lr}"`` and ``max_iter="${..train.max_iter}"``.
     """
     return ion_exponential_param_scheduler(
@@ -322,42 +321,24 @@ def ion_exponential_lr(
 
 def measure_lazy_skip_pool_scale(cfg, model: nn.Module, *, start_iter: int = 0) -> Optional[float]:
     """
-    :func:`ion_d2.skip_pool_scale.measure_skip_pool_scale` for a LazyConfig ``cfg``: when
-    ``model.heads.roi_heads.box_pooler.scale_init`` is -1 and the loaded weights do not hold
-    the scale, measure it on the first ``train.ion_scale_measure_images`` (default 100) images
-    of ``dataloader.train.dataset``, mapped by ``dataloader.train.mapper`` and batched by the
-    per-process share of ``dataloader.train.total_batch_size``.
+    :func:`ion_d2.engine.skip_pool_scale.measure_skip_pool_scale` for a LazyConfig ``cfg``: when
+    the model's skip-pooling scale is pending (``box_pooler.scale_init`` -1 and not held by the
+    loaded weights), measure it on the first ``train.ion_scale_measure_images`` (default 100)
+    images of ``dataloader.train.dataset``, mapped by ``dataloader.train.mapper`` and batched by
+    the per-process share of ``dataloader.train.total_batch_size``.
 
     Returns:
         float or None: the scale set, or None when nothing was measured.
     """
-    pooler_cfg = cfg.model.heads.roi_heads.box_pooler
-    scale_init = pooler_cfg.get("scale_init", 0.0)
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    pooler = getattr(module.roi_heads, "box_pooler", None)
-    if scale_init != MEASURE_SCALE or not isinstance(pooler, IONSkipPooler):
+    pooler = skip_pooler(model)
+    if pooler is None or not pooler.scale_pending:
         return None
     num_images = cfg.train.get("ion_scale_measure_images", 100)
-    reference = (
-        pooler.feature_names[pooler.scale_reference]
-        if pooler.scale_reference is not None
-        else cfg.model.heads.context.in_feature
-    )
-    view = CfgNode(
-        {
-            "MODEL": {
-                "ION": {
-                    "SKIP_POOL": {"SCALE_INIT": scale_init, "SCALE_MEASURE_IMAGES": num_images},
-                    "CONTEXT": {"IN_FEATURE": reference},
-                }
-            }
-        }
-    )
-    batches = None
-    if pooler.scale_pending and num_images >= 1:
-        dicts = instantiate(cfg.dataloader.train.dataset)[:num_images]
-        mapper = instantiate(cfg.dataloader.train.mapper)
-        batch_size = max(cfg.dataloader.train.total_batch_size // comm.get_world_size(), 1)
-        mapped = [mapper(d) for d in dicts]
-        batches = [mapped[i : i + batch_size] for i in range(0, len(mapped), batch_size)]
-    return measure_skip_pool_scale(view, model, start_iter=start_iter, batches=batches)
+    if num_images < 1:
+        raise ValueError(f"train.ion_scale_measure_images must be >= 1; got {num_images}.")
+    dicts = instantiate(cfg.dataloader.train.dataset)[:num_images]
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    batch_size = max(cfg.dataloader.train.total_batch_size // comm.get_world_size(), 1)
+    mapped = [mapper(d) for d in dicts]
+    batches = [mapped[i : i + batch_size] for i in range(0, len(mapped), batch_size)]
+    return measure_skip_pool_scale(model, batches, start_iter=start_iter)

@@ -13,7 +13,7 @@ from ion_d2.modeling.context import (
     StackedConv,
     build_ion_context,
 )
-from ion_d2.modeling.context.irnn_scan import irnn_scan, irnn_scan_identity
+from ion_d2.modeling.context.irnn_scan import _irnn_scan, _irnn_scan_identity
 
 C, HIDDEN, H, W = 4, 3, 5, 6
 DIRECTIONS = ("right", "left", "down", "up")
@@ -137,21 +137,21 @@ def test_scans_match_naive(direction, with_b0):
 
     ref = naive_scan(x, whh, direction, b0)
     assert (ref == 0).any() and (ref > 0).any()  # resets happen: the ReLU matters
-    torch.testing.assert_close(irnn_scan(x, whh, direction, b0), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_irnn_scan(x, whh, direction, b0), ref, rtol=0, atol=1e-12)
 
     ref_id = naive_scan(x, None, direction, b0)
-    torch.testing.assert_close(irnn_scan_identity(x, direction, b0), ref_id, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_irnn_scan_identity(x, direction, b0), ref_id, rtol=0, atol=1e-12)
     # the closed form equals the step loop with Whh = I
     eye = torch.eye(HIDDEN, dtype=torch.float64)
-    torch.testing.assert_close(irnn_scan(x, eye, direction, b0), ref_id, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_irnn_scan(x, eye, direction, b0), ref_id, rtol=0, atol=1e-12)
 
 
 def test_scan_rejects_unknown_direction():
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="diagonal.*right"):
-        irnn_scan_identity(x, "diagonal")
+        _irnn_scan_identity(x, "diagonal")
     with pytest.raises(ValueError, match="diagonal.*right"):
-        irnn_scan(x, torch.eye(2), "diagonal")
+        _irnn_scan(x, torch.eye(2), "diagonal")
 
 
 def _expected_dependence(direction, height, width):
@@ -182,9 +182,9 @@ def test_scan_directional_dependence(direction):
     b0 = torch.rand(HIDDEN, dtype=torch.float64)
     expected = _expected_dependence(direction, H, W)
 
-    dep = _cell_dependence(lambda t: irnn_scan(t, whh, direction, b0), x)
+    dep = _cell_dependence(lambda t: _irnn_scan(t, whh, direction, b0), x)
     assert torch.equal(dep, expected)
-    dep_id = _cell_dependence(lambda t: irnn_scan_identity(t, direction, b0), x)
+    dep_id = _cell_dependence(lambda t: _irnn_scan_identity(t, direction, b0), x)
     assert torch.equal(dep_id, expected)
 
 
@@ -594,9 +594,9 @@ def test_scans_start_at_each_images_edge(direction, learned):
     valid = torch.tensor([list(CELLS_A), [5, 6]])
 
     if learned:
-        out = irnn_scan(batch, whh, direction, b0, valid)
+        out = _irnn_scan(batch, whh, direction, b0, valid)
     else:
-        out = irnn_scan_identity(batch, direction, b0, valid)
+        out = _irnn_scan_identity(batch, direction, b0, valid)
     ref_whh = whh if learned else None
     torch.testing.assert_close(
         out[:1, :, :3, :4], naive_scan(a, ref_whh, direction, b0), atol=1e-12, rtol=0

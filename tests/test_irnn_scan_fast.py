@@ -18,8 +18,8 @@ from ion_d2.modeling.context import build_ion_context
 from ion_d2.modeling.context.irnn_scan import (
     IRNN_DIRECTIONS,
     _identity_closed_form,
-    irnn_scan,
-    irnn_scan_identity,
+    _irnn_scan,
+    _irnn_scan_identity,
     irnn_scans,
 )
 
@@ -188,11 +188,11 @@ def test_scan_matches_reference(direction, scan, with_valid, with_b0):
     upstream = torch.randn(2, HIDDEN, H, W, dtype=torch.float64)
     if scan == "learned":
         inputs = (x, whh, b0)
-        new = irnn_scan(x, whh, direction, b0, valid)
+        new = _irnn_scan(x, whh, direction, b0, valid)
         ref = ref_scan(x, whh, direction, b0, valid)
     else:
         inputs = (x, b0)
-        new = irnn_scan_identity(x, direction, b0, valid, method=scan)
+        new = _irnn_scan_identity(x, direction, b0, valid, method=scan)
         ref = ref_scan(x, None, direction, b0, valid)
     inside = _valid_mask(valid).expand_as(ref)
     assert (ref[inside] == 0).any() and (ref > 0).any()  # resets happen: the ReLU matters
@@ -208,11 +208,11 @@ def test_identity_step_and_closed_form_match_each_other_and_reference(direction,
     x, _, b0 = _scan_inputs(with_b0=True)
     valid = MIXED_CELLS if with_valid else None
     upstream = torch.randn(2, HIDDEN, H, W, dtype=torch.float64)
-    step = irnn_scan_identity(x, direction, b0, valid, method="step")
-    closed = irnn_scan_identity(x, direction, b0, valid, method="closed_form")
+    step = _irnn_scan_identity(x, direction, b0, valid, method="step")
+    closed = _irnn_scan_identity(x, direction, b0, valid, method="closed_form")
     ref = ref_scan(x, None, direction, b0, valid)
     # Whh = I given as a learned matrix: the same recursion.
-    eye = irnn_scan(x, torch.eye(HIDDEN, dtype=torch.float64), direction, b0, valid)
+    eye = _irnn_scan(x, torch.eye(HIDDEN, dtype=torch.float64), direction, b0, valid)
     for out in (step, closed, eye):
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grads_ref = torch.autograd.grad(ref, (x, b0), upstream)
@@ -228,8 +228,8 @@ def test_identity_method_is_chosen_per_device():
     assert _identity_closed_form("closed_form", torch.device("cpu"))
     assert not _identity_closed_form("step", torch.device("cuda"))
     x = torch.randn(2, HIDDEN, H, W)
-    auto = irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS)
-    assert torch.equal(auto, irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS, method="step"))
+    auto = _irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS)
+    assert torch.equal(auto, _irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS, method="step"))
 
 
 def test_reference_scan_on_a_hand_computed_line():

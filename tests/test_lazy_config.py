@@ -15,8 +15,8 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 from model_utils import REPO, load_cfg, random_inputs, synthetic_slice
 
+from ion_d2.engine.solver import build_ion_lr_scheduler, build_ion_optimizer
 from ion_d2.lazy import build_ion_rcnn, clipped_optimizer
-from ion_d2.solver import build_ion_lr_scheduler, build_ion_optimizer
 
 LAZY = os.path.join(REPO, "configs", "lazy")
 VGG16_CONFIGS = ["ION_VGG16_synthetic", "ION_VGG16_VOC0712_stage1", "ION_VGG16_COCO_stage1"]

@@ -12,8 +12,8 @@ Beyond Detectron2's script: ``import ion_d2`` registers ION's components and dat
 the first step the skip-pooling scale is measured when the config asks for it
 (``model.heads.roi_heads.box_pooler.scale_init`` -1, section 5.2;
 :func:`ion_d2.lazy.measure_lazy_skip_pool_scale`, as IONTrainer does); CPU models train in
-several processes too (:func:`ion_d2.launch.launch`); checkpoints are written atomically
-(:class:`ion_d2.checkpoint.IONCheckpointer`).
+several processes too (:func:`ion_d2.engine.launch.launch`); checkpoints are written atomically
+(:class:`ion_d2.engine.checkpoint.IONCheckpointer`).
 """
 
 import logging
@@ -32,8 +32,8 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 import ion_d2  # noqa: F401  (registers ION's components and datasets)
-from ion_d2.checkpoint import IONCheckpointer
-from ion_d2.launch import create_ddp_model_any_device, launch
+from ion_d2.engine.checkpoint import IONCheckpointer
+from ion_d2.engine.launch import create_ddp_model_any_device, launch
 from ion_d2.lazy import measure_lazy_skip_pool_scale
 
 logger = logging.getLogger("detectron2")

@@ -9,9 +9,9 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 
 from ion_d2 import IONROIHeads
-from ion_d2.context import IRNN
 from ion_d2.lazy import build_ion_rcnn
-from ion_d2.skip_pooling import IONSkipPooler
+from ion_d2.modeling.context import IRNN
+from ion_d2.modeling.skip_pooling import IONSkipPooler
 
 zoo = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 zoo.backbone.bottom_up.freeze_at = 2

@@ -10,8 +10,8 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.evaluation import COCOEvaluator
 
-from ion_d2.d2_compat import has_compiled_ops
 from ion_d2.data import ResizeLongestEdgeCap
+from ion_d2.engine.trainer import has_compiled_ops
 
 from .common.ion_vgg16 import dataloader, lr_multiplier, model, optimizer, train
 

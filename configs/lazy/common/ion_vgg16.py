@@ -14,11 +14,11 @@ from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 
 from ion_d2 import IONVGG16, IONROIHeads, IONSegRegularizerHead
-from ion_d2.box_head import IONFCHead
-from ion_d2.context import IRNN
 from ion_d2.data import IONDatasetMapper
 from ion_d2.lazy import build_ion_rcnn, clipped_optimizer, ion_exponential_lr
-from ion_d2.skip_pooling import IONSkipPooler
+from ion_d2.modeling.box_head import IONFCHead
+from ion_d2.modeling.context import IRNN
+from ion_d2.modeling.skip_pooling import IONSkipPooler
 
 model = L(build_ion_rcnn)(
     backbone=L(IONVGG16)(

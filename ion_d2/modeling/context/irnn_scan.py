@@ -13,7 +13,7 @@ direction; ``Whh = None`` is the case ``Whh = I`` (the recurrent transition remo
 
 :func:`irnn_scans` runs all directions of a layer at once on a channels-last map and returns
 their states side by side, in the layout that the hidden-to-output 1x1 conv reads as the
-directions' concatenation; :func:`irnn_scan` and :func:`irnn_scan_identity` are one direction on
+directions' concatenation; :func:`_irnn_scan` and :func:`_irnn_scan_identity` (for tests) are one direction on
 an (N, C, H, W) map.
 
 Every function takes each image's valid cells (:mod:`ion_d2.modeling.padding`): a scan then ignores the
@@ -33,8 +33,6 @@ __all__ = [
     "IRNN_DIRECTIONS",
     "IDENTITY_SCAN_METHODS",
     "irnn_scans",
-    "irnn_scan",
-    "irnn_scan_identity",
 ]
 
 #: Scan directions of a 4-direction IRNN layer, in the order their hidden maps are concatenated.
@@ -140,7 +138,7 @@ def irnn_scans(
     return _StepScans.apply(x, whh, directions, outside)
 
 
-def irnn_scan(
+def _irnn_scan(
     x: Tensor,
     whh: Tensor,
     direction: str,
@@ -168,7 +166,7 @@ def irnn_scan(
     return h[:, :, :, 0].permute(0, 3, 1, 2)
 
 
-def irnn_scan_identity(
+def _irnn_scan_identity(
     x: Tensor,
     direction: str,
     first_step_bias: Optional[Tensor] = None,
@@ -190,7 +188,7 @@ def irnn_scan_identity(
 
     Args:
         x (Tensor): (N, C, H, W) input-to-hidden activations.
-        direction, first_step_bias, valid_cells: see :func:`irnn_scan`.
+        direction, first_step_bias, valid_cells: see :func:`_irnn_scan`.
         method (str): one of :data:`IDENTITY_SCAN_METHODS`.
 
     Returns:
@@ -404,7 +402,7 @@ def _scripted_step_scans():
 
 
 def _identity_closed_form_scan(x: Tensor, direction: str) -> Tensor:
-    """The ``Whh = I`` scan of an (N, H, W, C) map in closed form (see irnn_scan_identity)."""
+    """The ``Whh = I`` scan of an (N, H, W, C) map in closed form (see _irnn_scan_identity)."""
     dim = 2 if direction in ("right", "left") else 1
     reverse = direction in ("left", "up")
     if reverse:
