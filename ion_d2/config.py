@@ -131,17 +131,11 @@ def add_ion_config(cfg: CN) -> None:
     # scale of features pooled from conv5 on the training set, and use that as the fixed scale.
     # Using Fast R-CNN, we measured the mean norm to be approximately 1000 when summing over all
     # entries, and 130 when summing across channels."
-    # -1: that procedure. Before the first training step IONTrainer runs the model (no grad;
-    #     eval mode, but BatchNorm with batch statistics as in training) on the first
-    #     SCALE_MEASURE_IMAGES training images, pools their proposals from every feature of
-    #     MODEL.ROI_HEADS.IN_FEATURES, logs each feature's mean L2 norm (per ROI for NORM "roi",
-    #     per location for "location") and sets every channel of the scale to the mean norm of
-    #     MODEL.ION.CONTEXT.IN_FEATURE (conv5: the amplitude fc6 was trained on). One scale for
-    #     all layers, as the paper: after L2 normalisation they have equal amplitude (Table 4's
-    #     point), which per-layer norms would undo. Skipped when the loaded weights hold the
-    #     scale (stage 2 from stage 1). Trained by another trainer (Detectron2's DefaultTrainer),
-    #     the first training forward measures it the same way on that batch's sampled ROIs
-    #     (a warning says so). A model neither measured nor loaded refuses inference.
+    # -1: that procedure, on MODEL.ION.CONTEXT.IN_FEATURE (conv5) for every channel, which must
+    #     be pooled: IONTrainer measures it before the first step on SCALE_MEASURE_IMAGES
+    #     training images (ion_d2/engine/skip_pool_scale.py), another trainer's first training
+    #     batch does; loaded weights that hold it keep theirs (stage 2 from stage 1); a model
+    #     neither measured nor loaded refuses inference.
     # 0: the paper's constants, 1000 for "roi" and 130 for "location" (Caffe VGG16 conv5,
     #     mean-subtracted input); refused with any backbone but build_ion_vgg16_backbone.
     #     > 0: that value.

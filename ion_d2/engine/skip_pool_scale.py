@@ -2,6 +2,13 @@
 Measuring the skip-pooling scale on the training set (section 5.2, ``SKIP_POOL.SCALE_INIT -1``):
 "To determine the initial scale, we measure the mean scale of features pooled from conv5 on the
 training set, and use that as the fixed scale."
+
+The model runs without gradients, in eval mode but with BatchNorm on batch statistics (as the
+first training step would see them), up to its proposals (``IONRCNN.features_and_proposals``);
+each pooled feature's mean L2 norm (per ROI for ``SKIP_POOL.NORM`` "roi", per location for
+"location") is logged, and every channel of the scale takes the reference feature's (conv5: the
+amplitude fc6 was trained on). One scale for all layers, as the paper: after L2 normalisation
+they have equal amplitude (Table 4's point), which per-layer norms would undo.
 """
 
 import contextlib
