@@ -16,6 +16,8 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from model_utils import ion_cfg
 
+from ion_d2.engine.checkpoint import IONCheckpointer
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 with open(os.path.join(FIXTURES, "state_dict_keys_v0.1.0.json")) as f:
     OLD_MODELS = json.load(f)
@@ -54,3 +56,22 @@ def test_old_checkpoint_loads_and_detects_the_same():
     torch.testing.assert_close(instances.pred_boxes.tensor, blob["pred_boxes"])
     torch.testing.assert_close(instances.scores, blob["scores"])
     assert torch.equal(instances.pred_classes, blob["pred_classes"])
+
+
+def test_checkpoint_written_by_de485dc_loads_and_detects_the_same():
+    # Written by the trainer's checkpointer at commit de485dc, before the package moved into
+    # ion_d2/modeling and ion_d2/engine (fixtures/make_de485dc_fixture.py, run with that
+    # commit's ion_d2 on PYTHONPATH): a tiny ION model and its detections on one image.
+    expected = torch.load(
+        os.path.join(FIXTURES, "ion_tiny_de485dc_detections.pt"), weights_only=False
+    )
+    model = build_model(_cfg_from_dump(expected["config"])).eval()
+    IONCheckpointer(model).load(os.path.join(FIXTURES, "ion_tiny_de485dc.pth"))
+    image = expected["image"]
+    with torch.no_grad():
+        out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])
+    instances = out[0]["instances"]
+    assert len(instances) == len(expected["scores"]) > 0
+    torch.testing.assert_close(instances.pred_boxes.tensor, expected["pred_boxes"])
+    torch.testing.assert_close(instances.scores, expected["scores"])
+    assert torch.equal(instances.pred_classes, expected["pred_classes"])
