@@ -45,7 +45,7 @@ def add_ion_config(cfg: CN) -> None:
     # paper's VGG16 has no BatchNorm, so only the padding differs). False runs one pass over the
     # padded batch: with BatchNorm in training mode (VGG16.NORM "BN", the synthetic configs)
     # per-size passes compute the statistics of each image alone, which cost ION about 5 AP on
-    # the bundled data (README, "Accuracy gate"); IONRCNN warns of that combination.
+    # the bundled data (docs/BENCHMARKS.md, "Accuracy gate"); IONRCNN warns of that combination.
     _C.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN = True
 
     # ---------------------------------------------------------------------------------------
