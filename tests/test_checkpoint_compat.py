@@ -42,20 +42,25 @@ def test_state_dict_keys_and_shapes_unchanged(config):
     assert new == old["state_dict"]
 
 
+def _assert_same_detections(model, expected):
+    """``model``'s detections on ``expected["image"]`` are the stored ones."""
+    image = expected["image"]
+    with torch.no_grad():
+        out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])
+    instances = out[0]["instances"]
+    assert len(instances) == len(expected["scores"]) > 0
+    torch.testing.assert_close(instances.pred_boxes.tensor, expected["pred_boxes"])
+    torch.testing.assert_close(instances.scores, expected["scores"])
+    assert torch.equal(instances.pred_classes, expected["pred_classes"])
+
+
 def test_old_checkpoint_loads_and_detects_the_same():
     blob = torch.load(os.path.join(FIXTURES, "ion_tiny_v0.1.0.pt"), weights_only=False)
     model = build_model(_cfg_from_dump(blob["config"])).eval()
     incompatible = model.load_state_dict(blob["model"], strict=False)
     assert not incompatible.unexpected_keys
     assert set(incompatible.missing_keys) <= ADDED_KEYS
-    image = blob["image"]
-    with torch.no_grad():
-        out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])
-    instances = out[0]["instances"]
-    assert len(instances) == len(blob["scores"]) > 0
-    torch.testing.assert_close(instances.pred_boxes.tensor, blob["pred_boxes"])
-    torch.testing.assert_close(instances.scores, blob["scores"])
-    assert torch.equal(instances.pred_classes, blob["pred_classes"])
+    _assert_same_detections(model, blob)
 
 
 def test_checkpoint_written_by_de485dc_loads_and_detects_the_same():
@@ -67,11 +72,4 @@ def test_checkpoint_written_by_de485dc_loads_and_detects_the_same():
     )
     model = build_model(_cfg_from_dump(expected["config"])).eval()
     IONCheckpointer(model).load(os.path.join(FIXTURES, "ion_tiny_de485dc.pth"))
-    image = expected["image"]
-    with torch.no_grad():
-        out = model([{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}])
-    instances = out[0]["instances"]
-    assert len(instances) == len(expected["scores"]) > 0
-    torch.testing.assert_close(instances.pred_boxes.tensor, expected["pred_boxes"])
-    torch.testing.assert_close(instances.scores, expected["scores"])
-    assert torch.equal(instances.pred_classes, expected["pred_classes"])
+    _assert_same_detections(model, expected)
