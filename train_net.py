@@ -9,11 +9,15 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
     python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
     python train_net.py --config-file <cfg> --num-gpus 2      # no CUDA: 2 CPU processes, GLOO
 
-The paper's two-stage schedule (section 4.1) is two commands: a stage-1 config, then the
-stage-2 config, whose MODEL.WEIGHTS points at stage 1's model_final.pth (see README.md).
+The paper's two-stage schedule (section 4.1) is one command with SOLVER.ION_STAGE2.ENABLED (the
+paper rows under configs/paper/): stage 1 in OUTPUT_DIR/stage1, then stage 2 from its
+model_final.pth in OUTPUT_DIR/stage2 (ion_d2.engine.stages.training_stages); with --resume a
+finished stage 1 is not trained again. Or two commands, configs/ION_VGG16_VOC0712_stage{1,2}.yaml.
 With TEST.AUG.ENABLED, evaluation also runs with test-time augmentation (IONTrainer.test_with_TTA,
 e.g. left-right flipping), reported as "bbox_TTA".
 """
+
+import logging
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
@@ -26,6 +30,9 @@ from ion_d2.engine import IONTrainer as Trainer
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.launch import launch
 from ion_d2.engine.run_folder import prepare_run_dir
+from ion_d2.engine.stages import training_stages
+
+logger = logging.getLogger("ion_d2")
 
 
 def setup(args):
@@ -39,7 +46,8 @@ def setup(args):
         # One run-folder policy with train_and_evaluate: a folder holding a run of another
         # config is refused (naming the differing keys) unless --retrain moves it aside.
         if comm.is_main_process():
-            prepare_run_dir(cfg, retrain=args.retrain)
+            for stage in training_stages(cfg):
+                prepare_run_dir(stage, retrain=args.retrain)
         comm.synchronize()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ion_d2")
@@ -71,8 +79,21 @@ def main(args):
             verify_results(cfg, res)
         return res
 
+    stages = training_stages(cfg)
+    for stage in stages[:-1]:
+        train(stage, args, last=False)
+        comm.synchronize()  # stage 1's model_final.pth is written before stage 2 reads it
+    return train(stages[-1], args, last=True)
+
+
+def train(cfg, args, *, last: bool):
+    """Train one stage with the stock trainer; with --resume, a finished stage before the last
+    is skipped instead of evaluated again (the last one evaluates again, as Detectron2 does)."""
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if not last and trainer.start_iter >= cfg.SOLVER.MAX_ITER:
+        logger.info(f"{cfg.OUTPUT_DIR} holds a finished run; not training it again.")
+        return None
     if cfg.TEST.AUG.ENABLED:
         trainer.register_hooks(
             [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]

@@ -216,6 +216,24 @@ def add_ion_config(cfg: CN) -> None:
     # (stage 1: 5e-3 -> 1e-4; stage 2: 1e-3 -> 1e-5).
     # ---------------------------------------------------------------------------------------
     _C.SOLVER.ION_END_LR = 1e-4
+    # Section 4.1's second stage, which train_net.py (and train_and_evaluate) run after the first
+    # when ENABLED: "we first train for 40k iterations with conv1_1 through conv5_3 frozen, and
+    # then another 100k iterations with only conv1_1 through conv2_2 frozen [...] When training
+    # for COCO, we use 80k and 320k iterations respectively"; "The LR exponentially decays from
+    # 5e-3 to 1e-4 in the first stage, and from 1e-3 to 1e-5 in the second stage." Stage 1 is the
+    # config as it is, in OUTPUT_DIR/stage1; stage 2 is the same config with the four keys below
+    # in place of the ones they name, from stage 1's model_final.pth, in OUTPUT_DIR/stage2
+    # (ion_d2/engine/stages.py). False: one stage, the config as it is, in OUTPUT_DIR.
+    _C.SOLVER.ION_STAGE2 = CN()
+    _C.SOLVER.ION_STAGE2.ENABLED = False
+    # Stage 2's SOLVER.MAX_ITER: 100k (VOC); the COCO presets set 320k.
+    _C.SOLVER.ION_STAGE2.MAX_ITER = 100000
+    # Stage 2's SOLVER.BASE_LR and SOLVER.ION_END_LR: 1e-3 -> 1e-5 (SOLVER.LR_SCHEDULER_NAME
+    # "IONExponentialLR", the only schedule that reads ION_END_LR).
+    _C.SOLVER.ION_STAGE2.BASE_LR = 1e-3
+    _C.SOLVER.ION_STAGE2.END_LR = 1e-5
+    # Stage 2's MODEL.BACKBONE.FREEZE_AT: 2 freezes conv1_1 through conv2_2.
+    _C.SOLVER.ION_STAGE2.FREEZE_AT = 2
 
     # ---------------------------------------------------------------------------------------
     # Dataset check before the first training step (ion_d2/data/dataset_check.py): category

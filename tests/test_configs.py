@@ -25,10 +25,10 @@ def _name(path):
 def _model_key(cfg) -> str:
     """
     Everything that reaches the model or its inputs, but the weights file and the stage: configs
-    with equal keys (a paper row and the identical row of another table, a row's stage 1 and its
-    stage 2) build the same model and run the same steps. MODEL.BACKBONE.FREEZE_AT, the only
-    model key in which a stage-2 preset differs from its stage 1 (tests/test_paper_configs.py),
-    only sets requires_grad in the trunk; the top-level stage-1 and stage-2 configs run both.
+    with equal keys (a paper row and the identical row of another table, a stage-1 preset and
+    its stage 2) build the same model and run the same steps. MODEL.BACKBONE.FREEZE_AT, the only
+    model key in which stage 2 differs from stage 1 (tests/test_paper_configs.py), only sets
+    requires_grad in the trunk; the top-level stage-1 and stage-2 configs run both.
     The proposal source is left out too: a paper row and its selective-search twin
     (configs/paper/tableN/ss/) differ only in where the ROI heads' proposals come from (the same
     Instances either way); the top-level _SS configs run the precomputed path, every top-level

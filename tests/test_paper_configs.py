@@ -1,17 +1,18 @@
-"""The paper presets (configs/paper, docs/PAPER_EXPERIMENTS.md): each trained row is a stage-1
-file with the row's settings and a stage-2 leaf that changes only the schedule as section 4.1
-does; each test-time row changes only test-time keys of the model it evaluates; the rows the
-doc calls the same model are the same config; the "D", "W" and section-5 settings hold."""
+"""The paper presets (configs/paper, docs/PAPER_EXPERIMENTS.md): each trained row is one file
+whose two stages (SOLVER.ION_STAGE2) are section 4.1's, the top-level stage-2 presets are what
+that derivation gives; each test-time row changes only test-time keys of the model it evaluates;
+the rows the doc calls the same model are the same config; the "D", "W" and section-5 settings
+hold."""
 
 import glob
 import os
 import re
 
 import pytest
-import yaml
 from model_utils import load_cfg
 
 from ion_d2.data import ION_SEG_SUFFIX
+from ion_d2.engine.stages import training_stages
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAPER = os.path.join(REPO, "configs", "paper")
@@ -33,8 +34,9 @@ def _row(path):
     return os.path.relpath(path, PAPER)[: -len(".yaml")]
 
 
-def _stage1(path):
-    return os.path.join(os.path.dirname(path), "stage1", os.path.basename(path))
+def _twin(path):
+    """configs/paper/tableN/ss/<row>.yaml, the row on selective-search proposals."""
+    return os.path.join(os.path.dirname(path), "ss", os.path.basename(path))
 
 
 def _flat(node, prefix=""):
@@ -55,8 +57,17 @@ def _diff(a, b):
     return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
-TRAINED = [p for p in LEAVES if os.path.exists(_stage1(p))]
-EVAL_ONLY = [p for p in LEAVES if p not in TRAINED]
+def _stages(path):
+    cfg = load_cfg(path)
+    cfg.freeze()
+    return [_flat(stage) for stage in training_stages(cfg)]
+
+
+# A test-time row evaluates another row's trained model; the others train from ImageNet weights.
+EVAL_ONLY = [p for p in LEAVES if _cfg(p)["MODEL.WEIGHTS"].startswith("output/paper/")]
+TRAINED = [p for p in LEAVES if p not in EVAL_ONLY]
+STAGE_PAIRS = ["ION_VGG16_VOC0712", "ION_VGG16_COCO", "FastRCNN_VGG16_VOC0712"]
+STAGE_PAIRS += [name + "_SS" for name in STAGE_PAIRS]
 
 
 def _reference(cfg, stage):
@@ -64,27 +75,39 @@ def _reference(cfg, stage):
     return _cfg(os.path.join(REPO, "configs", f"ION_VGG16_{dataset}_stage{stage}.yaml"))
 
 
-def test_every_table_has_rows_and_every_stage1_file_a_leaf():
+def test_every_table_has_rows_and_one_file_per_row():
     assert {os.path.basename(os.path.dirname(p)) for p in LEAVES} == {
         f"table{i}" for i in range(1, 11)
     }
-    for path in glob.glob(os.path.join(PAPER, "table*", "stage1", "*.yaml")):
-        leaf = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
-        assert os.path.exists(leaf), path
+    # Both stages come from the row's file: no per-stage copies.
+    assert not glob.glob(os.path.join(PAPER, "**", "stage[12]"), recursive=True)
 
 
 @pytest.mark.parametrize("path", TRAINED, ids=_row)
-def test_stage2_leaf_is_its_stage1_with_section_4_1_schedule(path):
-    with open(path) as f:
-        assert yaml.safe_load(f)["_BASE_"] == "stage1/" + os.path.basename(path)
-    stage1, stage2 = _cfg(_stage1(path)), _cfg(path)
+def test_trained_row_runs_section_4_1s_two_stages(path):
+    stage1, stage2 = _stages(path)
     assert _diff(stage1, stage2) <= STAGE2_KEYS
     for stage, cfg in ((1, stage1), (2, stage2)):
         reference = _reference(cfg, stage)
         for key in STAGE2_KEYS - {"OUTPUT_DIR"} - ({"MODEL.WEIGHTS"} if stage == 2 else set()):
             assert cfg[key] == reference[key], (stage, key)
         assert cfg["OUTPUT_DIR"] == f"output/paper/{_row(path)}/stage{stage}"
+        assert cfg["SOLVER.ION_STAGE2.ENABLED"] is False  # each stage's stored config is one stage
     assert stage2["MODEL.WEIGHTS"] == stage1["OUTPUT_DIR"] + "/model_final.pth"
+
+
+@pytest.mark.parametrize("name", STAGE_PAIRS)
+def test_stage2_preset_is_the_derived_stage_2_of_its_stage1_preset(name):
+    """configs/<name>_stage2.yaml, stage 2 on its own, is what SOLVER.ION_STAGE2 derives from
+    configs/<name>_stage1.yaml, but for where it lives and which stage-1 weights it loads."""
+    stage1 = load_cfg(os.path.join(REPO, "configs", f"{name}_stage1.yaml"))
+    assert stage1.SOLVER.ION_STAGE2.ENABLED is False  # the presets are one stage each
+    stage1.SOLVER.ION_STAGE2.ENABLED = True
+    stage1.freeze()
+    derived = _flat(training_stages(stage1)[1])
+    preset = _cfg(os.path.join(REPO, "configs", f"{name}_stage2.yaml"))
+    assert _diff(derived, preset) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
+    assert preset["MODEL.WEIGHTS"] == stage1.OUTPUT_DIR + "/model_final.pth"
 
 
 @pytest.mark.parametrize("path", EVAL_ONLY, ids=_row)
@@ -122,12 +145,12 @@ SAME_MODEL = [
 def test_rows_called_the_same_model_are_the_same_config(group):
     cfgs = [_cfg(os.path.join(PAPER, row + ".yaml")) for row in group]
     for cfg in cfgs[1:]:
-        assert _diff(cfgs[0], cfg) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
+        assert _diff(cfgs[0], cfg) == {"OUTPUT_DIR"}
 
 
 def test_fast_rcnn_rows_are_the_fast_rcnn_baseline():
     baseline = _cfg(os.path.join(REPO, "configs", "FastRCNN_VGG16_VOC0712_stage2.yaml"))
-    row = _cfg(os.path.join(PAPER, "table4", "c5_1x1.yaml"))
+    row = _stages(os.path.join(PAPER, "table4", "c5_1x1.yaml"))[1]
     # The baseline trains on the builtin names, the row (like every paper row) on their
     # "_ionseg" copies: the same images and boxes, with segmentation labels it does not use.
     assert _diff(baseline, row) == {"MODEL.WEIGHTS", "OUTPUT_DIR", "DATASETS.TRAIN"}
@@ -244,7 +267,7 @@ def test_stated_scale_setting_is_the_resolved_one(path):
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in PAPER_YAMLS if re.search(r"table[45]/(ss/)?stage1/", p)],
+    [p for p in TRAINED + [_twin(p) for p in TRAINED] if re.search(r"table[45]/", p)],
     ids=lambda p: os.path.relpath(p, PAPER),
 )
 def test_scale_rows_state_their_scale(path):
@@ -254,7 +277,7 @@ def test_scale_rows_state_their_scale(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Selective-search twins: configs/paper/tableN/ss/[stage1/]<row>.yaml
+# Selective-search twins: configs/paper/tableN/ss/<row>.yaml
 # ----------------------------------------------------------------------------------------------
 SS_KEYS = {
     "MODEL.LOAD_PROPOSALS",
@@ -266,10 +289,6 @@ SS_KEYS = {
 }
 
 
-def _twin(path):
-    return os.path.join(os.path.dirname(path), "ss", os.path.basename(path))
-
-
 def _proposal_file(dataset):
     # The files are matched by image_id: the builtin dataset's file serves its "_ionseg" copy.
     if dataset.endswith(ION_SEG_SUFFIX):
@@ -277,27 +296,21 @@ def _proposal_file(dataset):
     return f"datasets/ss_proposals/{dataset}.pkl"
 
 
-def test_every_row_and_stage1_file_has_a_twin_and_nothing_else_is_one():
-    rows = LEAVES + [_stage1(p) for p in TRAINED]
+def test_every_row_has_a_twin_and_nothing_else_is_one():
     twins = sorted(glob.glob(os.path.join(PAPER, "table*", "ss", "**", "*.yaml"), recursive=True))
-    want = sorted(
-        [_twin(p) for p in LEAVES]
-        + [os.path.join(os.path.dirname(p), "ss", "stage1", os.path.basename(p)) for p in TRAINED]
-    )
-    assert twins == want and len(twins) == len(rows)
+    assert twins == sorted(_twin(p) for p in LEAVES)
 
 
 @pytest.mark.parametrize("path", LEAVES, ids=_row)
 def test_twin_is_its_row_on_selective_search(path):
     pairs = [(path, _twin(path))]
-    if path in TRAINED:
-        stage1_twin = os.path.join(os.path.dirname(path), "ss", "stage1", os.path.basename(path))
-        pairs.append((_stage1(path), stage1_twin))
-    for row_path, twin_path in pairs:
-        row, twin = _cfg(row_path), _cfg(twin_path)
+    if path in TRAINED:  # and each of the twin's stages is the row's stage on the twin's boxes
+        pairs += zip(_stages(path), _stages(_twin(path)))
+    for pair in pairs:
+        row, twin = (_cfg(x) if isinstance(x, str) else x for x in pair)
         trained_weights = row["MODEL.WEIGHTS"].startswith("output/paper/")
         allowed = SS_KEYS | {"OUTPUT_DIR"} | ({"MODEL.WEIGHTS"} if trained_weights else set())
-        assert _diff(row, twin) <= allowed, twin_path
+        assert _diff(row, twin) <= allowed, (path, twin["OUTPUT_DIR"])
         assert twin["MODEL.LOAD_PROPOSALS"] is True
         assert twin["MODEL.PROPOSAL_GENERATOR.NAME"] == "PrecomputedProposals"
         # Figure 1: "evaluate 2000 proposed regions of interest (ROI)".
@@ -306,8 +319,8 @@ def test_twin_is_its_row_on_selective_search(path):
         for split in ("TRAIN", "TEST"):
             files = [_proposal_file(d) for d in twin[f"DATASETS.{split}"]]
             assert list(twin[f"DATASETS.PROPOSAL_FILES_{split}"]) == files
-        # The twin's outputs, and the model it loads (stage 1's, or the trained row's for a
-        # test-time row), are its row's with "ss/" after the table.
+        # The twin's outputs, and the model it loads (in stage 2 stage 1's, or the trained row's
+        # for a test-time row), are its row's with "ss/" after the table.
         for key in ("OUTPUT_DIR", "MODEL.WEIGHTS") if trained_weights else ("OUTPUT_DIR",):
             table, rest = re.fullmatch(r"output/paper/(table\d+)/(.*)", row[key]).groups()
             assert twin[key] == f"output/paper/{table}/ss/{rest}", key

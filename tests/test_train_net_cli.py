@@ -1,6 +1,7 @@
 """train_net.py as a user runs it: train, resume an interrupted run, evaluate only."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,3 +65,53 @@ def test_train_resume_and_eval_only(tmp_path):
     weights = str(tmp_path / "out" / "model_final.pth")
     log = _run(tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"])
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+
+
+def _metrics(folder):
+    with open(folder / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_both_stages_of_section_4_1_in_one_command(tmp_path):
+    """SOLVER.ION_STAGE2: stage 1 as configured, then stage 2 from its model_final.pth with the
+    stage-2 keys; --resume skips a finished stage 1 instead of training or evaluating it again."""
+    import torch
+
+    run = (
+        "SOLVER.ION_STAGE2.ENABLED", "True",
+        "SOLVER.MAX_ITER", "2",
+        "SOLVER.BASE_LR", "0.004",
+        "SOLVER.ION_STAGE2.MAX_ITER", "3",
+        "SOLVER.ION_STAGE2.BASE_LR", "0.002",
+        "SOLVER.ION_STAGE2.FREEZE_AT", "2",
+    )  # fmt: skip
+    log = _run(tmp_path, *run)
+    out = tmp_path / "out"
+    stage1, stage2 = out / "stage1", out / "stage2"
+    assert log.count("copypaste: AP,AP50,AP75,APs,APm,APl") == 2  # each stage evaluates
+    # The training steps' records (the evaluation's come after them).
+    m1 = [m for m in _metrics(stage1) if "lr" in m]
+    m2 = [m for m in _metrics(stage2) if "lr" in m]
+    assert m1[-1]["iteration"] == 1 and m2[-1]["iteration"] == 2
+    # Each stage's LR decays exponentially from its BASE_LR to its end over its MAX_ITER
+    # (IONExponentialLR, no warmup in the tiny preset): stage 1 1e-4 (Base-ION-VGG16.yaml),
+    # stage 2 SOLVER.ION_STAGE2.END_LR's 1e-5; the records are of the last step.
+    assert math.isclose(m1[-1]["lr"], 0.004 * (1e-4 / 0.004) ** (1 / 2), rel_tol=1e-6)
+    assert math.isclose(m2[-1]["lr"], 0.002 * (1e-5 / 0.002) ** (2 / 3), rel_tol=1e-6)
+    # Stage 2 starts from stage 1's weights: what it freezes (conv1, conv2) is stage 1's, what
+    # it trains moved on.
+    w1 = torch.load(stage1 / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    w2 = torch.load(stage2 / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    for key in ("backbone.conv1_1.weight", "backbone.conv2_2.weight"):
+        assert torch.equal(w1[key], w2[key]), key
+    for key in ("backbone.conv3_1.weight", "roi_heads.box_predictor.cls_score.weight"):
+        assert not torch.equal(w1[key], w2[key]), key
+    stored = (stage2 / "config.yaml").read_text()
+    assert f"WEIGHTS: {stage1 / 'model_final.pth'}" in stored and "FREEZE_AT: 2" in stored
+    # --resume: stage 1 is finished, so it is skipped; stage 2 (finished too) evaluates again,
+    # as Detectron2's trainer does for a finished run.
+    mtime = os.path.getmtime(stage1 / "model_final.pth")
+    log = _run(tmp_path, *run, flags=["--resume"])
+    assert f"{stage1} holds a finished run; not training it again." in log
+    assert log.count("copypaste: AP,AP50,AP75,APs,APm,APl") == 1
+    assert os.path.getmtime(stage1 / "model_final.pth") == mtime

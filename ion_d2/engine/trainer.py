@@ -27,6 +27,7 @@ from .launch import create_ddp_model_any_device
 from .run_folder import prepare_run_dir
 from .skip_pool_scale import measure_skip_pool_scale, skip_pooler, training_batches
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
+from .stages import training_stages
 
 __all__ = ["IONTrainer", "train_and_evaluate"]
 
@@ -193,19 +194,29 @@ def train_and_evaluate(
     """
     Train ``cfg`` with :class:`IONTrainer` (resuming from the last checkpoint in
     ``cfg.OUTPUT_DIR`` when ``resume``; a finished run is not trained again), then evaluate the
-    final model once on ``cfg.DATASETS.TEST``.
+    final model once on ``cfg.DATASETS.TEST``. With ``SOLVER.ION_STAGE2.ENABLED``, section
+    4.1's two stages train one after the other (:func:`training_stages`) and the second is
+    evaluated.
 
-    ``cfg`` is stored as ``OUTPUT_DIR/config.yaml``. A run there trained with another config is
-    refused, naming the differing keys (:func:`prepare_run_dir`), unless ``retrain``, which moves
-    any previous run aside and trains from scratch.
+    Each stage's config is stored as its ``OUTPUT_DIR/config.yaml``. A run there trained with
+    another config is refused, naming the differing keys (:func:`prepare_run_dir`), unless
+    ``retrain``, which moves any previous run aside and trains from scratch.
 
     Returns:
-        tuple: the trainer (its ``model`` is the trained model) and the evaluation results,
-        as returned by :meth:`DefaultTrainer.test`.
+        tuple: the (last stage's) trainer, whose ``model`` is the trained model, and the
+        evaluation results, as returned by :meth:`DefaultTrainer.test`.
     """
+    stages = training_stages(cfg)
+    for stage in stages:
+        trainer = _train(stage, resume=resume, retrain=retrain)
+    trainer.model.eval()
+    return trainer, IONTrainer.test(stages[-1], trainer.model)
+
+
+def _train(cfg, *, resume: bool, retrain: bool) -> IONTrainer:
     train_cfg = cfg.clone()
     train_cfg.defrost()
-    # Evaluate once, below, instead of in the trainer's final EvalHook as well.
+    # Evaluate once, in train_and_evaluate, instead of in the trainer's final EvalHook as well.
     train_cfg.DATASETS.TEST = ()
     train_cfg.freeze()
     prepare_run_dir(cfg, retrain=retrain)
@@ -221,8 +232,7 @@ def train_and_evaluate(
         trainer.train()
     else:
         logger.info(f"{train_cfg.OUTPUT_DIR} holds a finished run; not training again.")
-    trainer.model.eval()
-    return trainer, IONTrainer.test(cfg, trainer.model)
+    return trainer
 
 
 @functools.lru_cache(maxsize=None)
