@@ -1,9 +1,11 @@
 """ION on ResNet: the shipped presets under Detectron2's stock trainer, and the swap section."""
 
 import math
+import os
 
 import pytest
 import torch
+import yaml
 from detectron2 import model_zoo
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -13,6 +15,8 @@ from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg, load_cfg, random_inputs, synthetic_slice
 
 from ion_d2 import IONRes5ROIHeads
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 class StockTrainer(DefaultTrainer):
@@ -108,23 +112,31 @@ def _step_and_infer(cfg):
     return model
 
 
-# The exact lines of README.md, "ION's heads in your own config".
-FPN_LINES = [
-    "MODEL.META_ARCHITECTURE", "IONRCNN",
-    "MODEL.ION.CONTEXT.IN_FEATURE", "p5",
-    "MODEL.ION.SKIP_POOL.SCALE_INIT", "-1.0",
-    "MODEL.ION.SKIP_POOL.REDUCE_DIM", "256",
-    "MODEL.ROI_HEADS.NAME", "IONROIHeads",
-    "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'context']",
-]  # fmt: skip
-C4_LINES = [
-    "MODEL.META_ARCHITECTURE", "IONRCNN",
-    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']",
-    "MODEL.ION.CONTEXT.IN_FEATURE", "res4",
-    "MODEL.ION.SKIP_POOL.SCALE_INIT", "-1.0",
-    "MODEL.ROI_HEADS.NAME", "IONRes5ROIHeads",
-    "MODEL.ROI_HEADS.IN_FEATURES", "['res2', 'res3', 'res4', 'context']",
-]  # fmt: skip
+def _doc_lines(doc, heading):
+    """The first ```yaml block under ``heading`` in ``doc``, as merge_from_list's key/value pairs:
+    the lines the docs tell users to add, read from the docs themselves."""
+    with open(os.path.join(REPO, doc)) as f:
+        text = f.read()
+    section = text[text.index(heading) :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("\n```\n")]
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield from (prefix + key, repr(value) if isinstance(value, list) else str(value))
+
+    return list(flat(yaml.safe_load(block)))
+
+
+FPN_LINES = _doc_lines("README.md", "## ION's heads in your own config")
+C4_LINES = _doc_lines("docs/USAGE.md", "## ION's heads in a C4 model")
+
+
+def test_doc_lines_are_read():
+    assert FPN_LINES[:2] == ["MODEL.META_ARCHITECTURE", "IONRCNN"]
+    assert ["MODEL.ROI_HEADS.NAME", "IONRes5ROIHeads"] == C4_LINES[-4:-2]
 
 
 def test_swap_section_fpn():
