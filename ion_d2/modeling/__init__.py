@@ -1,10 +1,10 @@
 """
-ION's model, registered in Detectron2's registries on import: the VGG16 backbone
-(:mod:`.vgg16`), the context modules and their IRNN scans (:mod:`.context`), the per-image
-padding rules every batched module follows (:mod:`.padding`), ROI pooling and skip pooling
-(:mod:`.roi_pool`, :mod:`.skip_pooling`), the heads (:mod:`.roi_heads`, :mod:`.res5_roi_heads`,
-:mod:`.box_head` with :mod:`.fc_svd`, :mod:`.box_voting`, :mod:`.seg_head`), the
-meta-architecture (:mod:`.meta_arch`) and test-time augmentation
+ION's model, registered in Detectron2's registries on import: the VGG16 backbone (:mod:`.vgg16`),
+the context modules and their IRNN scans (:mod:`.context`), the per-image padding rules every
+batched module follows (:mod:`.padding`), ROI pooling and skip pooling (:mod:`.roi_pool`,
+:mod:`.skip_pooling` with :mod:`.feature_order`), the heads (:mod:`.roi_heads`,
+:mod:`.res5_roi_heads`, :mod:`.box_head` with :mod:`.fc_svd`, :mod:`.box_voting`, :mod:`.seg_head`),
+the meta-architecture (:mod:`.meta_arch`) and test-time augmentation
 (:mod:`.test_time_augmentation`).
 """
 

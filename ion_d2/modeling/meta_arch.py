@@ -18,7 +18,7 @@ that pool "context"). The rest (preprocessing, visualization, ``_postprocess``) 
 import inspect
 import logging
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -47,11 +47,9 @@ class IONRCNN(GeneralizedRCNN):
     """
     Figure 1's data flow: backbone; a context module (``MODEL.ION.CONTEXT``, e.g. the 2x stacked
     4-direction IRNN on conv5) adding the feature "context"; the proposal generator (RPN, or the
-    paper's precomputed proposals); ROI heads that may pool "context" (:class:`IONROIHeads`);
-    in training only, a segmentation loss on the context (``MODEL.ION.SEG_LOSS_ON``, section
-    3.2). An image's outputs do not depend on the rest of its batch, as in the paper's
-    single-image passes: trunk and RPN run once per padded size (:mod:`.padding`), the context
-    module and seg head stop at each image's border.
+    paper's precomputed proposals); ROI heads that may pool "context" (:class:`IONROIHeads`); in
+    training only, a segmentation loss on the context (``MODEL.ION.SEG_LOSS_ON``, section 3.2).
+    As in the paper's single-image passes, an image's outputs do not depend on its batch.
     """
 
     @configurable
@@ -68,19 +66,16 @@ class IONRCNN(GeneralizedRCNN):
     ):
         """
         Args:
-            context (nn.Module or None): maps the backbone's features to extra features
-                (``ION_CONTEXT_REGISTRY``) that every head sees.
+            context (nn.Module or None): adds features every head sees (``ION_CONTEXT_REGISTRY``).
             sem_seg_head (nn.Module or None): the training-only segmentation regularizer
-                (``SEM_SEG_HEADS_REGISTRY``'s contract); its ``ignore_value`` labels the pixels
-                of images without "sem_seg".
+                (``SEM_SEG_HEADS_REGISTRY``); its ``ignore_value`` fills images without "sem_seg".
             sem_seg_ignore_value (int or None): for callers of 0.1.0; must equal the head's.
             backbone_per_image (bool): at inference, one trunk pass per padded image size
                 (:func:`backbone_per_size`); False: one pass over the padded batch.
             backbone_per_image_train (bool): the same in training (False: BatchNorm's training
                 statistics come from the whole batch).
-            unresized_test_max_size (int or None): ``INPUT.MAX_SIZE_TEST`` of a config with
-                ``INPUT.MIN_SIZE_TEST`` 0: a larger input (Detectron2's ``DefaultPredictor``
-                does not cap it, ion_d2's loader and ``IONPredictor`` do) is logged once.
+            unresized_test_max_size (int or None): ``INPUT.MAX_SIZE_TEST`` when
+                ``INPUT.MIN_SIZE_TEST`` is 0: a larger input is logged once.
             kwargs: see :class:`GeneralizedRCNN`.
         """
         super().__init__(**kwargs)
@@ -94,47 +89,16 @@ class IONRCNN(GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg):
-        _check_pixel_std(cfg)
-        backbone = build_backbone(cfg)
-        feature_shapes = dict(backbone.output_shape())
-        context = build_ion_context(cfg, feature_shapes)
-        _check_context_outputs_used(cfg, context)
-        if context is not None:
-            feature_shapes.update(context.output_shape())
-        _warn_per_image_batch_norm(cfg, backbone)
-        sem_seg_head = (
-            build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
-        )
-        return {
-            "backbone": backbone,
-            "context": context,
-            "proposal_generator": build_proposal_generator(cfg, feature_shapes),
-            "roi_heads": build_roi_heads(cfg, feature_shapes),
-            "sem_seg_head": sem_seg_head,
-            "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
-            "backbone_per_image_train": cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN,
-            "unresized_test_max_size": (
-                cfg.INPUT.MAX_SIZE_TEST if cfg.INPUT.MIN_SIZE_TEST == 0 else None
-            ),
-            "input_format": cfg.INPUT.FORMAT,
-            "vis_period": cfg.VIS_PERIOD,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-        }
+        return _from_config(cfg)
 
     def features_and_proposals(
         self, batched_inputs: List[Dict[str, torch.Tensor]], gt_instances=None
     ) -> Tuple[ImageList, Dict[str, torch.Tensor], List[Instances], Dict[str, torch.Tensor]]:
         """
-        The front half shared by training, inference, box voting and the skip-pooling scale's
-        measurement: preprocessing, the backbone's and the context module's features
-        (:meth:`extract_features`) and the proposals, from the proposal generator
-        (:func:`proposals_per_size`: once per padded image size) or the inputs' precomputed
-        "proposals".
-
-        Returns:
-            tuple: the padded ``ImageList``, the feature dict, per-image proposals and the
-            proposal generator's losses (empty at inference and for precomputed proposals).
+        The front half of training, inference, box voting and the skip-pooling scale's measurement:
+        the padded ``ImageList``, its features (:meth:`extract_features`), per-image proposals
+        (:func:`proposals_per_size`, or the inputs' precomputed "proposals") and the proposal
+        generator's losses (empty at inference and for precomputed proposals).
         """
         images = self.preprocess_image(batched_inputs)
         features = self.extract_features(images)
@@ -143,41 +107,27 @@ class IONRCNN(GeneralizedRCNN):
                 self.proposal_generator, self.backbone, images, features, gt_instances
             )
             return images, features, proposals, losses
-        if "proposals" not in batched_inputs[0]:
-            raise ValueError(
-                "The model has no proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), so each "
-                "input needs precomputed 'proposals' (DATASETS.PROPOSAL_FILES_TRAIN/TEST with "
-                "MODEL.LOAD_PROPOSALS True)."
-            )
-        return images, features, [x["proposals"].to(self.device) for x in batched_inputs], {}
+        return images, features, _precomputed_proposals(batched_inputs, self.device), {}
 
     def extract_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        """
-        What ``self.backbone(images.tensor)`` is to :class:`GeneralizedRCNN`: the backbone's
-        features (:func:`backbone_per_size`: once per padded image size, with
-        ``backbone_per_image``, in training ``backbone_per_image_train``) plus the context
-        module's, which stops at each image's border.
-        """
+        """``self.backbone(images.tensor)`` of :class:`GeneralizedRCNN`, plus the context's."""
         per_size = self.backbone_per_image_train if self.training else self.backbone_per_image
-        if per_size:
-            features = backbone_per_size(self.backbone, images)
-        else:
-            features = self.backbone(images.tensor)
+        features = (
+            backbone_per_size(self.backbone, images) if per_size else self.backbone(images.tensor)
+        )
         if self.context is not None:
             features.update(self.context(features, images.image_sizes))
         return features
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """
-        See :meth:`GeneralizedRCNN.forward`. Inputs may also hold "sem_seg" (an (H, W) long
-        tensor, as :class:`DatasetMapper` loads from ``sem_seg_file_name``); training then adds
-        "loss_sem_seg".
+        See :meth:`GeneralizedRCNN.forward`. In training, the inputs' "sem_seg" ((H, W) long, as
+        :class:`DatasetMapper` loads ``sem_seg_file_name``) add "loss_sem_seg".
         """
         if not self.training:
-            if not self._warned_uncapped:
-                self._warned_uncapped = _warn_if_uncapped(
-                    batched_inputs, self.unresized_test_max_size
-                )
+            self._warned_uncapped = self._warned_uncapped or _warn_if_uncapped(
+                batched_inputs, self.unresized_test_max_size
+            )
             return self.inference(batched_inputs)
         gt_instances = None
         if "instances" in batched_inputs[0]:
@@ -185,10 +135,9 @@ class IONRCNN(GeneralizedRCNN):
         images, features, proposals, losses = self.features_and_proposals(
             batched_inputs, gt_instances
         )
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        losses.update(self.roi_heads(images, features, proposals, gt_instances)[1])
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, proposals)
-        losses.update(detector_losses)
         if self.sem_seg_head is not None:
             targets = _sem_seg_targets(batched_inputs, images, self.sem_seg_head.ignore_value)
             sizes = {"image_sizes": images.image_sizes} if self._seg_head_takes_image_sizes else {}
@@ -217,21 +166,67 @@ class IONRCNN(GeneralizedRCNN):
 
     def box_voting_candidates(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """
-        Inference up to box voting, for test-time augmentation (:class:`IONRCNNWithTTA`): the
-        candidates of :meth:`IONROIHeads.box_voting_candidates` for each input, before NMS, in
-        the coordinates of the input image tensor (not rescaled to "height" x "width").
-
-        Returns:
-            tuple[list[Tensor], list[Tensor]]: per image, boxes (N, K * 4) and scores (N, K + 1).
+        Inference up to box voting, for :class:`IONRCNNWithTTA`: each input's candidates of
+        :meth:`IONROIHeads.box_voting_candidates`, in the input tensor's coordinates (not rescaled).
         """
         assert not self.training
-        if not hasattr(self.roi_heads, "box_voting_candidates"):
-            raise TypeError(
-                f"Box voting needs MODEL.ROI_HEADS.NAME 'IONROIHeads'; this model has "
-                f"{type(self.roi_heads).__name__}."
-            )
+        _check_box_voting_heads(self.roi_heads)
         _, features, proposals, _ = self.features_and_proposals(batched_inputs)
         return self.roi_heads.box_voting_candidates(features, proposals)
+
+
+def _from_config(cfg) -> Dict[str, Any]:
+    """
+    :meth:`IONRCNN.from_config`: the config's checks, then the backbone, the context module and
+    the heads, built on the backbone's and the context's feature shapes together, in the order
+    :data:`ion_d2.lazy.HEAD_NAMES` follows (a seed gives the same initial weights on the YAML
+    and the LazyConfig path).
+    """
+    _check_pixel_std(cfg)
+    backbone = build_backbone(cfg)
+    feature_shapes = dict(backbone.output_shape())
+    context = build_ion_context(cfg, feature_shapes)
+    _check_context_outputs_used(cfg, context)
+    if context is not None:
+        feature_shapes.update(context.output_shape())
+    _warn_per_image_batch_norm(cfg, backbone)
+    sem_seg_head = build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
+    return {
+        "backbone": backbone,
+        "context": context,
+        "sem_seg_head": sem_seg_head,
+        "proposal_generator": build_proposal_generator(cfg, feature_shapes),
+        "roi_heads": build_roi_heads(cfg, feature_shapes),
+        "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
+        "backbone_per_image_train": cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN,
+        "unresized_test_max_size": (
+            cfg.INPUT.MAX_SIZE_TEST if cfg.INPUT.MIN_SIZE_TEST == 0 else None
+        ),
+        "input_format": cfg.INPUT.FORMAT,
+        "vis_period": cfg.VIS_PERIOD,
+        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+        "pixel_std": cfg.MODEL.PIXEL_STD,
+    }
+
+
+def _precomputed_proposals(batched_inputs, device: torch.device) -> List[Instances]:
+    """The inputs' "proposals", for a model without a proposal generator."""
+    if "proposals" not in batched_inputs[0]:
+        raise ValueError(
+            "The model has no proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), so each "
+            "input needs precomputed 'proposals' (DATASETS.PROPOSAL_FILES_TRAIN/TEST with "
+            "MODEL.LOAD_PROPOSALS True)."
+        )
+    return [x["proposals"].to(device) for x in batched_inputs]
+
+
+def _check_box_voting_heads(roi_heads: nn.Module) -> None:
+    """Refuse ROI heads without :meth:`IONROIHeads.box_voting_candidates`."""
+    if not hasattr(roi_heads, "box_voting_candidates"):
+        raise TypeError(
+            f"Box voting needs MODEL.ROI_HEADS.NAME 'IONROIHeads'; this model has "
+            f"{type(roi_heads).__name__}."
+        )
 
 
 def _warn_per_image_batch_norm(cfg, backbone: nn.Module) -> None:

@@ -13,12 +13,13 @@ direction; ``Whh = None`` is the case ``Whh = I`` (the recurrent transition remo
 
 :func:`irnn_scans` runs all directions of a layer at once on a channels-last map and returns
 their states side by side, in the layout that the hidden-to-output 1x1 conv reads as the
-directions' concatenation; :func:`_irnn_scan` and :func:`_irnn_scan_identity` (for tests) are one direction on
-an (N, C, H, W) map.
+directions' concatenation; :func:`_irnn_scan` and :func:`_irnn_scan_identity` (for tests) are
+one direction on an (N, C, H, W) map. While ``torch.jit.trace`` records, the step loop runs as
+the scripted loop of :mod:`.irnn_scan_scripted`.
 
-Every function takes each image's valid cells (:mod:`ion_d2.modeling.padding`): a scan then ignores the
-batch's padding, starts at each image's own edge (``b0`` at its own first cell, e.g. its last
-valid column for "left") and returns 0 outside the image.
+Every function takes each image's valid cells (:mod:`ion_d2.modeling.padding`): a scan then
+ignores the batch's padding, starts at each image's own edge (``b0`` at its own first cell, e.g.
+its last valid column for "left") and returns 0 outside the image.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -28,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..padding import valid_cell_mask
+from .irnn_scan_scripted import _scripted_step_scans
 
 __all__ = [
     "IRNN_DIRECTIONS",
@@ -349,56 +351,6 @@ class _StepScans(torch.autograd.Function):
                     grad_whh[d] = g_cur.reshape(-1, c).t() @ h_prev.reshape(-1, c)
         grad_x = g.sum(dim=3, keepdim=True) if ctx.sum_input_grads else g
         return grad_x, grad_whh, None, None
-
-
-def _step_scans_loop(
-    x: Tensor, whh: Optional[Tensor], directions: List[int], outside: Optional[Tensor]
-) -> Tensor:
-    """
-    :class:`_StepScans`'s forward without in-place writes, for ``torch.jit.script``: the
-    step loop runs over the map's actual size, so a traced model that calls it scans maps of
-    every size (:func:`_scripted_step_scans`). ``directions`` are indices into
-    :data:`IRNN_DIRECTIONS` (0 right, 1 left, 2 down, 3 up).
-    """
-    n, height, width, k, c = x.shape
-    x = x.expand(n, height, width, len(directions), c)
-    outs: List[Tensor] = []
-    for d, direction in enumerate(directions):
-        v = x[:, :, :, d]
-        vertical = direction >= 2
-        reverse = direction == 1 or direction == 3
-        if vertical:
-            v = v.transpose(1, 2)  # scan along dim 2 in every direction
-        if reverse:
-            v = v.flip([2])
-        prev = v[:, :, 0].clamp(min=0)
-        states: List[Tensor] = [prev]
-        for t in range(1, v.shape[2]):
-            if whh is None:
-                prev = (v[:, :, t] + prev).clamp(min=0)
-            else:
-                prev = (v[:, :, t] + torch.matmul(prev, whh[d].t())).clamp(min=0)
-            states.append(prev)
-        h = torch.stack(states, dim=2)
-        if reverse:
-            h = h.flip([2])
-        if vertical:
-            h = h.transpose(1, 2)
-        outs.append(h)
-    h = torch.stack(outs, dim=3)
-    if outside is not None:
-        h = h.masked_fill(outside, 0.0)
-    return h
-
-
-_SCRIPTED_STEP_SCANS = []
-
-
-def _scripted_step_scans():
-    """:func:`_step_scans_loop` compiled by ``torch.jit.script`` (once, on first use)."""
-    if not _SCRIPTED_STEP_SCANS:
-        _SCRIPTED_STEP_SCANS.append(torch.jit.script(_step_scans_loop))
-    return _SCRIPTED_STEP_SCANS[0]
 
 
 def _identity_closed_form_scan(x: Tensor, direction: str) -> Tensor:
