@@ -29,6 +29,7 @@ from torch import nn
 
 from .engine.skip_pool_scale import measure_skip_pool_scale, skip_pooler
 from .engine.solver import CLIP_TYPES, _with_full_model_clipping, ion_exponential_param_scheduler
+from .modeling.context import check_context_outputs_read
 from .modeling.meta_arch import IONRCNN
 from .modeling.skip_pooling import IONSkipPooler
 from .modeling.vgg16 import IONVGG16
@@ -177,20 +178,14 @@ def _build_roi_heads(
 
 
 def _check_context_outputs_read(context: nn.Module, heads, where: str) -> None:
-    """The LazyConfig twin of the YAML check in :mod:`ion_d2.modeling.meta_arch`."""
-    read = set(heads["roi_heads"]["box_in_features"])
+    """:func:`check_context_outputs_read` with the LazyConfig heads' readers."""
+    readers = {f"{where}.roi_heads.box_in_features": heads["roi_heads"]["box_in_features"]}
     if heads.get("sem_seg_head") is not None:
-        read.add(heads["sem_seg_head"]["in_feature"])
+        readers[f"{where}.sem_seg_head.in_feature"] = [heads["sem_seg_head"]["in_feature"]]
     proposal_generator = heads.get("proposal_generator")
     if proposal_generator is not None and "in_features" in proposal_generator:
-        read.update(proposal_generator["in_features"])
-    unread = [name for name in context.output_shape() if name not in read]
-    if unread:
-        raise ValueError(
-            f"{where}.context outputs {unread}, which no head reads: their weights would never "
-            f"train (and DistributedDataParallel would fail). Add them to "
-            f"{where}.roi_heads.box_in_features, or change the context module."
-        )
+        readers[f"{where}.proposal_generator.in_features"] = proposal_generator["in_features"]
+    check_context_outputs_read(context, readers, f"{where}.context")
 
 
 def build_ion_rcnn(

@@ -243,6 +243,21 @@ def test_inferred_shape_written_differently_is_refused():
         instantiate(cfg.model)
 
 
+def test_context_output_no_head_reads_is_refused():
+    """The YAML path's check (tests/test_fault_injection.py), with the LazyConfig's names."""
+    cfg = load("ION_VGG16_synthetic", ["model.backbone.width_mult=0.125"] + TINY_HEADS)
+    cfg.model.heads.roi_heads.box_in_features = ["conv3", "conv4", "conv5"]
+    cfg.model.heads.sem_seg_head = None
+    with pytest.raises(
+        ValueError,
+        match=r"model\.heads\.context outputs \['context'\], which no head reads \(model\.heads"
+        r"\.roi_heads\.box_in_features = \['conv3', 'conv4', 'conv5'\], model\.heads\."
+        r"proposal_generator\.in_features = \['conv5'\]\)\. .* add them to model\.heads\."
+        r"roi_heads\.box_in_features",
+    ):
+        instantiate(cfg.model)
+
+
 def test_unknown_head_and_bad_clip_type_are_refused():
     with pytest.raises(ValueError, match=r"unknown keys \['mask_head'\]"):
         build_ion_rcnn(backbone=torch.nn.Identity(), heads={"mask_head": None})

@@ -19,7 +19,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["launch", "d2_launch_supports_cpu", "create_ddp_model_any_device"]
+__all__ = ["launch", "d2_launch_supports_cpu", "create_ddp_model_any_device", "unwrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +106,9 @@ def create_ddp_model_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Mo
     if next(model.parameters()).device.type == "cuda":
         kwargs.setdefault("device_ids", [comm.get_local_rank()])
     return DistributedDataParallel(model, **kwargs)
+
+
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a :class:`DistributedDataParallel` (what
+    :func:`create_ddp_model_any_device` wraps), or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -18,11 +18,11 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
 import torch
 from detectron2.utils import comm
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import load_train_dicts
 from ..data.mapper import IONDatasetMapper
 from ..modeling.skip_pooling import IONSkipPooler
+from .launch import unwrap_ddp
 
 __all__ = [
     "PooledNorms",
@@ -88,13 +88,9 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def skip_pooler(model: nn.Module) -> Optional[IONSkipPooler]:
     """The model's :class:`IONSkipPooler` (``roi_heads.box_pooler``), or None."""
-    pooler = getattr(getattr(_unwrap(model), "roi_heads", None), "box_pooler", None)
+    pooler = getattr(getattr(unwrap_ddp(model), "roi_heads", None), "box_pooler", None)
     return pooler if isinstance(pooler, IONSkipPooler) else None
 
 
@@ -111,7 +107,7 @@ def measure_pooled_norms(model: nn.Module, batches: Iterable[List[dict]]) -> Poo
     except that BatchNorm layers normalise with each batch's statistics, as in training,
     without updating their running estimates. The model's modes are restored afterwards.
     """
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     pooler = skip_pooler(model)
     if pooler is None or not hasattr(model, "features_and_proposals"):
         raise ValueError(

@@ -23,7 +23,7 @@ from ..evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from ..modeling.meta_arch import IONRCNN
 from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
-from .launch import create_ddp_model_any_device
+from .launch import create_ddp_model_any_device, unwrap_ddp
 from .run_folder import prepare_run_dir
 from .skip_pool_scale import measure_skip_pool_scale, skip_pooler, training_batches
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
@@ -169,8 +169,11 @@ class IONTrainer(DefaultTrainer):
         if isinstance(self.data_loader, IONTrainLoader):
             self.data_loader.set_start_iter(self.start_iter)
         pooler = skip_pooler(self.model)
-        model = getattr(self.model, "module", self.model)
-        if pooler is not None and pooler.scale_pending and isinstance(model, IONRCNN):
+        if (
+            pooler is not None
+            and pooler.scale_pending
+            and isinstance(unwrap_ddp(self.model), IONRCNN)
+        ):
             batches = training_batches(self.cfg, self.cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES)
             measure_skip_pool_scale(self.model, batches, start_iter=self.start_iter)
 

@@ -34,7 +34,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .context import build_ion_context
+from .context import build_ion_context, check_context_outputs_read
 from .padding import backbone_per_size, proposals_per_size
 
 __all__ = ["IONRCNN"]
@@ -243,20 +243,9 @@ def _warn_per_image_batch_norm(cfg, backbone: nn.Module) -> None:
 
 
 def _check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
-    """
-    Refuse a context module whose outputs are not all read by a head: an output nobody pools
-    is a switch that does nothing, and a branch nobody reads (Table 10c's "context_conv", or a
-    whole context module with no pooling and no segmentation loss) never trains in one process
-    and makes DistributedDataParallel fail at the second iteration ("Expected to have finished
-    reduction ...").
-
-    Readers: ``MODEL.ROI_HEADS.IN_FEATURES``, ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` when
-    ``MODEL.ION.SEG_LOSS_ON``, and ``MODEL.RPN.IN_FEATURES`` when the proposal generator is
-    the RPN.
-
-    Raises:
-        ValueError: naming the unread outputs and the keys that could read them.
-    """
+    """:func:`check_context_outputs_read` with the config's readers: ``MODEL.ROI_HEADS.
+    IN_FEATURES``, ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` when ``MODEL.ION.SEG_LOSS_ON``, and
+    ``MODEL.RPN.IN_FEATURES`` when the proposal generator is the RPN."""
     if context is None:
         return
     readers = {"MODEL.ROI_HEADS.IN_FEATURES": cfg.MODEL.ROI_HEADS.IN_FEATURES}
@@ -264,16 +253,9 @@ def _check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
         readers["MODEL.SEM_SEG_HEAD.IN_FEATURES"] = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
     if cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
         readers["MODEL.RPN.IN_FEATURES"] = cfg.MODEL.RPN.IN_FEATURES
-    read = {name for names in readers.values() for name in names}
-    unread = [name for name in context.output_shape() if name not in read]
-    if unread:
-        raise ValueError(
-            f"MODEL.ION.CONTEXT.NAME {cfg.MODEL.ION.CONTEXT.NAME!r} outputs {unread}, which no "
-            f"head reads ({', '.join(f'{k} = {list(v)}' for k, v in readers.items())}"
-            + ("" if cfg.MODEL.ION.SEG_LOSS_ON else "; MODEL.ION.SEG_LOSS_ON is False")
-            + "). Their weights would never train (and DistributedDataParallel would fail): add "
-            "them to MODEL.ROI_HEADS.IN_FEATURES, or change the context module."
-        )
+    note = "" if cfg.MODEL.ION.SEG_LOSS_ON else "; MODEL.ION.SEG_LOSS_ON is False"
+    name = f"MODEL.ION.CONTEXT.NAME {cfg.MODEL.ION.CONTEXT.NAME!r}"
+    check_context_outputs_read(context, readers, name, note)
 
 
 def _check_pixel_std(cfg) -> None:

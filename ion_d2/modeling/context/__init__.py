@@ -9,7 +9,7 @@ the 2x stacked 4-direction IRNN (:class:`IRNN`, its scans in :mod:`ion_d2.modeli
 all in :data:`ION_CONTEXT_REGISTRY`.
 """
 
-from .build import ION_CONTEXT_REGISTRY, build_ion_context
+from .build import ION_CONTEXT_REGISTRY, build_ion_context, check_context_outputs_read
 from .global_avg_pool import GlobalAvgPool
 from .irnn import IRNN
 from .irnn_and_stacked_conv import IRNNAndStackedConv
@@ -18,6 +18,7 @@ from .stacked_conv import StackedConv
 __all__ = [
     "ION_CONTEXT_REGISTRY",
     "build_ion_context",
+    "check_context_outputs_read",
     "IRNN",
     "StackedConv",
     "GlobalAvgPool",

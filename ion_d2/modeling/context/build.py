@@ -1,6 +1,6 @@
 """ION_CONTEXT_REGISTRY, its builder, and the base of the context modules."""
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
@@ -13,6 +13,7 @@ __all__ = [
     "ION_CONTEXT_REGISTRY",
     "IONContextModule",
     "build_ion_context",
+    "check_context_outputs_read",
     "context_input_shape",
     "context_input",
 ]
@@ -60,6 +61,38 @@ def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Option
             f'registered names: {registered} (or "" for no context module).'
         )
     return ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
+
+
+def check_context_outputs_read(
+    context: nn.Module, readers: Dict[str, Iterable[str]], name: str, note: str = ""
+) -> None:
+    """
+    Refuse a context module whose outputs are not all read by a head: an output nobody pools
+    is a switch that does nothing, and a branch nobody reads (Table 10c's "context_conv", or a
+    whole context module with no pooling and no segmentation loss) never trains in one process
+    and makes DistributedDataParallel fail at the second iteration ("Expected to have finished
+    reduction ..."). The YAML path (:class:`IONRCNN`) and the LazyConfig path
+    (:func:`ion_d2.lazy.build_ion_rcnn`) both call it.
+
+    Args:
+        context: the context module (its ``output_shape()`` names its outputs).
+        readers: for each setting that lists features a head reads (the first is where to add
+            an output), those features.
+        name: what the error calls the context module.
+        note: appended to the readers in the error (e.g. why a head does not read).
+
+    Raises:
+        ValueError: naming the unread outputs and the settings that could read them.
+    """
+    read = {feature for features in readers.values() for feature in features}
+    unread = [feature for feature in context.output_shape() if feature not in read]
+    if unread:
+        listed = ", ".join(f"{key} = {list(features)}" for key, features in readers.items())
+        raise ValueError(
+            f"{name} outputs {unread}, which no head reads ({listed}{note}). Their weights "
+            f"would never train (and DistributedDataParallel would fail): add them to "
+            f"{next(iter(readers))}, or change the context module."
+        )
 
 
 def context_input_shape(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Tuple[str, ShapeSpec]:
