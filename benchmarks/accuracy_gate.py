@@ -17,6 +17,7 @@ does.
 """
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -41,6 +42,7 @@ MODELS = PAIRS["vgg16"]
 METRICS = ("AP", "APs", "AP_context")
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_ITERS = 400
+CPUINFO = "/proc/cpuinfo"
 
 
 def schedule_opts(iters: int, seed: int) -> List[str]:
@@ -140,6 +142,32 @@ def run_one(args, model: str, seed: int) -> Dict[str, float]:
     return result
 
 
+def machine(cpuinfo: str = CPUINFO) -> str:
+    """
+    The processor (name, family, model), its CPU count and the torch version, as the gate's runs
+    were trained on: the same seed gives other figures on another processor (docs/BENCHMARKS.md,
+    "Accuracy gate"), so a summary says where it was measured.
+    """
+    fields: Dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    break  # the first processor's block ends at the first empty line
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = fields.get("model name", "unknown processor")
+    if "cpu family" in fields and "model" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields['model']})"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch_version}"
+
+
 def mean_std(values: List[float]):
     n = len(values)
     mean = sum(values) / n
@@ -236,14 +264,21 @@ def main(argv=None):
     start = time.time()
     results = {m: [run_one(args, m, s) for s in args.seeds] for m in args.models}
     summary = summarise(results)
+    where = machine()
     print(
         f"\nAccuracy gate ({args.pair}): {args.iters} iterations, seeds {args.seeds}, code "
         f"{args.code_root}"
         + (f", overrides {args.opts}" if args.opts else "")
-        + f" ({(time.time() - start) / 60:.1f} min)"
+        + f" ({(time.time() - start) / 60:.1f} min)\nmachine: {where}"
     )
     print_table(summary)
-    record = {"iters": args.iters, "seeds": args.seeds, "opts": args.opts, "summary": summary}
+    record = {
+        "iters": args.iters,
+        "seeds": args.seeds,
+        "opts": args.opts,
+        "machine": where,
+        "summary": summary,
+    }
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(record, f, indent=1)
     if args.pair != "vgg16":
@@ -263,6 +298,12 @@ def main(argv=None):
             f"{args.iters}; compare like with like (--iters {reference['iters']})."
         )
     print(f"\nAgainst {os.path.relpath(args.reference, REPO)} (seeds {reference['seeds']}):")
+    if reference.get("machine", where) != where:
+        print(
+            f"  (the reference was measured on {reference['machine']}: per-seed figures differ "
+            "between processors; compare with the parent commit on this machine when a figure "
+            "matters more than the allowed drop)"
+        )
     failures = compare(summary, reference, args.sigmas, args.floor)
     if failures:
         print("\nGATE FAILED: " + "; ".join(failures))

@@ -87,3 +87,42 @@ def test_reference_of_another_schedule_is_refused(monkeypatch, tmp_path):
     gate.main(common + ["--write-reference", "--iters", "400"])
     with pytest.raises(SystemExit, match="measured at 400 iterations, this run at 200"):
         gate.main(common + ["--iters", "200"])
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+
+processor\t: 1
+model name\t: another processor
+"""
+
+
+def test_machine_names_the_first_processor_and_torch(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    where = gate.machine(str(info))
+    assert where.startswith("AMD EPYC (family 25, model 17), ")
+    assert "another processor" not in where
+    assert where.endswith(f"torch {gate.importlib.metadata.version('torch')}")
+    assert gate.machine(str(tmp_path / "missing")).startswith("unknown processor, ")
+
+
+def test_summary_records_the_machine_and_a_reference_of_another_is_pointed_out(
+    monkeypatch, tmp_path, capsys
+):
+    _fake_runs(monkeypatch, BASE)
+    ref = tmp_path / "ref.json"
+    common = ["--output-dir", str(tmp_path), "--reference", str(ref)]
+    monkeypatch.setattr(gate, "machine", lambda: "processor A")
+    gate.main(common + ["--write-reference"])
+    assert json.loads(ref.read_text())["machine"] == "processor A"
+    assert json.loads((tmp_path / "summary.json").read_text())["machine"] == "processor A"
+    assert gate.main(common) == 0
+    out = capsys.readouterr().out
+    assert "machine: processor A" in out and "reference was measured on" not in out
+    monkeypatch.setattr(gate, "machine", lambda: "processor B")
+    assert gate.main(common) == 0
+    assert "the reference was measured on processor A" in capsys.readouterr().out
