@@ -5,6 +5,7 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
     python train_net.py --config-file configs/ION_VGG16_synthetic.yaml
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
     python train_net.py --config-file <cfg> --resume          # continue an interrupted run
+    python train_net.py --config-file <cfg> --resume SOLVER.MAX_ITER <more>  # train longer
     python train_net.py --config-file <cfg> --retrain         # move a previous run aside
     python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
     python train_net.py --config-file <cfg> --num-gpus 2      # no CUDA: 2 CPU processes, GLOO
@@ -26,10 +27,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
+from ion_d2.config import check_config_file, check_ion_config
 from ion_d2.engine import IONTrainer as Trainer
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.launch import launch
-from ion_d2.engine.run_folder import prepare_run_dir
+from ion_d2.engine.run_folder import claim_run, kept_run_config
 from ion_d2.engine.stages import training_stages
 
 logger = logging.getLogger("ion_d2")
@@ -38,19 +40,25 @@ logger = logging.getLogger("ion_d2")
 def setup(args):
     cfg = get_cfg()
     add_ion_config(cfg)
+    check_config_file(args.config_file)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     check_datasets(cfg, args)
     if not args.eval_only:
-        # One run-folder policy with train_and_evaluate: a folder holding a run of another
-        # config is refused (naming the differing keys) unless --retrain moves it aside.
-        if comm.is_main_process():
-            for stage in training_stages(cfg):
-                prepare_run_dir(stage, retrain=args.retrain)
-        comm.synchronize()
-    default_setup(cfg, args)
+        check_ion_config(cfg)
+    # Before the claim, so that what it logs (a schedule changed on --resume, a run moved
+    # aside) reaches the console and log.txt.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ion_d2")
+    if not args.eval_only:
+        # One run-folder policy with train_and_evaluate: the folders are locked for as long as
+        # this process lives (run_folder holds the locks), and a folder holding a run of
+        # another config is refused, naming the differing keys, unless --retrain moves it aside.
+        if comm.is_main_process():
+            claim_run(cfg, resume=args.resume, retrain=args.retrain)
+        comm.synchronize()
+    with kept_run_config(cfg.OUTPUT_DIR):
+        default_setup(cfg, args)
     return cfg
 
 
@@ -69,7 +77,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        IONCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # Strict: no weights, or weights of another model, would be evaluated as if trained.
+        strict = not cfg.MODEL.ION.ALLOW_PARTIAL_WEIGHTS
+        IONCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=strict).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

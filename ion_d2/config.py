@@ -4,6 +4,7 @@ Section and table numbers refer to Bell et al., "Inside-Outside Net: Detecting O
 Context with Skip Pooling and Recurrent Neural Networks", CVPR 2016.
 """
 
+import yaml
 from detectron2.config import CfgNode as CN
 
 
@@ -198,6 +199,12 @@ def add_ion_config(cfg: CN) -> None:
     # claim ("'Small' means area <= 32^2 px") on VOC data, whose stock evaluator reports no
     # sizes. COCO-format test sets report APs/APm/APl already; True with one raises an error.
     _C.TEST.ION_VOC_AP_BY_SIZE = False
+    # Evaluation (train_net.py --eval-only) and IONPredictor refuse to run without weights, or
+    # with weights that leave some of the model's keys unloaded, name keys it lacks or have
+    # other shapes (Detectron2 only logs those; a model so loaded is partly random). True loads
+    # what matches and runs anyway. Training is never strict: ImageNet weights have no heads
+    # (not from the paper).
+    _C.MODEL.ION.ALLOW_PARTIAL_WEIGHTS = False
 
     # ---------------------------------------------------------------------------------------
     # Segmentation regularizer (section 3.2, Figure 3, Table 6): a training-only semantic
@@ -238,11 +245,75 @@ def add_ion_config(cfg: CN) -> None:
     # ---------------------------------------------------------------------------------------
     # Dataset check before the first training step (ion_d2/data/dataset_check.py): category
     # ids outside [0, ROI_HEADS.NUM_CLASSES), boxes of non-positive or non-finite width or
-    # height, files that do not exist and images whose shorter side after resizing is under
-    # the trunk's stride are refused with one error per dataset (not from the paper).
+    # height, files that do not exist or cannot be read as 8-bit images (16-bit, truncated),
+    # COCO jsons whose images share an id, and images whose shorter side after resizing is
+    # under the trunk's stride are refused with one error per dataset (not from the paper).
     # ---------------------------------------------------------------------------------------
     # True drops boxes of non-positive or non-finite width or height from the training dicts
     # instead, logging the count (images left without boxes are removed too when
     # DATALOADER.FILTER_EMPTY_ANNOTATIONS); in test sets they are only counted, since the
     # evaluators read the ground truth themselves. The other problems are always refused.
     _C.DATALOADER.ION_DROP_INVALID_BOXES = False
+    # True leaves training images whose files cannot be read as 8-bit images out of the
+    # training dicts instead, logging them; an image that then fails to decode in training is
+    # replaced by the next readable one of the dataset (the same for every run and resume),
+    # with a warning. False: refused before training, or training stops naming the file. Test
+    # sets are always refused.
+    _C.DATALOADER.ION_SKIP_UNREADABLE_IMAGES = False
+    # Boxes lying wholly outside their image (Detectron2 clips and then drops them) are
+    # counted in the log; above this fraction of a dataset's boxes the dataset is refused,
+    # as its coordinates are likely wrong (in [0, 1]; 1 never refuses).
+    _C.DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION = 0.01
+
+
+def check_config_file(path: str) -> None:
+    """
+    Refuse a YAML config file that sets no keys (empty, only comments, or not a mapping) before
+    it is merged: fvcore's loader fails on it with a TypeError that names neither the file nor
+    the problem.
+
+    Raises:
+        ValueError: naming the file and what it holds.
+    """
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}, not a mapping of keys"
+        raise ValueError(
+            f"{path} is {what}. A config file sets keys, e.g. _BASE_ (a file to start from, "
+            "such as Base-ION-VGG16.yaml) and the keys that differ from it, as "
+            "configs/ION_VGG16_synthetic.yaml does."
+        )
+
+
+def check_ion_config(cfg: CN) -> None:
+    """
+    Refuse values of the keys a training run reads that would otherwise fail later without
+    naming the key (a division by zero at the first step, ``min()`` of an empty sequence), before
+    any model is built. train_net.py and ``train_and_evaluate`` call it.
+
+    Raises:
+        ValueError: naming the key, its value and the accepted values.
+    """
+    # fmt: off
+    counts = (
+        ("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1, "training iterations"),
+        ("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1, "iterations per checkpoint"),
+        ("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, 1, "images per step, all processes"),
+        ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0, "iterations per evaluation; 0: at the end"),
+    )
+    # fmt: on
+    for key, value, low, what in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low} ({what}); got {value!r}.")
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    if not sizes or not all(type(s) is int and s >= 0 for s in sizes):
+        raise ValueError(
+            "INPUT.MIN_SIZE_TRAIN must list one or more integers >= 0 (shorter sides to resize "
+            f"training images to; 0 keeps an image's own size), e.g. (600,); got {sizes!r}."
+        )
+    if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range" and len(sizes) != 2:
+        raise ValueError(
+            "INPUT.MIN_SIZE_TRAIN must be (low, high) with INPUT.MIN_SIZE_TRAIN_SAMPLING "
+            f"'range'; got {sizes!r}."
+        )

@@ -2,6 +2,8 @@
 Issue 19's checkpoint faults: a file that is not a checkpoint is refused naming it and what it
 is; ``--resume`` falls back to the newest readable checkpoint; no file under a checkpoint's name
 is ever partial, whether the write fails (a full disk) or the process is killed mid-write.
+Issue 29's: a file holding no weights is named with what it holds; the fallback works on
+upstream Detectron2 too; a full disk is the error's last line.
 """
 
 import errno
@@ -10,14 +12,19 @@ import os
 import subprocess
 import sys
 import textwrap
+from urllib.parse import urlparse
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from fvcore.common.checkpoint import Checkpointer
 from model_utils import load_cfg, synthetic_slice
 
 from ion_d2.engine import IONTrainer
+from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.predictor import IONPredictor
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -153,3 +160,119 @@ def test_a_process_killed_mid_checkpoint_leaves_no_partial_checkpoint(slice_name
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env)
     assert proc.returncode == -9
     assert [n for n in os.listdir(tmp_path) if ".pth" in n] == ["model_0000019.pth.partial"]
+
+
+def test_files_holding_no_weights_are_named_with_what_they_hold(tmp_path):
+    folder = str(tmp_path)
+    cv2.imwrite(os.path.join(folder, "image.png"), np.zeros((8, 8, 3), np.uint8))
+    os.rename(os.path.join(folder, "image.png"), os.path.join(folder, "image.pkl"))
+    torch.save(torch.zeros(3, 4), os.path.join(folder, "tensor.pth"))
+    torch.save({"iteration": 3}, os.path.join(folder, "iteration.pth"))
+    torch.save(build_model(load_cfg(TINY)), os.path.join(folder, "model.pth"))
+    expected = "expected a dict with 'model' \\(a state dict"
+    files = {
+        "image.pkl": r"is not a pickle \(a PNG image, \d+ bytes\)",
+        "tensor.pth": rf"is not a checkpoint: it holds a Tensor of shape \(3, 4\); {expected}",
+        "iteration.pth": r"is not a checkpoint: it holds a dict without weights \(keys: "
+        rf"'iteration'\); {expected}",
+        "model.pth": r"is not a checkpoint: it holds pickled Python objects \(detectron2\."
+        r".*\), not only tensors \(save model.state_dict\(\), not the model\)",
+    }
+    for name, what in files.items():
+        path = os.path.join(folder, name)
+        with pytest.raises(ValueError, match=rf"^{path} {what}"):
+            IONCheckpointer(build_model(load_cfg(TINY))).load(path)
+        cfg = load_cfg(TINY)
+        cfg.MODEL.WEIGHTS = path
+        with pytest.raises(ValueError, match=rf"^(MODEL.WEIGHTS )?{path} {what}"):
+            IONPredictor(cfg)
+
+
+def _upstream_load(self, path, *args, **kwargs):
+    # DetectionCheckpointer.load of upstream Detectron2 (facebookresearch/detectron2 main,
+    # detectron2/checkpoint/detection_checkpoint.py) without its DistributedDataParallel branch:
+    # v0.6 has no _parsed_url_during_load. It resets the attribute only when loading succeeds.
+    assert self._parsed_url_during_load is None
+    logging.getLogger(DetectionCheckpointer.__module__).info(
+        "[DetectionCheckpointer] Loading from {} ...".format(path)
+    )
+    if path:
+        parsed_url = urlparse(path)
+        self._parsed_url_during_load = parsed_url
+        path = parsed_url._replace(query="").geturl()  # remove query from filename
+        path = self.path_manager.get_local_path(path)
+    ret = Checkpointer.load(self, path, *args, **kwargs)
+    self._parsed_url_during_load = None  # reset to None
+    return ret
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_on_upstream_detectron2(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(DetectionCheckpointer, "_parsed_url_during_load", None, raising=False)
+    monkeypatch.setattr(DetectionCheckpointer, "load", _upstream_load)
+    model = build_model(load_cfg(TINY))
+    IONCheckpointer(model, save_dir=str(tmp_path)).save("model_0000001", iteration=1)
+    final = (tmp_path / "model_0000001.pth").read_bytes()
+    (tmp_path / "model_final.pth").write_bytes(final[: len(final) // 3])
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    resumed = build_model(load_cfg(TINY))
+    checkpointer = IONCheckpointer(resumed, save_dir=str(tmp_path))
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 1
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    # The checkpointer loads again after a failed load.
+    with pytest.raises(ValueError, match="is truncated"):
+        checkpointer.load(str(tmp_path / "model_final.pth"))
+    checkpointer.load(str(tmp_path / "model_0000001.pth"))
+
+
+def _torch_save_on_a_full_disk(obj, f, *args, **kwargs):
+    f.write(b"PK\x03\x04" + b"\0" * 1000)
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        # What torch.save raises then (its zip writer's end-of-file check), the OSError as
+        # its context.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+
+def test_a_full_disk_is_named_with_the_file_being_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    path = tmp_path / "model_0000003.pth"
+    full = rf"^\[Errno 28\] No space left on device while writing {path} "
+    with pytest.raises(OSError, match=full) as e:
+        IONCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path)).save("model_0000003")
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
+_FILL_A_SMALL_DISK = """
+import torch
+from ion_d2.engine.checkpoint import IONCheckpointer
+IONCheckpointer(torch.nn.Linear(1000, 1000), save_dir={disk!r}).save("model_0000001")
+"""
+
+
+def test_a_real_full_disk_is_the_last_line_of_the_error(tmp_path):
+    # A 1 MiB tmpfs in a user namespace (as test_fault_injection's full-disk test) and a 4 MB
+    # checkpoint: the traceback's last line names the disk and the file.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = textwrap.dedent(_FILL_A_SMALL_DISK.format(disk=str(disk)))
+    mount = f'mount -t tmpfs -o size=1m tmpfs "{disk}" && exec "$0" -c "$1"'
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    try:
+        proc = subprocess.run(
+            cmd + [sys.executable, script], env=env, capture_output=True, text=True, timeout=120
+        )
+    except OSError:
+        pytest.skip("needs `unshare` to mount a small tmpfs")
+    if proc.returncode != 0 and "Traceback" not in proc.stderr:
+        pytest.skip(f"needs `unshare --user --map-root-user --mount`: {proc.stderr[:300]}")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert last.startswith(
+        f"OSError: [Errno 28] No space left on device while writing {disk}/model_0000001.pth "
+    ), last

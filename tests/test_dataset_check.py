@@ -24,22 +24,6 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
-@pytest.fixture
-def registered():
-    names = []
-
-    def register(name, dicts, **meta):
-        DatasetCatalog.register(name, lambda: [dict(d) for d in dicts])
-        MetadataCatalog.get(name).set(thing_classes=[str(i) for i in range(6)], **meta)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 def _image(folder, name="img.png", size=(48, 64)):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)

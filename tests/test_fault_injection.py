@@ -203,11 +203,12 @@ def test_train_and_evaluate_refuses_a_finished_run_of_another_config(synth_slice
     trainer, _ = train_and_evaluate(same)
     assert trainer.start_iter == 2
 
-    # Another iteration count or dataset: refused, naming the keys and their values.
+    # Another iteration count without resume (with resume it continues the run: a schedule
+    # key), or another dataset: refused, naming the keys and their values.
     longer = cfg.clone()
     longer.SOLVER.MAX_ITER = 3
     with pytest.raises(ValueError, match=r"1 key\(s\):\n  SOLVER.MAX_ITER: 2 -> 3\n.*--retrain"):
-        train_and_evaluate(longer)
+        train_and_evaluate(longer, resume=False)
     other_data = cfg.clone()
     other_data.DATASETS.TRAIN = (synth_slice[1],)
     with pytest.raises(ValueError, match=r"DATASETS.TRAIN: \['fault_train'\] -> \['fault_val'\]"):

@@ -53,18 +53,27 @@ def test_train_resume_and_eval_only(tmp_path):
     log = _run(tmp_path, *run, flags=["--resume"])
     assert "Starting training from iteration 2" in log
     assert max(_iterations(tmp_path)) == 3
-    # The folder holds a run of this config: another config is refused, naming the key
-    # (the run-folder policy of train_and_evaluate), until --retrain moves the run aside.
-    other = ("SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
+    # --resume with a longer schedule trains the finished run on, saying what changed.
+    out = tmp_path / "out"
+    longer = ("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()")
+    log = _run(tmp_path, *longer, flags=["--resume"])
+    assert f"Resuming the run in {out} with another schedule: SOLVER.MAX_ITER: 4 -> 6" in log
+    assert "Starting training from iteration 4" in log
+    assert max(_iterations(tmp_path)) == 5
+    # The folder holds a run of this config: another config is refused, naming the folder and
+    # the key (the run-folder policy of train_and_evaluate), until --retrain moves it aside.
+    other = longer + ("SOLVER.BASE_LR", "0.02")
     refused = _run(tmp_path, *other, flags=["--resume"], expect_failure=True)
-    assert "holds a run trained with another config" in refused and "SOLVER.MAX_ITER" in refused
+    assert f"{out} holds a run of another config" in refused and "SOLVER.BASE_LR: " in refused
     _run(tmp_path, *other, flags=["--retrain"])
-    assert [p.name.startswith("replaced_") for p in (tmp_path / "out").iterdir()].count(True) == 1
-    assert max(_iterations(tmp_path)) == 4
-    # --eval-only with the stock COCO evaluator on the bundled val split.
-    weights = str(tmp_path / "out" / "model_final.pth")
-    log = _run(tmp_path, "MODEL.WEIGHTS", weights, flags=["--eval-only"])
+    assert [p.name.startswith("replaced_") for p in out.iterdir()].count(True) == 1
+    assert max(_iterations(tmp_path)) == 5
+    # --eval-only with the stock COCO evaluator on the bundled val split; the run's stored
+    # config stays the run's (Detectron2's default_setup writes the evaluation's there).
+    stored = (out / "config.yaml").read_text()
+    log = _run(tmp_path, "MODEL.WEIGHTS", str(out / "model_final.pth"), flags=["--eval-only"])
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    assert (out / "config.yaml").read_text() == stored
 
 
 def _metrics(folder):

@@ -18,12 +18,12 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ion_d2 import add_ion_config
+from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.export import trace_ion_model
 
 logger = logging.getLogger("ion_d2.export_model")
@@ -49,7 +49,10 @@ def main(argv=None) -> int:
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # Weights that leave part of the model at its random values are refused, as for evaluation;
+    # --weights "" asks for random weights and gets them.
+    strict = bool(cfg.MODEL.WEIGHTS) and not cfg.MODEL.ION.ALLOW_PARTIAL_WEIGHTS
+    IONCheckpointer(model, strict=strict).load(cfg.MODEL.WEIGHTS)
     height, width = args.size
     image = torch.rand(3, height, width, device=model.device) * 255
     traced, _ = trace_ion_model(model, image)

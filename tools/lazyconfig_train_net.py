@@ -13,7 +13,11 @@ the first step the skip-pooling scale is measured when the config asks for it
 (``model.heads.roi_heads.box_pooler.scale_init`` -1, section 5.2;
 :func:`ion_d2.lazy.measure_lazy_skip_pool_scale`, as IONTrainer does); CPU models train in
 several processes too (:func:`ion_d2.engine.launch.launch`); checkpoints are written atomically
-(:class:`ion_d2.engine.checkpoint.IONCheckpointer`).
+(:class:`ion_d2.engine.checkpoint.IONCheckpointer`); a misspelt override key, a word for a
+number and a training length or period that cannot run are refused before anything is built
+(:func:`ion_d2.lazy.apply_lazy_overrides`, :func:`ion_d2.lazy.check_lazy_train_config`); a
+second live training run in ``train.output_dir`` is refused
+(:func:`ion_d2.engine.run_folder.lock_run_dir`).
 """
 
 import logging
@@ -34,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 import ion_d2  # noqa: F401  (registers ION's components and datasets)
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.launch import create_ddp_model_any_device, launch
-from ion_d2.lazy import measure_lazy_skip_pool_scale
+from ion_d2.engine.run_folder import lock_run_dir
+from ion_d2.lazy import apply_lazy_overrides, check_lazy_train_config, measure_lazy_skip_pool_scale
 
 logger = logging.getLogger("detectron2")
 
@@ -109,14 +114,20 @@ def do_train(args, cfg):
 
 def main(args):
     cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = apply_lazy_overrides(cfg, args.opts)
+    if not args.eval_only:
+        check_lazy_train_config(cfg)
+        if comm.is_main_process():
+            lock_run_dir(cfg.train.output_dir)  # held until this process ends
     default_setup(cfg, args)
 
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = _ddp(model)
-        IONCheckpointer(model).load(cfg.train.init_checkpoint)
+        # Strict, as train_net.py --eval-only: no weights, or weights that leave part of the
+        # model at its initial values, are refused naming the keys.
+        IONCheckpointer(model, strict=True).load(cfg.train.init_checkpoint)
         print(do_test(cfg, model))
     else:
         do_train(args, cfg)

@@ -10,17 +10,19 @@ Each input ``<name>.<ext>`` is written as ``<output>/<name>.<ext>.png``, so ``x.
 that holds any of the inputs, and two inputs with the same file name (from two folders) are
 refused. Every file of a folder is tried (.png, .jpg, .tif, .webp, ... whatever decodes);
 files that cannot be read, are truncated, are not 8-bit (16-bit PNG or TIFF, grey or RGB), are
-too small for the trunk's stride after resizing, or fail in any other way are skipped and
-listed at the end with the reason, after the rest of the folder is done; the exit status is 1
-when any file was skipped, 2 for bad arguments. ``--weights`` must name a checkpoint: a
-randomly initialised model runs only with ``--allow-random-weights``.
+too small for the trunk's stride after resizing (the dataset check's rule,
+``ion_d2/data/size_rule.py``), or fail in any other way are skipped, and so are a folder's
+hidden files, subfolders (not searched), broken symlinks and entries that are not regular
+files; each is listed at the end with the reason, after the rest of the folder is done. The
+exit status is 1 when anything was skipped, 2 for bad arguments. ``--weights`` must name a
+checkpoint: a randomly initialised model runs only with ``--allow-random-weights``.
 """
 
 import argparse
-import glob
 import os
+import stat
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 from detectron2.config import get_cfg
@@ -28,23 +30,51 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
 from ion_d2 import add_ion_config
-from ion_d2.data.dataset_check import input_stride
 from ion_d2.engine.predictor import IONPredictor, read_image_file
 
 
-def list_images(inputs: List[str]) -> List[str]:
-    """Every file of each folder of ``inputs`` (sorted) and each file named."""
-    paths = []
+def _not_tried(path: str) -> Optional[str]:
+    """Why the folder entry ``path`` is not tried as an image, or None when it is."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"broken symlink (to {os.readlink(path)!r})"
+    if os.path.isdir(path):
+        return "a folder (not searched)"
+    if os.path.basename(path).startswith("."):
+        return "hidden file"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
+
+
+def list_images(inputs: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """
+    Every entry of each folder of ``inputs`` (sorted) and each file named.
+
+    Returns:
+        (list[str], dict[str, str]): the files to try, and the folder entries that are not
+        tried (hidden files, subfolders, broken symlinks, not regular files) with the reason.
+    """
+    paths, skipped = [], {}
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(p for p in glob.glob(os.path.join(item, "*")) if os.path.isfile(p))
+            for path in sorted(os.path.join(item, n) for n in os.listdir(item)):
+                reason = _not_tried(path)
+                if reason is None:
+                    paths.append(path)
+                else:
+                    skipped[path] = reason
         elif os.path.isfile(item):
             paths.append(item)
         else:
             raise FileNotFoundError(f"--input {item!r} is neither an image file nor a folder.")
     if not paths:
-        raise FileNotFoundError(f"No files found in {inputs}.")
-    return paths
+        shown = "".join(f"; {p}: {r}" for p, r in skipped.items())
+        raise FileNotFoundError(f"No files to try in {inputs}{shown}.")
+    return paths, skipped
 
 
 def plan_outputs(paths: List[str], output_dir: str) -> Dict[str, str]:
@@ -95,13 +125,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.weights and not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights!r} is not a file.")
     try:
-        args.plan = plan_outputs(list_images(args.input), args.output)
+        paths, args.skipped = list_images(args.input)
+        args.plan = plan_outputs(paths, args.output)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     return args
 
 
-def predict_one(predictor, path: str, out: str, metadata, confidence: float, stride: int) -> int:
+def predict_one(predictor, path: str, out: str, metadata, confidence: float) -> int:
     """
     Detect objects in the image file ``path`` and write their visualisation to ``out``.
 
@@ -113,17 +144,9 @@ def predict_one(predictor, path: str, out: str, metadata, confidence: float, str
             for the trunk after resizing, or ``out`` cannot be written.
     """
     image = read_image_file(path, format="BGR")
-    transform = predictor.aug.get_transform(image)  # a ResizeTransform, or a NoOpTransform
-    resized = (
-        getattr(transform, "new_h", image.shape[0]),
-        getattr(transform, "new_w", image.shape[1]),
-    )
-    if min(resized) < stride:
-        raise ValueError(
-            f"too small: {image.shape[0]}x{image.shape[1]} (HxW) is {resized[0]}x{resized[1]} "
-            f"after resizing (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST), under the trunk's stride "
-            f"({stride} px)"
-        )
+    problem = predictor.size_problem(*image.shape[:2])
+    if problem is not None:
+        raise ValueError(f"too small: {problem}")
     instances = predictor(image)["instances"].to("cpu")
     instances = instances[instances.scores >= confidence]
     vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
@@ -139,15 +162,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = args.weights
+    # IONPredictor refuses to run without weights unless partial (here: none) are allowed.
+    cfg.MODEL.ION.ALLOW_PARTIAL_WEIGHTS = args.allow_random_weights
     cfg.freeze()
     predictor = IONPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
-    stride = input_stride(predictor.model.backbone)
+    for path, reason in args.skipped.items():
+        print(f"{path}: skipped ({reason})")
     failed = {}
     for path, out in args.plan.items():
         try:
-            count = predict_one(predictor, path, out, metadata, args.confidence, stride)
+            count = predict_one(predictor, path, out, metadata, args.confidence)
         except Exception as e:  # noqa: B902  one file must not stop the rest of the folder
             failed[path] = f"{type(e).__name__}: {e}"
             print(f"{path}: skipped ({failed[path]})")
@@ -155,12 +181,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{path}: {count} detections -> {out}")
 
     print(f"\n{len(args.plan) - len(failed)} of {len(args.plan)} images written to {args.output}.")
+    if args.skipped:
+        print(f"{len(args.skipped)} folder entries not tried:")
+        for path, reason in args.skipped.items():
+            print(f"  {path}: {reason}")
     if failed:
         print(f"{len(failed)} failed:")
         for path, reason in failed.items():
             print(f"  {path}: {reason}")
-        return 1
-    return 0
+    return 1 if failed or args.skipped else 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 A check of the training and test datasets before the first training step, so that a dataset
 the model cannot learn from correctly fails at once with one error instead of training silently
 wrong (a category id the head reads as background, a box of negative width the mapper mirrors)
-or failing hours later (a deleted file, an image too small for the trunk's stride).
+or failing hours later (a deleted or truncated file, an image too small for the trunk's stride).
 
-It reads only the dataset dicts and one ``os.stat`` per file, decoding nothing
-(``benchmarks/bench_dataset_check.py`` measures it). :func:`check_dataset_dicts` checks a list
+It reads the dataset dicts, each file's header and last bytes and a COCO json's ``images``,
+decoding no image unless its end marker is missing (:mod:`.file_check`;
+``benchmarks/bench_dataset_check.py`` measures it). :func:`check_dataset_dicts` checks a list
 of dicts; :func:`check_train_datasets` and :func:`check_test_datasets` apply it to a config's
 ``DATASETS.TRAIN`` / ``DATASETS.TEST``, for IONTrainer and for any other entry point (a lazy
 config's training script can call them with its model's :func:`input_stride`).
@@ -13,7 +14,6 @@ config's training script can call them with its model's :func:`input_stride`).
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +21,9 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .file_check import duplicate_coco_image_ids, image_file_problem
 from .semseg_check import check_sem_seg_labels
+from .size_rule import resized_sizes
 
 __all__ = [
     "DatasetCheckError",
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 # Offenders named in the error, per kind of problem.
 _SHOWN = 5
 _DROP_KEY = "DATALOADER.ION_DROP_INVALID_BOXES"
+_SKIP_KEY = "DATALOADER.ION_SKIP_UNREADABLE_IMAGES"
+_OUTSIDE_KEY = "DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION"
 
 
 class DatasetCheckError(ValueError):
@@ -58,6 +62,8 @@ class DatasetLimits:
         sem_seg_num_classes (int or None): with the segmentation loss on, the number of
             semantic classes the head predicts; None when the labels are not used.
         size_keys (str): the config keys that set the resize, for the message.
+        max_outside_fraction (float): the largest fraction of boxes that may lie wholly
+            outside their image (``DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION``).
     """
 
     num_classes: int
@@ -66,6 +72,7 @@ class DatasetLimits:
     max_size: int
     sem_seg_num_classes: Optional[int] = None
     size_keys: str = "INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN"
+    max_outside_fraction: float = 0.01
 
     @classmethod
     def from_config(cls, cfg, *, min_side: int, is_train: bool) -> "DatasetLimits":
@@ -84,6 +91,7 @@ class DatasetLimits:
             max_size=max_size,
             sem_seg_num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if seg_on else None,
             size_keys=keys,
+            max_outside_fraction=cfg.DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION,
         )
 
 
@@ -97,58 +105,84 @@ def input_stride(backbone) -> int:
     return int(max([backbone.size_divisibility, *strides]))
 
 
-def _resized_short_sides(heights: np.ndarray, widths: np.ndarray, limits: DatasetLimits):
-    # ResizeShortestEdge.get_output_shape (ion_d2's ResizeLongestEdgeCap for a short edge 0).
-    short, long = np.minimum(heights, widths), np.maximum(heights, widths)
-    if limits.short_edge > 0:
-        scale = limits.short_edge / np.maximum(short, 1)
-    else:
-        scale = np.ones_like(short, dtype=np.float64)
-    scale = np.minimum(scale, limits.max_size / np.maximum(long, 1))
-    return np.floor(short * scale + 0.5).astype(np.int64)
-
-
-def _box_size(ann: Dict[str, Any]) -> Tuple[float, float]:
+def _box_xywh(ann: Dict[str, Any]) -> Tuple[float, float, float, float]:
     box, mode = ann["bbox"], ann["bbox_mode"]
     if mode == BoxMode.XYWH_ABS:
-        return float(box[2]), float(box[3])
+        return float(box[0]), float(box[1]), float(box[2]), float(box[3])
     if mode == BoxMode.XYXY_ABS:
-        return float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
+        x, y = float(box[0]), float(box[1])
+        return x, y, float(box[2]) - x, float(box[3]) - y
     # Other modes: Detectron2's own conversion (the mapper's).
     x, y, w, h = BoxMode.convert(list(box), mode, BoxMode.XYWH_ABS)[:4]
-    return float(w), float(h)
+    return float(x), float(y), float(w), float(h)
 
 
-def _annotation_problems(dicts: List[dict], limits: DatasetLimits):
-    bad_category, bad_box = [], []
+@dataclass
+class _AnnotationProblems:
+    bad_category: List[str]
+    bad_box: List[Tuple[int, int, str]]  # (image index, annotation index, description)
+    outside: List[str]  # boxes wholly outside their image
+    num_boxes: int  # boxes of positive size in images of known size
+
+
+def _annotation_problems(dicts: List[dict], limits: DatasetLimits) -> _AnnotationProblems:
+    found = _AnnotationProblems([], [], [], 0)
     for i, d in enumerate(dicts):
+        height, width = d.get("height"), d.get("width")
         for j, ann in enumerate(d.get("annotations", ())):
             category = ann.get("category_id")
             if category is not None and not 0 <= category < limits.num_classes:
-                bad_category.append(f"{d.get('file_name')} (category_id {category})")
+                found.bad_category.append(f"{d.get('file_name')} (category_id {category})")
             if "bbox" not in ann or ann.get("iscrowd", 0):
                 continue
-            w, h = _box_size(ann)
+            x, y, w, h = _box_xywh(ann)
             if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
-                box = [round(float(v), 2) for v in ann["bbox"]]
-                bad_box.append(
-                    (i, j, f"{d.get('file_name')} (bbox {box}, width {w:g}, height {h:g})")
-                )
-    return bad_category, bad_box
+                found.bad_box.append((i, j, _box_text(d, ann, f", width {w:g}, height {h:g}")))
+            elif height is not None and width is not None:
+                found.num_boxes += 1
+                # Detectron2 clips boxes to the image and drops those left empty.
+                if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                    found.outside.append(_box_text(d, ann, f" in a {height}x{width} HxW image"))
+    return found
 
 
-def _missing_files(dicts: List[dict], keys: Sequence[str]) -> List[str]:
-    missing = []
+def _box_text(d: dict, ann: Dict[str, Any], detail: str) -> str:
+    box = [round(float(v), 2) for v in ann["bbox"]]
+    return f"{d.get('file_name')} (bbox {box}{detail})"
+
+
+def _file_problems(dicts: List[dict], keys: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """Files that cannot be opened (descriptions), and images that cannot be read as 8-bit
+    images (path: description)."""
+    missing, unreadable, seen = [], {}, set()
     for d in dicts:
         for key in keys:
             path = d.get(key)
-            if path is None:
+            if path is None or path in seen:
                 continue
+            seen.add(path)
             try:
-                os.stat(path)
+                problem = image_file_problem(path)
             except OSError as e:
                 missing.append(f"{path} ({key}: {e.strerror})")
-    return missing
+                continue
+            if problem is not None:
+                unreadable[path] = f"{path} ({key}: {problem})"
+    return missing, unreadable
+
+
+def _duplicate_ids(json_files: Sequence[str]) -> Dict[str, List[str]]:
+    """Per COCO json, its images that share an id (descriptions)."""
+    found = {}
+    for json_file in json_files:
+        try:
+            shared = duplicate_coco_image_ids(json_file)
+        except (OSError, ValueError) as e:
+            logger.warning(f"Image ids of {json_file} not checked: {e}")
+            continue
+        if shared:
+            found[json_file] = [f"id {i} ({', '.join(names)})" for i, names in shared.items()]
+    return found
 
 
 def _too_small(dicts: List[dict], limits: DatasetLimits) -> List[str]:
@@ -157,7 +191,7 @@ def _too_small(dicts: List[dict], limits: DatasetLimits) -> List[str]:
         return []
     heights = np.array([d["height"] for d in sized], dtype=np.int64)
     widths = np.array([d["width"] for d in sized], dtype=np.int64)
-    sides = _resized_short_sides(heights, widths, limits)
+    sides = np.minimum(*resized_sizes(heights, widths, limits.short_edge, limits.max_size))
     bad = np.flatnonzero((np.minimum(heights, widths) < 1) | (sides < limits.min_side))
     return [
         f"{sized[i].get('file_name')} ({heights[i]}x{widths[i]} HxW, shorter side "
@@ -166,9 +200,12 @@ def _too_small(dicts: List[dict], limits: DatasetLimits) -> List[str]:
     ]
 
 
+def _first(offenders: List[str]) -> str:
+    return "; ".join(offenders[:_SHOWN]) + ("; ..." if len(offenders) > _SHOWN else "")
+
+
 def _section(what: str, offenders: List[str], fix: str) -> str:
-    shown = "; ".join(offenders[:_SHOWN]) + ("; ..." if len(offenders) > _SHOWN else "")
-    return f"  {len(offenders)} {what}: {shown}. {fix}"
+    return f"  {len(offenders)} {what}: {_first(offenders)}. {fix}"
 
 
 def _drop_boxes(dicts: List[dict], bad_box, name: str, drop_empty: bool) -> List[dict]:
@@ -192,6 +229,58 @@ def _drop_boxes(dicts: List[dict], bad_box, name: str, drop_empty: bool) -> List
     return dicts
 
 
+def _outside_section(found: _AnnotationProblems, limits: DatasetLimits, fix: str) -> str:
+    share = len(found.outside) / found.num_boxes
+    return _section(
+        f"boxes lie wholly outside their image ({share:.1%} of {found.num_boxes}; "
+        f"{_OUTSIDE_KEY} is {limits.max_outside_fraction:g})",
+        found.outside,
+        fix,
+    )
+
+
+def _annotation_sections(
+    found: _AnnotationProblems, limits: DatasetLimits, drop_invalid_boxes: bool
+) -> List[str]:
+    sections = []
+    if found.bad_category:
+        sections.append(
+            _section(
+                f"annotations with a category_id outside [0, {limits.num_classes})",
+                found.bad_category,
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {limits.num_classes}: set it to the dataset's "
+                "number of classes (an id equal to NUM_CLASSES is the head's background).",
+            )
+        )
+    if found.bad_box and not drop_invalid_boxes:
+        sections.append(
+            _section(
+                "boxes with a non-positive or non-finite width or height",
+                [desc for _, _, desc in found.bad_box],
+                f"Fix the annotations, or set {_DROP_KEY} True to drop such boxes.",
+            )
+        )
+    if len(found.outside) > limits.max_outside_fraction * found.num_boxes:
+        fix = (
+            "Fix their coordinates (or the images' height/width), or raise "
+            f"{_OUTSIDE_KEY} to accept them."
+        )
+        sections.append(_outside_section(found, limits, fix))
+    return sections
+
+
+def _leave_out(
+    dicts: List[dict], unreadable: Dict[str, str], keys: Sequence[str], name: str
+) -> List[dict]:
+    kept = [d for d in dicts if not any(d.get(key) in unreadable for key in keys)]
+    what = f"images whose files cannot be read as 8-bit images ({_SKIP_KEY} True)"
+    first = _first(list(unreadable.values()))
+    if not kept:
+        raise DatasetCheckError(f"{name}: all {len(dicts)} are {what}: {first}.")
+    logger.warning(f"{name}: left out {len(dicts) - len(kept)} {what}: {first}.")
+    return kept
+
+
 def check_dataset_dicts(
     dicts: List[dict],
     name: str,
@@ -199,13 +288,17 @@ def check_dataset_dicts(
     *,
     drop_invalid_boxes: bool = False,
     drop_empty: bool = False,
+    skip_unreadable: bool = False,
+    json_files: Sequence[str] = (),
 ) -> List[dict]:
     """
     Check a dataset's dicts against ``limits``: category ids, box sizes (``bbox`` in its
     ``bbox_mode``, as Detectron2 converts it; crowd boxes are not trained on and not checked),
-    that ``file_name`` (and with the segmentation loss ``sem_seg_file_name``) exist, and that
-    each image's shorter side after resizing (from the dict's ``height``/``width``) is at least
-    the trunk's stride.
+    boxes wholly outside their image (logged; refused above ``limits.max_outside_fraction``),
+    that ``file_name`` (and with the segmentation loss ``sem_seg_file_name``) exist and can be
+    read as 8-bit images (:func:`image_file_problem`), that each image's shorter side after
+    resizing (from the dict's ``height``/``width``) is at least the trunk's stride, and that
+    the images of the COCO jsons ``json_files`` have distinct ids.
 
     Args:
         dicts (list[dict]): the dataset dicts (not modified).
@@ -215,37 +308,41 @@ def check_dataset_dicts(
             count, instead of refusing them.
         drop_empty (bool): with ``drop_invalid_boxes``, also remove images left without boxes
             (as ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` does).
+        skip_unreadable (bool): leave out the images whose files cannot be read as 8-bit
+            images, logging them, instead of refusing them.
+        json_files (list[str]): the COCO jsons the dicts were loaded from.
 
     Returns:
-        list[dict]: ``dicts``, or a copy without the dropped boxes.
+        list[dict]: ``dicts``, or a copy without the dropped boxes and left-out images.
 
     Raises:
         DatasetCheckError: listing every kind of problem with its count, the first offenders
             and the config key to change.
     """
-    bad_category, bad_box = _annotation_problems(dicts, limits)
+    found = _annotation_problems(dicts, limits)
     files = ("file_name",) + (("sem_seg_file_name",) if limits.sem_seg_num_classes else ())
-    sections = []
-    if bad_category:
-        sections.append(
-            _section(
-                f"annotations with a category_id outside [0, {limits.num_classes})",
-                bad_category,
-                f"MODEL.ROI_HEADS.NUM_CLASSES is {limits.num_classes}: set it to the dataset's "
-                "number of classes (an id equal to NUM_CLASSES is the head's background).",
-            )
-        )
-    if bad_box and not drop_invalid_boxes:
-        sections.append(
-            _section(
-                "boxes with a non-positive or non-finite width or height",
-                [desc for _, _, desc in bad_box],
-                f"Fix the annotations, or set {_DROP_KEY} True to drop such boxes.",
-            )
-        )
-    missing = _missing_files(dicts, files)
+    missing, unreadable = _file_problems(dicts, files)
+    sections = _annotation_sections(found, limits, drop_invalid_boxes)
     if missing:
         sections.append(_section("files that cannot be read", missing, "Restore them."))
+    if unreadable and not skip_unreadable:
+        sections.append(
+            _section(
+                "image files that cannot be read as 8-bit images",
+                list(unreadable.values()),
+                "Restore them or convert them to 8-bit images (a training set can leave them "
+                f"out with {_SKIP_KEY} True).",
+            )
+        )
+    for json_file, shared in _duplicate_ids(json_files).items():
+        sections.append(
+            _section(
+                f"image ids shared by several images in {json_file}",
+                shared,
+                "Give each image its own id (the COCO loader keeps one image per id and gives "
+                "it the boxes of all of them).",
+            )
+        )
     small = _too_small(dicts, limits)
     if small:
         sections.append(
@@ -259,8 +356,13 @@ def check_dataset_dicts(
         raise DatasetCheckError(
             f"{name} ({len(dicts)} images) cannot be used as configured:\n" + "\n".join(sections)
         )
-    if bad_box:
-        return _drop_boxes(list(dicts), bad_box, name, drop_empty)
+    if found.outside:
+        fix = "Detectron2 clips boxes to their image and drops the empty ones: not trained on."
+        logger.warning(f"{name}: {_outside_section(found, limits, fix).strip()}")
+    if found.bad_box:
+        dicts = _drop_boxes(list(dicts), found.bad_box, name, drop_empty)
+    if unreadable:
+        dicts = _leave_out(dicts, unreadable, files, name)
     return dicts
 
 
@@ -276,10 +378,17 @@ def _sem_seg_classes_fit(names: Sequence[str], num_classes: int) -> None:
             )
 
 
+def _coco_json_files(names: Sequence[str]) -> List[str]:
+    # register_coco_instances and Detectron2's builtin COCO datasets record their json.
+    found = (MetadataCatalog.get(name).get("json_file", None) for name in names)
+    return list(dict.fromkeys(f for f in found if f))
+
+
 def check_train_datasets(cfg, dicts: List[dict], *, min_side: int) -> List[dict]:
     """
     :func:`check_dataset_dicts` on the training images (``dicts``, as the train loader gets
-    them) with ``cfg``'s limits and ``DATALOADER.ION_DROP_INVALID_BOXES``; with
+    them) and the COCO jsons of ``DATASETS.TRAIN`` with ``cfg``'s limits,
+    ``DATALOADER.ION_DROP_INVALID_BOXES`` and ``DATALOADER.ION_SKIP_UNREADABLE_IMAGES``; with
     ``MODEL.ION.SEG_LOSS_ON`` also the datasets' semantic class counts and
     :func:`check_sem_seg_labels`.
 
@@ -289,7 +398,7 @@ def check_train_datasets(cfg, dicts: List[dict], *, min_side: int) -> List[dict]
         min_side (int): the trunk's stride (:func:`input_stride`).
 
     Returns:
-        list[dict]: the dicts to train on (without dropped boxes).
+        list[dict]: the dicts to train on (without dropped boxes and left-out images).
     """
     names = tuple(cfg.DATASETS.TRAIN)
     limits = DatasetLimits.from_config(cfg, min_side=min_side, is_train=True)
@@ -302,6 +411,8 @@ def check_train_datasets(cfg, dicts: List[dict], *, min_side: int) -> List[dict]
         limits,
         drop_invalid_boxes=cfg.DATALOADER.ION_DROP_INVALID_BOXES,
         drop_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        skip_unreadable=cfg.DATALOADER.ION_SKIP_UNREADABLE_IMAGES,
+        json_files=_coco_json_files(names),
     )
 
 
@@ -309,7 +420,8 @@ def check_test_datasets(cfg, *, min_side: int, names: Optional[Sequence[str]] = 
     """
     :func:`check_dataset_dicts` on each test dataset (``names``, default ``DATASETS.TEST``).
     Evaluators read a test set's ground truth themselves, so with
-    ``DATALOADER.ION_DROP_INVALID_BOXES`` its invalid boxes are only counted in the log.
+    ``DATALOADER.ION_DROP_INVALID_BOXES`` its invalid boxes are only counted in the log, and
+    its unreadable images are always refused.
     """
     limits = DatasetLimits.from_config(cfg, min_side=min_side, is_train=False)
     for name in cfg.DATASETS.TEST if names is None else names:
@@ -318,4 +430,5 @@ def check_test_datasets(cfg, *, min_side: int, names: Optional[Sequence[str]] = 
             f"DATASETS.TEST {name!r} (evaluators still read its own annotations)",
             limits,
             drop_invalid_boxes=cfg.DATALOADER.ION_DROP_INVALID_BOXES,
+            json_files=_coco_json_files([name]),
         )

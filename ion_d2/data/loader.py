@@ -20,6 +20,8 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .file_check import UnreadableImage
+
 __all__ = ["IterationBatches", "IONTrainLoader", "build_ion_train_loader", "seeded_rngs"]
 
 logger = logging.getLogger(__name__)
@@ -117,12 +119,19 @@ class IterationBatches:
 
 
 class _IterationDataset(IterableDataset):
-    """This process's share of each iteration's batch, mapped, from ``start_iter`` on."""
+    """
+    This process's share of each iteration's batch, mapped, from ``start_iter`` on; with
+    ``skip_unreadable``, an image the mapper cannot read (:class:`UnreadableImage`) is replaced
+    by the next readable one in dataset order, mapped with the same random draws.
+    """
 
-    def __init__(self, dataset, mapper, batches: IterationBatches, start_iter: int):
+    def __init__(
+        self, dataset, mapper, batches: IterationBatches, start_iter: int, skip_unreadable: bool
+    ):
         self.dataset, self.mapper, self.batches = dataset, mapper, batches
-        self.start_iter = start_iter
+        self.start_iter, self.skip_unreadable = start_iter, skip_unreadable
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        self._unreadable: set = set()
 
     def __iter__(self):
         worker = get_worker_info()
@@ -136,8 +145,23 @@ class _IterationDataset(IterableDataset):
 
     def _map(self, iteration: int, slot: int, index: int):
         # The augmentations' random draws depend on (seed, iteration, slot) only.
-        with seeded_rngs(_derive_seed(self.batches.seed, _SAMPLE, iteration, slot)):
-            return self.mapper(self.dataset[index])
+        seed = _derive_seed(self.batches.seed, _SAMPLE, iteration, slot)
+        for step in range(len(self.dataset)):
+            candidate = (index + step) % len(self.dataset)
+            if candidate in self._unreadable:
+                continue
+            try:
+                with seeded_rngs(seed):
+                    return self.mapper(self.dataset[candidate])
+            except UnreadableImage as e:
+                if not self.skip_unreadable:
+                    raise
+                self._unreadable.add(candidate)
+                logger.warning(
+                    f"{str(e).rstrip('.')}; training on the next readable image in its place "
+                    "from now on (DATALOADER.ION_SKIP_UNREADABLE_IMAGES True)."
+                )
+        raise UnreadableImage("No image of the training set can be read.")
 
 
 def _collate(batch):
@@ -153,9 +177,17 @@ class IONTrainLoader:
     it knows (from a checkpoint) where training resumes.
     """
 
-    def __init__(self, dataset: Sequence, mapper: Callable, *, batches, num_workers: int):
+    def __init__(
+        self,
+        dataset: Sequence,
+        mapper: Callable,
+        *,
+        batches,
+        num_workers: int,
+        skip_unreadable: bool = False,
+    ):
         self.dataset, self.mapper, self.batches = dataset, mapper, batches
-        self.num_workers = num_workers
+        self.num_workers, self.skip_unreadable = num_workers, skip_unreadable
         self.start_iter = 0
         self._started = False
 
@@ -184,7 +216,9 @@ class IONTrainLoader:
 
     def _generate(self):
         self._started = True
-        dataset = _IterationDataset(self.dataset, self.mapper, self.batches, self.start_iter)
+        dataset = _IterationDataset(
+            self.dataset, self.mapper, self.batches, self.start_iter, self.skip_unreadable
+        )
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -233,7 +267,8 @@ def build_ion_train_loader(
     """
     Build :class:`IONTrainLoader` from a config, as :func:`build_detection_train_loader` would
     (the same datasets, filtering, batch size, grouping and workers), with ``cfg.SEED`` as the
-    data seed (a seed shared by all processes when ``SEED`` < 0).
+    data seed (a seed shared by all processes when ``SEED`` < 0) and
+    ``DATALOADER.ION_SKIP_UNREADABLE_IMAGES``.
 
     Args:
         cfg (CfgNode): the config.
@@ -261,4 +296,10 @@ def build_ion_train_loader(
     groups = _aspect_groups(dicts) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
     batches = IterationBatches(len(dicts), cfg.SOLVER.IMS_PER_BATCH, seed, groups)
     dataset = DatasetFromList(dicts, copy=False)
-    return IONTrainLoader(dataset, mapper, batches=batches, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return IONTrainLoader(
+        dataset,
+        mapper,
+        batches=batches,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        skip_unreadable=cfg.DATALOADER.ION_SKIP_UNREADABLE_IMAGES,
+    )

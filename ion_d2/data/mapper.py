@@ -1,4 +1,4 @@
-"""ION's dataset mapper: Detectron2's DatasetMapper that checks semantic labels first."""
+"""ION's dataset mapper: Detectron2's DatasetMapper that checks its files and labels."""
 
 from typing import Optional, Tuple
 
@@ -7,9 +7,16 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
+from .file_check import UnreadableImage, eight_bit_problem
 from .transforms import cap_unresized_images
 
-__all__ = ["IONDatasetMapper", "InvalidSemSegLabel", "SemSegLabelCheck", "check_sem_seg_label"]
+__all__ = [
+    "IONDatasetMapper",
+    "InvalidSemSegLabel",
+    "SemSegLabelCheck",
+    "UnreadableImage",
+    "check_sem_seg_label",
+]
 
 
 class InvalidSemSegLabel(ValueError):
@@ -78,7 +85,9 @@ class IONDatasetMapper(DatasetMapper):
     :func:`cap_unresized_images`: "no resizing" still caps the longer edge) are preceded by
     :class:`SemSegLabelCheck`: a label map of another size than its image, or (in training,
     with ``MODEL.ION.SEG_LOSS_ON``) with values outside ``[0, NUM_CLASSES)`` and not
-    ``IGNORE_VALUE``, raises :class:`InvalidSemSegLabel` naming the file.
+    ``IGNORE_VALUE``, raises :class:`InvalidSemSegLabel` naming the file. An image or label
+    file that is not 8-bit (which ``read_image`` would clip to 0..255) or fails to decode
+    raises :class:`UnreadableImage` naming it.
     """
 
     @configurable
@@ -112,10 +121,20 @@ class IONDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         """See :meth:`DatasetMapper.__call__`."""
+        files = [dataset_dict["file_name"], dataset_dict.get("sem_seg_file_name")]
+        files = [f for f in files if f is not None]
         try:
+            for path in files:
+                problem = eight_bit_problem(path)
+                if problem is not None:
+                    raise UnreadableImage(f"{path} cannot be read as an 8-bit image: {problem}.")
             return super().__call__(dataset_dict)
         except InvalidSemSegLabel as e:
             raise InvalidSemSegLabel(
                 f"{dataset_dict.get('sem_seg_file_name')} (labels of "
                 f"{dataset_dict.get('file_name')}): {e}"
             ) from None
+        except UnreadableImage:
+            raise
+        except (OSError, SyntaxError) as e:
+            raise UnreadableImage(f"{' or '.join(files)} cannot be read: {e}") from e

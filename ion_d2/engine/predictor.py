@@ -1,6 +1,7 @@
 """Inference on images without silent damage: IONPredictor and a checked image reader."""
 
 import os
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -8,15 +9,14 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from PIL import Image, ImageFile
 
+from ..data.dataset_check import input_stride
+from ..data.file_check import EIGHT_BIT_MODES
+from ..data.size_rule import size_problem
 from ..data.transforms import cap_unresized_images
-from .checkpoint import UnreadableCheckpoint, describe_unreadable_checkpoint
+from .checkpoint import IONCheckpointer, UnreadableCheckpoint, describe_unreadable_checkpoint
 
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
 
-
-# PIL modes whose channels are 8-bit; detectron2's read_image converts them to RGB/BGR exactly.
-# Others (16-bit "I;16", 32-bit "I", float "F") would be clipped to 0..255 by that conversion.
-EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
@@ -113,9 +113,14 @@ class IONPredictor(DefaultPredictor):
     :class:`DefaultPredictor` that checks (and where unambiguous converts) its input with
     :func:`as_bgr_uint8`, and, for a config that keeps test images at their own size
     (``INPUT.MIN_SIZE_TEST: 0``), still caps their longer edge at ``INPUT.MAX_SIZE_TEST`` (the
-    stock predictor would run a 4000x6000 photo at full size). A local ``MODEL.WEIGHTS`` that
+    stock predictor would run a 4000x6000 photo at full size). An image whose shorter side after
+    that resize is under the trunk's stride is refused, as the dataset check refuses it
+    (:func:`ion_d2.data.size_rule.size_problem`). A local ``MODEL.WEIGHTS`` that
     is not a checkpoint (empty, truncated, not a torch file) raises
-    :class:`UnreadableCheckpoint` naming it.
+    :class:`UnreadableCheckpoint` naming it; no weights, weights holding NaN or inf, or
+    weights that do not match the model (missing, unexpected or mis-shaped keys) raise
+    :class:`UnusableWeights` naming them (:class:`IONCheckpointer` with ``strict``), unless
+    ``MODEL.ION.ALLOW_PARTIAL_WEIGHTS`` (NaN and inf are refused even then).
     """
 
     def __init__(self, cfg):
@@ -127,9 +132,40 @@ class IONPredictor(DefaultPredictor):
                     f"MODEL.WEIGHTS {weights} {problem}; expected a checkpoint written by "
                     "torch.save (.pth) or a Detectron2 model-zoo .pkl."
                 )
-        super().__init__(cfg)
+        # DefaultPredictor builds the model; it would load the weights with Detectron2's
+        # checkpointer, which only logs what does not match, so they are loaded here instead.
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        super().__init__(unloaded)
+        self.cfg = cfg.clone()
+        strict = not cfg.MODEL.ION.ALLOW_PARTIAL_WEIGHTS
+        IONCheckpointer(self.model, strict=strict).load(weights)
         self.aug = cap_unresized_images([self.aug])[0]
+        self.min_side = input_stride(self.model.backbone)
+
+    def size_problem(self, height: int, width: int) -> Optional[str]:
+        """
+        Why an image of ``height`` x ``width`` is too small for the model after this config's
+        resize (:func:`ion_d2.data.size_rule.size_problem`), or None when it is not.
+        """
+        return size_problem(
+            height,
+            width,
+            short_edge=self.cfg.INPUT.MIN_SIZE_TEST,
+            max_size=self.cfg.INPUT.MAX_SIZE_TEST,
+            min_side=self.min_side,
+        )
 
     def __call__(self, original_image):
-        """See :meth:`DefaultPredictor.__call__`; the image goes through :func:`as_bgr_uint8`."""
-        return super().__call__(as_bgr_uint8(original_image))
+        """
+        See :meth:`DefaultPredictor.__call__`; the image goes through :func:`as_bgr_uint8`.
+
+        Raises:
+            ValueError: the image is too small for the trunk after resizing (:meth:`size_problem`).
+        """
+        image = as_bgr_uint8(original_image)
+        problem = self.size_problem(*image.shape[:2])
+        if problem is not None:
+            raise ValueError(f"Image too small for the model: {problem}.")
+        return super().__call__(image)

@@ -16,6 +16,7 @@ from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
+from ..config import check_ion_config
 from ..data.dataset_check import check_test_datasets, check_train_datasets, input_stride
 from ..data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
 from ..data.mapper import IONDatasetMapper
@@ -24,7 +25,7 @@ from ..modeling.meta_arch import IONRCNN
 from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
 from .launch import create_ddp_model_any_device, unwrap_ddp
-from .run_folder import prepare_run_dir
+from .run_folder import claim_run
 from .skip_pool_scale import measure_skip_pool_scale, skip_pooler, training_batches
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
 from .stages import training_stages
@@ -201,28 +202,32 @@ def train_and_evaluate(
     4.1's two stages train one after the other (:func:`training_stages`) and the second is
     evaluated.
 
-    Each stage's config is stored as its ``OUTPUT_DIR/config.yaml``. A run there trained with
-    another config is refused, naming the differing keys (:func:`prepare_run_dir`), unless
-    ``retrain``, which moves any previous run aside and trains from scratch.
+    The config is checked first (:func:`check_ion_config`). The run folders are claimed as
+    train_net.py claims them (:func:`claim_run`) and locked until the evaluation is done: each
+    stage's config is stored as its ``OUTPUT_DIR/config.yaml``; a run there of another config
+    is refused, naming the differing keys (with ``resume``, a longer or shorter schedule
+    continues the run), unless ``retrain``, which moves any previous run aside and trains from
+    scratch.
 
     Returns:
         tuple: the (last stage's) trainer, whose ``model`` is the trained model, and the
         evaluation results, as returned by :meth:`DefaultTrainer.test`.
     """
+    check_ion_config(cfg)
     stages = training_stages(cfg)
-    for stage in stages:
-        trainer = _train(stage, resume=resume, retrain=retrain)
-    trainer.model.eval()
-    return trainer, IONTrainer.test(stages[-1], trainer.model)
+    with claim_run(cfg, resume=resume, retrain=retrain):
+        for stage in stages:
+            trainer = _train(stage, resume=resume)
+        trainer.model.eval()
+        return trainer, IONTrainer.test(stages[-1], trainer.model)
 
 
-def _train(cfg, *, resume: bool, retrain: bool) -> IONTrainer:
+def _train(cfg, *, resume: bool) -> IONTrainer:
     train_cfg = cfg.clone()
     train_cfg.defrost()
     # Evaluate once, in train_and_evaluate, instead of in the trainer's final EvalHook as well.
     train_cfg.DATASETS.TEST = ()
     train_cfg.freeze()
-    prepare_run_dir(cfg, retrain=retrain)
     # Section 4.1: a fixed seed, so that variants trained one after the other in one process
     # see the same images in the same order.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
