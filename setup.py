@@ -18,6 +18,18 @@ import os
 
 from setuptools import find_packages, setup
 
+
+def get_version() -> str:
+    """ion_d2/__init__.py's ``__version__``, read as text (importing ion_d2 needs torch), as
+    Detectron2's setup.py reads its own."""
+    init_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ion_d2", "__init__.py")
+    with open(init_py) as f:
+        lines = [line for line in f if line.startswith("__version__")]
+    if len(lines) != 1:
+        raise ValueError(f"{init_py} has {len(lines)} lines starting with __version__; expected 1")
+    return lines[0].split("=")[-1].strip().strip("'\"")
+
+
 # Headless: ion_d2 never opens a window, and the GUI build needs libGL / X libraries that servers
 # and CI machines lack.
 OPENCV_WHEELS = {
@@ -34,7 +46,7 @@ if opencv_choice not in OPENCV_WHEELS:
 
 setup(
     name="ion_d2",
-    version="0.1.0",
+    version=get_version(),
     description="Inside-Outside Net (Bell et al., CVPR 2016) as a Detectron2 plugin",
     packages=find_packages(include=["ion_d2", "ion_d2.*"]),
     python_requires=">=3.8",

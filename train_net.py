@@ -12,37 +12,32 @@ Train and evaluate ION (Inside-Outside Net) with Detectron2's DefaultTrainer.
 
 The paper's two-stage schedule (section 4.1) is one command with SOLVER.ION_STAGE2.ENABLED (the
 paper rows under configs/paper/): stage 1 in OUTPUT_DIR/stage1, then stage 2 from its
-model_final.pth in OUTPUT_DIR/stage2 (ion_d2.engine.stages.training_stages); with --resume a
-finished stage 1 is not trained again. Or two commands, configs/ION_VGG16_VOC0712_stage{1,2}.yaml.
+model_final.pth in OUTPUT_DIR/stage2 (ion_d2.engine.stages.training_stages), by the loop that
+train_and_evaluate runs too (ion_d2.engine.trainer.train_stages): only stage 2 is evaluated, and
+with --resume a finished stage 1 is not trained again. MODEL.ION.PROPOSALS selective_search
+trains or evaluates any config on selective-search proposals, as the paper does
+(ion_d2.get_ion_cfg derives the rest).
 With TEST.AUG.ENABLED, evaluation also runs with test-time augmentation (IONTrainer.test_with_TTA,
 e.g. left-right flipping), reported as "bbox_TTA".
 """
 
-import logging
-
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, hooks
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.config import check_config_file, check_ion_config
 from ion_d2.engine import IONTrainer as Trainer
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.launch import launch
 from ion_d2.engine.run_folder import claim_run, kept_run_config
-from ion_d2.engine.stages import training_stages
-
-logger = logging.getLogger("ion_d2")
+from ion_d2.engine.trainer import train_stages
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_ion_config(cfg)
     check_config_file(args.config_file)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.freeze()
     check_datasets(cfg, args)
     if not args.eval_only:
@@ -89,26 +84,11 @@ def main(args):
             verify_results(cfg, res)
         return res
 
-    stages = training_stages(cfg)
-    for stage in stages[:-1]:
-        train(stage, args, last=False)
-        comm.synchronize()  # stage 1's model_final.pth is written before stage 2 reads it
-    return train(stages[-1], args, last=True)
-
-
-def train(cfg, args, *, last: bool):
-    """Train one stage with the stock trainer; with --resume, a finished stage before the last
-    is skipped instead of evaluated again (the last one evaluates again, as Detectron2 does)."""
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    if not last and trainer.start_iter >= cfg.SOLVER.MAX_ITER:
-        logger.info(f"{cfg.OUTPUT_DIR} holds a finished run; not training it again.")
-        return None
-    if cfg.TEST.AUG.ENABLED:
-        trainer.register_hooks(
-            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
-        )
-    return trainer.train()
+    # The loop of train_and_evaluate (the demo, the comparison, the gate): each stage trained
+    # (a finished one not again), the last one evaluated by the trainer's EvalHook, with TTA
+    # under TEST.AUG.ENABLED.
+    _, results = train_stages(cfg, resume=args.resume, trainer_class=Trainer)
+    return results
 
 
 def argument_parser():

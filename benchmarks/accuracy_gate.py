@@ -60,17 +60,13 @@ def schedule_opts(iters: int, seed: int) -> List[str]:
 # Worker: one training run, in its own process.
 # ------------------------------------------------------------------------------------------
 def run_worker(config_file: str, output_dir: str, opts: List[str]) -> None:
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
     from detectron2.utils.logger import setup_logger
 
-    from ion_d2 import add_ion_config
+    from ion_d2 import get_ion_cfg
     from ion_d2.engine import train_and_evaluate
 
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = get_ion_cfg(config_file, opts)
     cfg.OUTPUT_DIR = output_dir
     cfg.freeze()
     os.makedirs(output_dir, exist_ok=True)

@@ -16,11 +16,10 @@ import time
 
 import cv2
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.data.dataset_check import DatasetLimits, check_dataset_dicts
 from ion_d2.data.loader import load_train_dicts
 
@@ -62,9 +61,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     parser.add_argument("--records", type=int, default=100000)
     args = parser.parse_args()
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
+    cfg = get_ion_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
     limits = DatasetLimits.from_config(cfg, min_side=16, is_train=True)
     bundled = load_train_dicts(cfg)
     jsons = [MetadataCatalog.get(name).json_file for name in cfg.DATASETS.TRAIN]

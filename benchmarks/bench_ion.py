@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -48,11 +48,13 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import ion_d2
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.modeling.context import IRNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("precomputed", "rpn")
+# Each mode's MODEL.ION.PROPOSALS: the precomputed boxes are selective search's, as the paper's.
+MODE_PROPOSALS = {"precomputed": "selective_search", "rpn": "generator"}
 BASELINE = "fast_rcnn"
 
 
@@ -67,10 +69,9 @@ class Variant:
     # Box voting acts at inference only: its training step is its base variant's.
     inference_only: bool = False
 
-    def config_file(self, mode: str) -> str:
+    def config_file(self) -> str:
         stem = "ION" if self.ion else "FastRCNN"
-        proposals = "_SS" if mode == "precomputed" else ""
-        return os.path.join(REPO, "configs", f"{stem}_VGG16_VOC0712{proposals}_stage1.yaml")
+        return os.path.join(REPO, "configs", f"{stem}_VGG16_VOC0712_stage1.yaml")
 
 
 _CONV3X3 = {
@@ -173,9 +174,7 @@ _ROUND_STAGES = ("box_pooler", "reduction", "fc6/fc7", "predictor")
 def build_cfg(name: str, mode: str, num_proposals: int, args: argparse.Namespace) -> CfgNode:
     """The variant's full-size config (shrunk with ``--tiny``), random weights, on ``--device``."""
     variant = VARIANTS[name]
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(variant.config_file(mode))
+    cfg = get_ion_cfg(variant.config_file(), ["MODEL.ION.PROPOSALS", MODE_PROPOSALS[mode]])
     overrides = {
         "MODEL.WEIGHTS": "",
         "MODEL.DEVICE": args.device,

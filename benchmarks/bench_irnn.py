@@ -3,17 +3,16 @@ Time ION's IRNN recurrences and context module on a conv5-sized map (section 3.2
 
 Compares, in one run and on the same input:
 
-1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`, one
-   ``(N*H, C) x (C, C)`` matmul per step for all rows of all images, four directions at once)
-   against a cell-by-cell loop (one ``(C, C) x (C,)`` matvec per cell), as the paper's
-   "stepping all IRNNs together with a single matrix multiply" vs "computing each RNN cell one
-   at a time";
+1. a learned-``Whh`` scan: the batched scan (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`,
+   one ``(N*H, C) x (C, C)`` matmul per step for all rows of all images, four directions at once)
+   against a cell-by-cell loop (one ``(C, C) x (C,)`` matvec per cell), as the paper's "stepping all
+   IRNNs together with a single matrix multiply" vs "computing each RNN cell one at a time";
 2. the ``Whh = I`` scan: the step loop ``h = relu(h + x_t)`` (``identity_method="step"``, the
    CPU's choice) against the cumsum/cummin closed form (``"closed_form"``, the GPU's choice),
    forward only and forward + backward; for scale, the forward also times the learned scan
    with ``Whh = I`` (what "removing Whh" saves);
-3. the whole :class:`ion_d2.modeling.context.IRNN` module in eval (``--layers`` 4-direction layers of
-   ``--hidden`` units on a ``--hidden``-channel map), ``Whh`` learned and removed; with
+3. the whole :class:`ion_d2.modeling.context.IRNN` module in eval (``--layers`` 4-direction
+   layers of ``--hidden`` units on a ``--hidden``-channel map), ``Whh`` learned and removed; with
    ``--trunk``, also the VGG16 trunk on the image that gives this map (16 px per cell) and the
    module's share of the trunk's time.
 

@@ -1,12 +1,12 @@
 """
 Time ION's ROI max pooling against torchvision's on VGG16-sized maps (section 3.1).
 
-For conv3 (stride 4, 256 channels), conv4 (stride 8, 512) and conv5 (stride 16, 512) of a
-600x1000 image, and for boxes of three size ranges, it times in one run, interleaved,
+For conv3 (stride 4, 256 channels), conv4 (stride 8, 512) and conv5 (stride 16, 512) of a 600x1000
+image, and for boxes of three size ranges, it times in one run, interleaved,
 ``torchvision.ops.roi_pool`` (what Detectron2's ``ROIPooler`` calls) against
-:func:`ion_d2.modeling.roi_pool.sparse_table_roi_pool` (what :class:`ion_d2.modeling.roi_pool.IONROIPool` calls on
-a CPU without autograd), checks that the outputs are equal, and prints the median times and the
-speed-up. Example::
+:func:`ion_d2.modeling.roi_pool.sparse_table_roi_pool` (what
+:class:`ion_d2.modeling.roi_pool.IONROIPool` calls on a CPU without autograd), checks that the
+outputs are equal, and prints the median times and the speed-up. Example::
 
     python benchmarks/bench_roi_pool.py --boxes 1000 --threads 2
 """

@@ -13,10 +13,9 @@ import tempfile
 import time
 
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.data import IONDatasetMapper, register_ion_synthetic
 from ion_d2.data.mapper import check_sem_seg_label
 
@@ -39,9 +38,7 @@ def main():
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
+    cfg = get_ion_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml"))
     with tempfile.TemporaryDirectory() as root:
         train, _ = register_ion_synthetic(
             root, num_train=args.images, num_val=1, name_prefix="bench_semseg"

@@ -9,7 +9,7 @@ baseline. Finished runs in the output folder are reused, interrupted ones resume
 they were trained with the same config (otherwise refused; --retrain trains again).
 
 With --proposals ss both train and test on selective-search proposals as in the paper
-(configs/*_synthetic_SS.yaml) instead of an RPN; the proposal files the configs name are
+(MODEL.ION.PROPOSALS selective_search) instead of an RPN; the proposal files that names are
 computed first when missing (tools/selective_search_proposals.py).
 """
 
@@ -18,34 +18,26 @@ import json
 import logging
 import os
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.data.selective_search_proposals import compute_selective_search_proposals
 from ion_d2.engine import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (label, config, output subfolder) per proposal method.
-MODELS = {
-    "rpn": (
-        ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic.yaml", "baseline"),
-        ("ION", "ION_VGG16_synthetic.yaml", "ion"),
-    ),
-    "ss": (
-        ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic_SS.yaml", "baseline_ss"),
-        ("ION", "ION_VGG16_synthetic_SS.yaml", "ion_ss"),
-    ),
-}
+# (label, config, output subfolder) of the two models.
+MODELS = (
+    ("Fast R-CNN baseline", "FastRCNN_VGG16_synthetic.yaml", "baseline"),
+    ("ION", "ION_VGG16_synthetic.yaml", "ion"),
+)
+# --proposals: (MODEL.ION.PROPOSALS, the output subfolders' suffix).
+PROPOSALS = {"rpn": ("generator", ""), "ss": ("selective_search", "_ss")}
 logger = logging.getLogger("ion_d2.compare")
 
 
 def _cfg(config_name, output_dir, opts):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", config_name))
-    cfg.merge_from_list(opts)
+    cfg = get_ion_cfg(os.path.join(REPO, "configs", config_name), opts)
     cfg.OUTPUT_DIR = output_dir
     cfg.freeze()
     return cfg
@@ -78,7 +70,7 @@ def main():
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "compare"))
     parser.add_argument(
         "--proposals",
-        choices=sorted(MODELS),
+        choices=sorted(PROPOSALS),
         default="rpn",
         help="rpn: an RPN on conv5 (default); ss: precomputed selective-search boxes, as the "
         "paper (computed first when the configs' files are missing)",
@@ -97,10 +89,11 @@ def main():
     setup_logger(output=args.output_dir)
     setup_logger(output=args.output_dir, name="ion_d2")
 
-    models = MODELS[args.proposals]
+    value, suffix = PROPOSALS[args.proposals]
+    opts = ["MODEL.ION.PROPOSALS", value] + args.opts
     rows = {}
-    for label, config_name, subdir in models:
-        cfg = _cfg(config_name, os.path.join(args.output_dir, subdir), args.opts)
+    for label, config_name, subdir in MODELS:
+        cfg = _cfg(config_name, os.path.join(args.output_dir, subdir + suffix), opts)
         ensure_proposal_files(cfg, args.workers)
         logger.info(f"Training {label}: {config_name}, {cfg.SOLVER.MAX_ITER} iterations")
         _, results = train_and_evaluate(cfg, resume=True, retrain=args.retrain)
@@ -108,7 +101,7 @@ def main():
         rows[label] = summarise(results["bbox"], context_classes)
         rows[label].update({k: v for k, v in results["bbox"].items() if k.startswith("AP-")})
 
-    base, ion = (rows[m[0]] for m in models)
+    base, ion = (rows[m[0]] for m in MODELS)
     keys = ["AP", "AP50", "APs", "AP context classes"]
     keys += sorted(k for k in ion if k.startswith("AP-"))
     lines = [f"{'':<22}" + "".join(f"{k:>20}" for k in ("baseline", "ION", "ION - baseline"))]

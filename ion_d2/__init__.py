@@ -7,7 +7,7 @@ Importing this package registers every ION component in Detectron2's registries:
 """
 
 from . import data as _data  # noqa: F401  (registers the bundled datasets)
-from .config import add_ion_config
+from .config import add_ion_config, get_ion_cfg
 from .engine import IONPredictor
 from .modeling import (
     ION_CONTEXT_REGISTRY,
@@ -23,6 +23,7 @@ from .modeling import (
 
 __all__ = [
     "add_ion_config",
+    "get_ion_cfg",
     "ION_CONTEXT_REGISTRY",
     "build_ion_context",
     "IONRCNN",
@@ -34,3 +35,7 @@ __all__ = [
     "IONVGG16",
     "build_ion_vgg16_backbone",
 ]
+
+# The one place that states the version: setup.py reads this line, CHANGELOG.md's newest release
+# heading names it (tests/test_version.py checks both).
+__version__ = "0.2.0"

@@ -4,8 +4,19 @@ Section and table numbers refer to Bell et al., "Inside-Outside Net: Detecting O
 Context with Skip Pooling and Recurrent Neural Networks", CVPR 2016.
 """
 
+import os
+import re
+from typing import Optional, Sequence
+
 import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .data.builtin_ionseg import ION_SEG_SUFFIX
+from .data.selective_search_proposals import default_proposal_file
+
+# MODEL.ION.PROPOSALS's values.
+PROPOSALS = ("generator", "selective_search")
 
 
 def add_ion_config(cfg: CN) -> None:
@@ -91,8 +102,8 @@ def add_ion_config(cfg: CN) -> None:
     # all experiments. We later found that in fact the model is underfitting and there is no
     # need for dropout anywhere in the network."
     _C.MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT = 0.25
-    # How the IRNN layers connect (ion_d2/modeling/context/irnn.py states both; docs/PAPER_EXPERIMENTS.md,
-    # "The IRNN's wiring").
+    # How the IRNN layers connect (ion_d2/modeling/context/irnn.py states both;
+    # docs/PAPER_EXPERIMENTS.md, "The IRNN's wiring").
     # "paper": Figure 3, whose labels read as two "input-to-hidden transition"s and one
     #   "hidden-to-output transition": 1x1 -> scans -> concat -> 1x1 -> scans -> concat -> 1x1.
     #   Section 3.2: "The output from the IRNN is computed by concatenating the hidden state from
@@ -101,12 +112,12 @@ def add_ion_config(cfg: CN) -> None:
     #   produce an output with the same shape as conv5" (the last 1x1 conv, linear).
     # "per_layer": every layer is 1x1 -> scans -> concat -> 1x1 back to the input's channels ->
     #   ReLU (four 1x1 convs for 2 layers), ion_d2's wiring up to 0.1.x.
-    # The default is "per_layer" so that a checkpoint written before this key existed loads with
-    # the config it was trained with (whose dump has no WIRING) and gives the same output;
-    # Base-ION-VGG16.yaml and so every paper preset sets "paper", the bundled synthetic configs
-    # "per_layer" (their measured figures). A checkpoint of the other wiring fails to load,
-    # naming this key.
-    _C.MODEL.ION.CONTEXT.IRNN.WIRING = "per_layer"
+    # The default is the paper's (since 0.2.0), so that ION's parts added to any config get
+    # Figure 3; the bundled synthetic configs set "per_layer" (their measured figures). A
+    # checkpoint of the other wiring (e.g. written before this key existed, whose stored config
+    # has no WIRING) is recognised from its keys and loaded for evaluation and prediction
+    # (IONCheckpointer, with a warning); training from it is refused, naming this key.
+    _C.MODEL.ION.CONTEXT.IRNN.WIRING = "paper"
 
     _C.MODEL.ION.CONTEXT.CONV = CN()
     # Table 7a: 2 x 512x3x3; Table 7b: 2 x 256x5x5. Each conv is followed by ReLU.
@@ -133,10 +144,11 @@ def add_ion_config(cfg: CN) -> None:
     # Using Fast R-CNN, we measured the mean norm to be approximately 1000 when summing over all
     # entries, and 130 when summing across channels."
     # -1: that procedure, on MODEL.ION.CONTEXT.IN_FEATURE (conv5) for every channel, which must
-    #     be pooled: IONTrainer measures it before the first step on SCALE_MEASURE_IMAGES
-    #     training images (ion_d2/engine/skip_pool_scale.py), another trainer's first training
-    #     batch does; loaded weights that hold it keep theirs (stage 2 from stage 1); a model
-    #     neither measured nor loaded refuses inference.
+    #     be pooled, measured before the first step on SCALE_MEASURE_IMAGES training images by
+    #     ion_d2.engine.SkipPoolScaleHook (ion_d2/engine/skip_pool_scale.py), which IONTrainer
+    #     registers and another trainer adds with one line (docs/USAGE.md, "Which trainer");
+    #     loaded weights that hold it keep theirs (stage 2 from stage 1); a model neither
+    #     measured nor loaded refuses to run, naming that line.
     # 0: the paper's constants, 1000 for "roi" and 130 for "location" (Caffe VGG16 conv5,
     #     mean-subtracted input); refused with any backbone but build_ion_vgg16_backbone.
     #     > 0: that value.
@@ -166,6 +178,27 @@ def add_ion_config(cfg: CN) -> None:
     # (fc6 at rank 1024, fc7 at rank 256). An unfactored checkpoint is factored as it loads;
     # tools/compress_fc_svd.py writes a factored one (ion_d2/modeling/fc_svd.py).
     _C.MODEL.ION.FC_SVD_RANKS = []
+
+    # ---------------------------------------------------------------------------------------
+    # Proposals. Section 4.1: "For PASCAL VOC we use the same pre-computed selective search
+    # boxes from Fast R-CNN, and for COCO we use the boxes precomputed by Hosang et al.";
+    # section 4.5: "For all experiments, we are using selective search for object proposals".
+    # ---------------------------------------------------------------------------------------
+    # "generator": those of MODEL.PROPOSAL_GENERATOR as the config sets it (every preset: an RPN
+    #   on the trunk, not from the paper).
+    # "selective_search": the paper's kind of boxes, computed by OpenCV's selective search
+    #   (tools/selective_search_proposals.py; not the paper's files). get_ion_cfg expands it:
+    #   MODEL.PROPOSAL_GENERATOR.NAME "PrecomputedProposals", MODEL.LOAD_PROPOSALS True,
+    #   DATASETS.PROPOSAL_FILES_TRAIN/TEST one file per dataset, the tool's
+    #   $DETECTRON2_DATASETS/ss_proposals/<dataset>.pkl (a "_ionseg" copy reads its builtin's
+    #   file: they are matched by image_id), DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN/TEST 2000
+    #   (Figure 1: "evaluate 2000 proposed regions of interest"); OUTPUT_DIR and a trained run's
+    #   MODEL.WEIGHTS (<run>/model_final.pth, <run>/stageN/model_final.pth) move to an "ss"
+    #   folder beside the run (output/paper/table1/r_s -> output/paper/table1/ss/r_s), so the
+    #   two settings never share a run folder. Keys given on the command line keep their value.
+    #   A model built from a config that says "selective_search" but was not expanded (loaded
+    #   without get_ion_cfg) is refused.
+    _C.MODEL.ION.PROPOSALS = "generator"
 
     # ---------------------------------------------------------------------------------------
     # Test-time refinements ("W" in Tables 1-3, section 4.2).
@@ -264,6 +297,95 @@ def add_ion_config(cfg: CN) -> None:
     # counted in the log; above this fraction of a dataset's boxes the dataset is refused,
     # as its coordinates are likely wrong (in [0, 1]; 1 never refuses).
     _C.DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION = 0.01
+
+
+def get_ion_cfg(config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
+    """
+    The config ion_d2's scripts run: Detectron2's defaults (``get_cfg()``) with ION's keys
+    (:func:`add_ion_config`), then ``config_file`` when given, then ``opts`` (``KEY VALUE``
+    pairs, as on the command line), then what ``MODEL.ION.PROPOSALS`` "selective_search"
+    derives (see its comment above), ``opts`` winning over the derived values.
+
+    Returns it unfrozen, as ``get_cfg()`` does: a caller may still set keys, then freezes it.
+
+    Raises:
+        ValueError: ``MODEL.ION.PROPOSALS`` is none of :data:`PROPOSALS`.
+    """
+    cfg = get_cfg()
+    add_ion_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    opts = list(opts)
+    cfg.merge_from_list(opts)
+    _check_proposals_value(cfg)
+    if cfg.MODEL.ION.PROPOSALS == "selective_search":
+        _expand_selective_search(cfg)
+        cfg.merge_from_list(opts)
+    return cfg
+
+
+def _expand_selective_search(cfg: CN) -> None:
+    """
+    Set the keys ``MODEL.ION.PROPOSALS`` "selective_search" stands for. A config already expanded
+    (a run's stored config.yaml) comes out the same: its folders are already under "ss".
+    """
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    cfg.MODEL.LOAD_PROPOSALS = True
+    for split in ("TRAIN", "TEST"):
+        names = cfg.DATASETS[split]
+        # A "_ionseg" copy holds the builtin's images: its file serves both.
+        names = [n[: -len(ION_SEG_SUFFIX)] if n.endswith(ION_SEG_SUFFIX) else n for n in names]
+        cfg.DATASETS[f"PROPOSAL_FILES_{split}"] = tuple(default_proposal_file(n) for n in names)
+        cfg.DATASETS[f"PRECOMPUTED_PROPOSAL_TOPK_{split}"] = 2000
+    cfg.OUTPUT_DIR = _selective_search_run(cfg.OUTPUT_DIR)
+    folder, name = os.path.split(cfg.MODEL.WEIGHTS)
+    if name == "model_final.pth" and folder:
+        run, stage = os.path.split(folder)
+        if re.fullmatch(r"stage\d+", stage) and run:  # ion_d2.engine.stages' stage folders
+            folder = os.path.join(_selective_search_run(run), stage)
+        else:
+            folder = _selective_search_run(folder)
+        cfg.MODEL.WEIGHTS = os.path.join(folder, name)
+
+
+def _selective_search_run(run: str) -> str:
+    """The run folder beside ``run`` for selective search: a/b -> a/ss/b (kept if under ss/)."""
+    run = run.rstrip("/")
+    if not run or "ss" in run.split("/"):
+        return run
+    parent, name = os.path.split(run)
+    return os.path.join(parent, "ss", name)
+
+
+def _check_proposals_value(cfg: CN) -> None:
+    if cfg.MODEL.ION.PROPOSALS not in PROPOSALS:
+        raise ValueError(
+            f"MODEL.ION.PROPOSALS must be one of {PROPOSALS}; got {cfg.MODEL.ION.PROPOSALS!r}."
+        )
+
+
+def check_proposals(cfg: CN) -> None:
+    """
+    Refuse a config whose ``MODEL.ION.PROPOSALS`` is "selective_search" but that was not expanded
+    (loaded with ``get_cfg()`` rather than :func:`get_ion_cfg`): its model would train and test
+    on MODEL.PROPOSAL_GENERATOR's proposals while the config says selective search.
+    ``IONRCNN.from_config`` calls it.
+
+    Raises:
+        ValueError: naming the keys and what to do.
+    """
+    _check_proposals_value(cfg)
+    if cfg.MODEL.ION.PROPOSALS != "selective_search":
+        return
+    generator, load = cfg.MODEL.PROPOSAL_GENERATOR.NAME, cfg.MODEL.LOAD_PROPOSALS
+    if generator != "PrecomputedProposals" or not load:
+        raise ValueError(
+            "MODEL.ION.PROPOSALS is 'selective_search', but the config was not expanded for it "
+            f"(MODEL.PROPOSAL_GENERATOR.NAME {generator!r}, MODEL.LOAD_PROPOSALS {load}), so "
+            "the model would use another proposal generator. Load the config with "
+            "ion_d2.get_ion_cfg(config_file, opts), which sets the proposal files and "
+            "generator, instead of get_cfg() and merge_from_file()."
+        )
 
 
 def check_config_file(path: str) -> None:

@@ -7,27 +7,22 @@ from types import ModuleType
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.data import register_ion_synthetic
 
 
 def ion_cfg(overrides: Optional[Dict[str, Any]] = None, *, path: Optional[str] = None) -> CfgNode:
     """
-    Detectron2's defaults with ION's keys, then the YAML file at ``path``, then ``overrides``
-    (full key -> value, e.g. ``{"MODEL.ION.CONTEXT.NAME": "IRNN"}``), merged as command-line
-    options are: a key that does not exist or a value of another type raises.
+    :func:`ion_d2.get_ion_cfg` of the YAML file at ``path`` with ``overrides`` (full key -> value,
+    e.g. ``{"MODEL.ION.CONTEXT.NAME": "IRNN"}``) as its command-line options: a key that does
+    not exist or a value of another type raises.
     """
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    if path is not None:
-        cfg.merge_from_file(path)
-    if overrides:
-        cfg.merge_from_list([item for pair in overrides.items() for item in pair])
-    return cfg
+    opts = [item for pair in (overrides or {}).items() for item in pair]
+    return get_ion_cfg(path, opts)
 
 
 def load_cfg(path: str, overrides: Optional[Dict[str, Any]] = None) -> CfgNode:

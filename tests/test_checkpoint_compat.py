@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from model_utils import ion_cfg
 
 from ion_d2.engine.checkpoint import IONCheckpointer
+from ion_d2.modeling.context.irnn import IRNN
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 with open(os.path.join(FIXTURES, "state_dict_keys_v0.1.0.json")) as f:
@@ -34,10 +35,20 @@ def _cfg_from_dump(dump: str) -> CfgNode:
 ADDED_KEYS = {"roi_heads.box_pooler.feature_order"}
 
 
+def _rewire_as_stored(model, dump: str):
+    # A config stored before MODEL.ION.CONTEXT.IRNN.WIRING existed meant "per_layer", the
+    # default until 0.2.0; IONCheckpointer recognises it from a checkpoint's keys.
+    if "WIRING" not in dump:
+        for module in model.modules():
+            if isinstance(module, IRNN):
+                module.rewire("per_layer")
+    return model
+
+
 @pytest.mark.parametrize("config", sorted(OLD_MODELS))
 def test_state_dict_keys_and_shapes_unchanged(config):
     old = OLD_MODELS[config]
-    model = build_model(_cfg_from_dump(old["config"]))
+    model = _rewire_as_stored(build_model(_cfg_from_dump(old["config"])), old["config"])
     new = {k: list(v.shape) for k, v in model.state_dict().items() if k not in ADDED_KEYS}
     assert new == old["state_dict"]
 
@@ -54,22 +65,43 @@ def _assert_same_detections(model, expected):
     assert torch.equal(instances.pred_classes, expected["pred_classes"])
 
 
-def test_old_checkpoint_loads_and_detects_the_same():
+def test_old_checkpoint_loads_and_detects_the_same(tmp_path):
     blob = torch.load(os.path.join(FIXTURES, "ion_tiny_v0.1.0.pt"), weights_only=False)
-    model = build_model(_cfg_from_dump(blob["config"])).eval()
+    model = _rewire_as_stored(build_model(_cfg_from_dump(blob["config"])), blob["config"]).eval()
     incompatible = model.load_state_dict(blob["model"], strict=False)
     assert not incompatible.unexpected_keys
     assert set(incompatible.missing_keys) <= ADDED_KEYS
     _assert_same_detections(model, blob)
+    # As a user loads it: the config stored with it (no WIRING: the default is now "paper"),
+    # and the checkpointer, which recognises the "per_layer" wiring from the keys.
+    path = str(tmp_path / "model_v0.1.0.pth")
+    torch.save({"model": blob["model"]}, path)
+    model = build_model(_cfg_from_dump(blob["config"])).eval()
+    assert {m.wiring for m in model.modules() if isinstance(m, IRNN)} == {"paper"}
+    IONCheckpointer(model).load(path)
+    assert {m.wiring for m in model.modules() if isinstance(m, IRNN)} == {"per_layer"}
+    _assert_same_detections(model, blob)
 
 
-def test_checkpoint_written_by_de485dc_loads_and_detects_the_same():
-    # Written by the trainer's checkpointer at commit de485dc, before the package moved into
-    # ion_d2/modeling and ion_d2/engine (fixtures/make_de485dc_fixture.py, run with that
-    # commit's ion_d2 on PYTHONPATH): a tiny ION model and its detections on one image.
+def test_a_checkpoint_of_the_other_wiring_is_not_rewired_for_training(tmp_path):
+    blob = torch.load(os.path.join(FIXTURES, "ion_tiny_v0.1.0.pt"), weights_only=False)
+    path = str(tmp_path / "model_v0.1.0.pth")
+    torch.save({"model": blob["model"]}, path)
+    model = build_model(_cfg_from_dump(blob["config"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'per_layer' wiring.*set WIRING to 'per_layer'"):
+        IONCheckpointer(model, optimizer=optimizer).load(path)
+
+
+@pytest.mark.parametrize("commit", ["de485dc", "7bdb391"])
+def test_checkpoint_written_at_an_earlier_commit_loads_and_detects_the_same(commit):
+    # Written by the trainer's checkpointer at that commit (de485dc: before the package moved
+    # into ion_d2/modeling and ion_d2/engine; 7bdb391: before 0.2.0, whose default IRNN wiring
+    # is the paper's) by fixtures/make_checkpoint_fixture.py, run with that commit's ion_d2 on
+    # PYTHONPATH: a tiny ION model and its detections on one image, loaded with its stored config.
     expected = torch.load(
-        os.path.join(FIXTURES, "ion_tiny_de485dc_detections.pt"), weights_only=False
+        os.path.join(FIXTURES, f"ion_tiny_{commit}_detections.pt"), weights_only=False
     )
     model = build_model(_cfg_from_dump(expected["config"])).eval()
-    IONCheckpointer(model).load(os.path.join(FIXTURES, "ion_tiny_de485dc.pth"))
+    IONCheckpointer(model).load(os.path.join(FIXTURES, f"ion_tiny_{commit}.pth"))
     _assert_same_detections(model, expected)

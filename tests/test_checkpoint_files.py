@@ -206,9 +206,7 @@ def _upstream_load(self, path, *args, **kwargs):
     return ret
 
 
-def test_resume_skips_an_unreadable_newest_checkpoint_on_upstream_detectron2(
-    tmp_path, monkeypatch
-):
+def test_resume_skips_an_unreadable_newest_checkpoint_on_upstream_detectron2(tmp_path, monkeypatch):
     monkeypatch.setattr(DetectionCheckpointer, "_parsed_url_during_load", None, raising=False)
     monkeypatch.setattr(DetectionCheckpointer, "load", _upstream_load)
     model = build_model(load_cfg(TINY))

@@ -110,7 +110,7 @@ def test_lazyconfig_train_net_refuses_misspelt_keys_and_bad_values(
 def test_lazy_overrides_accept_target_arguments_and_added_keys():
     from detectron2.config import LazyConfig
 
-    from ion_d2.lazy import apply_lazy_overrides, check_lazy_train_config
+    from ion_d2.engine.overrides import apply_lazy_overrides, check_lazy_train_config
 
     # A LazyCall's argument that the file leaves at its default, and a key added with "+".
     cfg = apply_lazy_overrides(

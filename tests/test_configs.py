@@ -1,6 +1,7 @@
 """Every YAML in configs/ (the paper presets in configs/paper/ included) builds a model, and every
 distinct model among them trains a step and runs inference on CPU, as DensePose's test_setup.py
-does for its configs."""
+does for its configs; the VGG16 presets do too on selective-search proposals
+(MODEL.ION.PROPOSALS), and the top-level stage-1 presets' stage 2 (SOLVER.ION_STAGE2)."""
 
 import glob
 import os
@@ -13,9 +14,17 @@ from model_utils import load_cfg, random_inputs, shrink_cfg
 
 from ion_d2 import IONRCNNWithTTA
 from ion_d2.engine.skip_pool_scale import measure_skip_pool_scale, skip_pooler
+from ion_d2.engine.stages import training_stages
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
+SS = {"MODEL.ION.PROPOSALS": "selective_search"}
+# The top-level VGG16 presets, which the paper trains and tests on selective-search proposals.
+SS_PRESETS = [
+    os.path.join(CONFIG_DIR, f"{arch}_VGG16_{data}.yaml")
+    for arch in ("ION", "FastRCNN")
+    for data in ("VOC0712_stage1", "synthetic")
+] + [os.path.join(CONFIG_DIR, "ION_VGG16_COCO_stage1.yaml")]
 
 
 def _name(path):
@@ -28,17 +37,11 @@ def _model_key(cfg) -> str:
     with equal keys (a paper row and the identical row of another table, a stage-1 preset and
     its stage 2) build the same model and run the same steps. MODEL.BACKBONE.FREEZE_AT, the only
     model key in which stage 2 differs from stage 1 (tests/test_paper_configs.py), only sets
-    requires_grad in the trunk; the top-level stage-1 and stage-2 configs run both.
-    The proposal source is left out too: a paper row and its selective-search twin
-    (configs/paper/tableN/ss/) differ only in where the ROI heads' proposals come from (the same
-    Instances either way); the top-level _SS configs run the precomputed path, every top-level
-    config running its steps.
+    requires_grad in the trunk; VARIANTS runs a stage-1 preset's both.
     """
     model = cfg.MODEL.clone()
     model.WEIGHTS = ""
     model.BACKBONE.FREEZE_AT = 0
-    model.LOAD_PROPOSALS = False
-    model.PROPOSAL_GENERATOR.NAME = "RPN"
     return model.dump() + cfg.INPUT.dump() + cfg.TEST.dump()
 
 
@@ -52,6 +55,16 @@ def _distinct(paths):
 
 
 DISTINCT = _distinct(CONFIGS)
+# (config, its overrides): every distinct model, the VGG16 presets on selective-search
+# proposals (the precomputed path), and stage 2's model key of a stage-1 preset (conv3-conv5
+# trained).
+VARIANTS = [(p, {}) for p in DISTINCT] + [(p, SS) for p in SS_PRESETS]
+VARIANTS.append((SS_PRESETS[0], {"MODEL.BACKBONE.FREEZE_AT": 2}))
+
+
+def _variant_name(variant):
+    path, overrides = variant
+    return _name(path) + "".join(f" {k} {v}" for k, v in overrides.items())
 
 
 def test_configs_found():
@@ -68,9 +81,9 @@ def test_config_builds(path):
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-@pytest.mark.parametrize("path", DISTINCT, ids=_name)
-def test_config_trains_and_predicts(path):
-    cfg = shrink_cfg(load_cfg(path))
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_name)
+def test_config_trains_and_predicts(variant):
+    cfg = shrink_cfg(load_cfg(*variant))
     model = build_model(cfg)
     inputs = random_inputs(cfg)
     # SKIP_POOL.SCALE_INIT -1 (the paper's presets): measured as IONTrainer does, on these inputs.
@@ -107,10 +120,11 @@ def test_config_trains_and_predicts(path):
         assert outputs[0]["instances"].image_size == (height, width)
 
 
+@pytest.mark.parametrize("proposals", ["generator", "selective_search"])
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
-def test_precomputed_proposal_files_match_datasets(path):
+def test_precomputed_proposal_files_match_datasets(path, proposals):
     """A config that loads proposals names one file per dataset, in the datasets' order."""
-    cfg = load_cfg(path)
+    cfg = load_cfg(path, {"MODEL.ION.PROPOSALS": proposals})
     assert cfg.MODEL.LOAD_PROPOSALS == (cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals")
     if cfg.MODEL.LOAD_PROPOSALS:
         assert len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) == len(cfg.DATASETS.TRAIN)
@@ -118,15 +132,17 @@ def test_precomputed_proposal_files_match_datasets(path):
 
 
 PAPER_PRESETS = [
-    f"{arch}_VGG16_{data}_stage{stage}.yaml"
+    f"{arch}_VGG16_{data}_stage1.yaml"
     for arch, data in [("ION", "VOC0712"), ("ION", "COCO"), ("FastRCNN", "VOC0712")]
-    for stage in (1, 2)
 ]
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("name", PAPER_PRESETS)
-def test_paper_presets_use_fast_rcnn_and_ion_training_details(name):
-    cfg = load_cfg(os.path.join(CONFIG_DIR, name))
+def test_paper_presets_use_fast_rcnn_and_ion_training_details(name, stage):
+    cfg = load_cfg(os.path.join(CONFIG_DIR, name), {"SOLVER.ION_STAGE2.ENABLED": True})
+    cfg.freeze()
+    cfg = training_stages(cfg)[stage - 1]
     roi = cfg.MODEL.ROI_HEADS
     # Fast R-CNN's sampling and test NMS (lib/fast_rcnn/config.py).
     assert list(roi.IOU_THRESHOLDS) == [0.1, 0.5] and list(roi.IOU_LABELS) == [-1, 0, 1]

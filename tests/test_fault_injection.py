@@ -577,10 +577,9 @@ _DDP_DRIVER = """
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.utils import comm
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.data import register_ion_synthetic
 from ion_d2.engine import IONTrainer
 from ion_d2.engine.launch import launch
@@ -589,9 +588,7 @@ from ion_d2.engine.launch import launch
 def main(config, root, out):
     torch.set_num_threads(1)
     train, _ = register_ion_synthetic(root, num_train=8, num_val=2, seed=3, name_prefix="fault")
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(config)
+    cfg = get_ion_cfg(config)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), ()
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 96
     cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR = 3, out

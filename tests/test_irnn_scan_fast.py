@@ -1,8 +1,8 @@
 """
-The IRNN's step-loop scans (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`, channels last, all directions
-at once, custom backward) and the IRNN module built on them, against an independent reference:
-a plain Python loop over each image's valid cells, one cell at a time, written from the IRNN's
-definition (section 3.2), whose gradients autograd computes.
+The IRNN's step-loop scans (:func:`ion_d2.modeling.context.irnn_scan.irnn_scans`, channels last, all
+directions at once, custom backward) and the IRNN module built on them, against an independent
+reference: a plain Python loop over each image's valid cells, one cell at a time, written from the
+IRNN's definition (section 3.2), whose gradients autograd computes.
 """
 
 import math
@@ -26,7 +26,7 @@ from ion_d2.modeling.context.irnn_scan import (
 C, HIDDEN, H, W = 4, 3, 5, 6
 STRIDE = 16
 MIXED_SIZES = [(40, 60), (80, 96)]  # 3 x 4 and 5 x 6 valid cells of a 5 x 6 map at stride 16
-MIXED_CELLS = torch.tensor([[3, 4], [5, 6]])
+MIXED_COUNTS = torch.tensor([[3, 4], [5, 6]])
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,8 @@ def _seed():
 
 
 # ----------------------------------------------------------------------------------------------
-# REFERENCE, written from the definition (section 3.2 and ion_d2/modeling/padding.py), not from the code:
+# REFERENCE, written from the definition (section 3.2 and ion_d2/modeling/padding.py), not from the
+# code:
 # one direction moves along each line (row or column) of an image's valid cells from its own
 # edge and computes h_t = ReLU(Whh @ h_{t-1} + x_t) with h_{-1} = 0 (Whh = I when the recurrent
 # transition is removed), b0 added to x at the line's first cell; the cells outside the image's
@@ -54,16 +55,16 @@ def ref_lines(direction: str, rows: int, cols: int) -> List[List[Tuple[int, int]
     raise AssertionError(direction)
 
 
-def ref_scan(x, whh, direction, b0=None, valid_cells=None):
+def ref_scan(x, whh, direction, b0=None, valid_counts=None):
     """
     One direction of an (N, C, H, W) map, one cell at a time; ``whh`` None: ``Whh = I``.
-    ``valid_cells``: (N, 2) rows and columns of each image's valid cells, None: all.
+    ``valid_counts``: (N, 2) rows and columns of each image's valid cells, None: all.
     """
     n, c, height, width = x.shape
     zero = x.new_zeros(c)
     images = []
     for b in range(n):
-        rows, cols = (height, width) if valid_cells is None else map(int, valid_cells[b])
+        rows, cols = (height, width) if valid_counts is None else map(int, valid_counts[b])
         state: Dict[Tuple[int, int], torch.Tensor] = {}
         for line in ref_lines(direction, rows, cols):
             h = zero
@@ -78,7 +79,7 @@ def ref_scan(x, whh, direction, b0=None, valid_cells=None):
     return torch.stack(images)
 
 
-def ref_valid_cells(image_sizes, stride, height, width):
+def ref_valid_counts(image_sizes, stride, height, width):
     """(N, 2): each image's ceil(h / stride) x ceil(w / stride) cells, within the map."""
     if image_sizes is None:
         return None
@@ -89,12 +90,12 @@ def ref_valid_cells(image_sizes, stride, height, width):
     return torch.tensor(counts)
 
 
-def ref_outside_to_zero(x, valid_cells):
+def ref_outside_to_zero(x, valid_counts):
     """``x`` (N, C, H, W) with every cell outside the valid cells set to 0."""
-    if valid_cells is None:
+    if valid_counts is None:
         return x
     keep = torch.zeros(x.shape[0], 1, x.shape[2], x.shape[3], dtype=x.dtype)
-    for b, (rows, cols) in enumerate(valid_cells.tolist()):
+    for b, (rows, cols) in enumerate(valid_counts.tolist()):
         keep[b, :, :rows, :cols] = 1
     return x * keep
 
@@ -106,7 +107,7 @@ def ref_directions(mode: str, layer: int) -> Sequence[str]:
     return ("right", "left") if layer % 2 == 0 else ("down", "up")
 
 
-def ref_concat(layer, x, directions, shared, hidden_dim, valid_cells):
+def ref_concat(layer, x, directions, shared, hidden_dim, valid_counts):
     """One IRNN layer's output as section 3.2 defines it: 1x1 input-to-hidden conv, one scan
     per direction, "concatenating the hidden state from the four directions"."""
     conv = layer.input_to_hidden
@@ -116,7 +117,7 @@ def ref_concat(layer, x, directions, shared, hidden_dim, valid_cells):
         x_d = hidden if shared else hidden[:, d * hidden_dim : (d + 1) * hidden_dim]
         whh = None if layer.whh is None else layer.whh[d]
         b0 = None if layer.first_step_bias is None else layer.first_step_bias[d]
-        states.append(ref_scan(x_d, whh, direction, b0, valid_cells))
+        states.append(ref_scan(x_d, whh, direction, b0, valid_counts))
     return torch.cat(states, dim=1)
 
 
@@ -131,7 +132,7 @@ def ref_irnn(module, irnn, dropout, features, image_sizes=None):
     the same masks.
     """
     x = features["conv5"]
-    valid_cells = ref_valid_cells(image_sizes, STRIDE, x.shape[2], x.shape[3])
+    valid_counts = ref_valid_counts(image_sizes, STRIDE, x.shape[2], x.shape[3])
     mode = irnn.get("DIRECTIONS", "all")
     shared = irnn.get("SHARED_INPUT_TO_HIDDEN", True)
     hidden_dim = irnn.get("HIDDEN_DIM", HIDDEN)
@@ -140,25 +141,25 @@ def ref_irnn(module, irnn, dropout, features, image_sizes=None):
     for k, layer in enumerate(module.layers):
         if paper and k > 0:
             x = F.dropout(x, dropout, module.training)
-        x = ref_concat(layer, x, ref_directions(mode, k), shared, hidden_dim, valid_cells)
+        x = ref_concat(layer, x, ref_directions(mode, k), shared, hidden_dim, valid_counts)
         if not paper:
             x = F.dropout(x, dropout, module.training)
             conv = layer.hidden_to_output
-            x = F.relu(ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_cells))
+            x = F.relu(ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_counts))
         outputs.append(x)
     if paper:
         x = F.dropout(x, dropout, module.training)
         conv = module.hidden_to_output
-        outputs[-1] = ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_cells)
+        outputs[-1] = ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_counts)
     names = [f"context_{k}" for k in range(1, len(outputs))] + ["context"]
     if not irnn.get("OUTPUT_ALL_LAYERS", False):
         outputs, names = outputs[-1:], names[-1:]
     return dict(zip(names, outputs))
 
 
-def _valid_mask(valid_cells, n=2):
+def _valid_mask(valid_counts, n=2):
     """(N, 1, H, W) bool, True on the valid cells (all cells for None)."""
-    return ref_outside_to_zero(torch.ones(n, 1, H, W), valid_cells).bool()
+    return ref_outside_to_zero(torch.ones(n, 1, H, W), valid_counts).bool()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def _value_and_grads(out, inputs, upstream):
 def test_scan_matches_reference(direction, scan, with_valid, with_b0):
     # Forward and the gradients wrt x, Whh and b0.
     x, whh, b0 = _scan_inputs(with_b0)
-    valid = MIXED_CELLS if with_valid else None
+    valid = MIXED_COUNTS if with_valid else None
     upstream = torch.randn(2, HIDDEN, H, W, dtype=torch.float64)
     if scan == "learned":
         inputs = (x, whh, b0)
@@ -206,7 +207,7 @@ def test_scan_matches_reference(direction, scan, with_valid, with_b0):
 @pytest.mark.parametrize("with_valid", [False, True])
 def test_identity_step_and_closed_form_match_each_other_and_reference(direction, with_valid):
     x, _, b0 = _scan_inputs(with_b0=True)
-    valid = MIXED_CELLS if with_valid else None
+    valid = MIXED_COUNTS if with_valid else None
     upstream = torch.randn(2, HIDDEN, H, W, dtype=torch.float64)
     step = _irnn_scan_identity(x, direction, b0, valid, method="step")
     closed = _irnn_scan_identity(x, direction, b0, valid, method="closed_form")
@@ -228,8 +229,9 @@ def test_identity_method_is_chosen_per_device():
     assert _identity_closed_form("closed_form", torch.device("cpu"))
     assert not _identity_closed_form("step", torch.device("cuda"))
     x = torch.randn(2, HIDDEN, H, W)
-    auto = _irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS)
-    assert torch.equal(auto, _irnn_scan_identity(x, "left", valid_cells=MIXED_CELLS, method="step"))
+    auto = _irnn_scan_identity(x, "left", valid_counts=MIXED_COUNTS)
+    step = _irnn_scan_identity(x, "left", valid_counts=MIXED_COUNTS, method="step")
+    assert torch.equal(auto, step)
 
 
 def test_reference_scan_on_a_hand_computed_line():
@@ -344,7 +346,7 @@ def test_irnn_module_matches_reference(irnn, sizes, train):
         results.append((outputs, torch.autograd.grad(total, params)))
     (new, new_grads), (ref, ref_grads) = results
     assert new.keys() == ref.keys()
-    outside = ~_valid_mask(ref_valid_cells(sizes, STRIDE, H, W))
+    outside = ~_valid_mask(ref_valid_counts(sizes, STRIDE, H, W))
     for name in ref:
         assert new[name].is_contiguous()
         assert (ref[name] > 0).any()

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 from model_utils import REPO, load_cfg, random_inputs, synthetic_slice
 
-from ion_d2.engine.solver import build_ion_lr_scheduler, build_ion_optimizer
-from ion_d2.lazy import build_ion_rcnn, clipped_optimizer
+from ion_d2.engine import SkipPoolScaleHook
+from ion_d2.engine.skip_pool_scale import skip_pooler, training_batches
+from ion_d2.engine.solver import build_ion_lr_scheduler, build_ion_optimizer, clipped_optimizer
+from ion_d2.modeling.builder import build_ion_rcnn
 
 LAZY = os.path.join(REPO, "configs", "lazy")
 VGG16_CONFIGS = ["ION_VGG16_synthetic", "ION_VGG16_VOC0712_stage1", "ION_VGG16_COCO_stage1"]
@@ -68,14 +71,22 @@ def tiny_data(cfg, names, *, sem_seg: bool):
     cfg.train.ion_scale_measure_images = 2
 
 
-def train_step_and_infer(cfg):
-    from ion_d2.lazy import measure_lazy_skip_pool_scale
+def measure_as_before_training(cfg, model):
+    """The scale after tools/lazyconfig_train_net.py's SkipPoolScaleHook, None if it was set."""
+    pooler = skip_pooler(model)
+    pending = pooler is not None and pooler.scale_pending
+    hook = SkipPoolScaleHook(cfg)
+    hook.trainer = SimpleNamespace(model=model, start_iter=0)
+    hook.before_train()
+    return pooler.scale[0].item() if pending else None
 
+
+def train_step_and_infer(cfg):
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    measured = measure_lazy_skip_pool_scale(cfg, model)
+    measured = measure_as_before_training(cfg, model)
     batch = next(iter(instantiate(cfg.dataloader.train)))
     model.train()
     with EventStorage():
@@ -243,23 +254,49 @@ def test_inferred_shape_written_differently_is_refused():
         instantiate(cfg.model)
 
 
-def test_context_output_no_head_reads_is_refused():
-    """The YAML path's check (tests/test_fault_injection.py), with the LazyConfig's names."""
+def test_constructor_checks_refuse_on_both_paths():
+    """IONRCNN's and IONSkipPooler's checks, which the YAML path has too (tests/
+    test_fault_injection.py, tests/test_resnet_ion.py, tests/test_skip_pool_scale.py)."""
     cfg = load("ION_VGG16_synthetic", ["model.backbone.width_mult=0.125"] + TINY_HEADS)
     cfg.model.heads.roi_heads.box_in_features = ["conv3", "conv4", "conv5"]
     cfg.model.heads.sem_seg_head = None
     with pytest.raises(
         ValueError,
-        match=r"model\.heads\.context outputs \['context'\], which no head reads \(model\.heads"
-        r"\.roi_heads\.box_in_features = \['conv3', 'conv4', 'conv5'\], model\.heads\."
-        r"proposal_generator\.in_features = \['conv5'\]\)\. .* add them to model\.heads\."
-        r"roi_heads\.box_in_features",
+        match=r"IRNN \(MODEL\.ION\.CONTEXT\.NAME\) outputs \['context'\], which no head reads "
+        r"\(roi_heads\.box_in_features \(MODEL\.ROI_HEADS\.IN_FEATURES\) = \['conv3', 'conv4', "
+        r"'conv5'\], proposal_generator\.in_features \(MODEL\.RPN\.IN_FEATURES\) = \['conv5'\]; "
+        r"no sem_seg_head: MODEL\.ION\.SEG_LOSS_ON is False\)\. .* add them to roi_heads\."
+        r"box_in_features",
     ):
+        instantiate(cfg.model)
+    # A measured scale needs the context's input feature pooled.
+    cfg = load("ION_VGG16_VOC0712_stage1", TINY_VGG16 + TINY_HEADS)
+    cfg.model.heads.roi_heads.box_in_features = ["conv3", "conv4", "context"]
+    with pytest.raises(ValueError, match=r"scale_reference 'conv5' .* does not pool"):
+        instantiate(cfg.model)
+    # The paper's constant scale on a backbone it was not measured on.
+    cfg = load("ION_R50_FPN_1x", TINY_R50 + [o for o in TINY_HEADS if "sem_seg" not in o])
+    cfg.model.heads.roi_heads.box_pooler.scale_init = 0.0
+    with pytest.raises(ValueError, match=r"scale_init .* is 0.* the backbone is FPN"):
         instantiate(cfg.model)
 
 
+def test_lazy_training_batches_follow_the_config(synth):
+    _, names = synth
+    cfg = load("ION_VGG16_VOC0712_stage1", TINY_VGG16 + TINY_HEADS)
+    tiny_data(cfg, names, sem_seg=True)
+    batches = training_batches(cfg)  # train.ion_scale_measure_images (2) in batches of 2
+    assert [len(b) for b in batches] == [2]
+    assert all(max(x["image"].shape[-2:]) <= 128 and "instances" in x for x in batches[0])
+    cfg.train.ion_scale_measure_images = 0
+    with pytest.raises(ValueError, match=r"train\.ion_scale_measure_images must be >= 1; got 0"):
+        training_batches(cfg)
+
+
 def test_unknown_head_and_bad_clip_type_are_refused():
-    with pytest.raises(ValueError, match=r"unknown keys \['mask_head'\]"):
+    # The heads build_ion_heads builds, the YAML path's order (not a list kept beside it).
+    accepted = r"accepted: \['context', 'sem_seg_head', 'proposal_generator', 'roi_heads'\]"
+    with pytest.raises(ValueError, match=r"unknown keys \['mask_head'\]; " + accepted):
         build_ion_rcnn(backbone=torch.nn.Identity(), heads={"mask_head": None})
     with pytest.raises(ValueError, match=r"Unknown clip_type 'global'; expected one of"):
         clipped_optimizer(clip_type="global", clip_value=1.0)
@@ -278,6 +315,9 @@ def test_lazyconfig_train_net_trains_and_evaluates(synth, tmp_path):
             "dataloader.train.num_workers=0",
             "dataloader.test.num_workers=0",
             "train.max_iter=2",
+            # Section 5.2's scale measured before the first step by SkipPoolScaleHook.
+            "model.heads.roi_heads.box_pooler.scale_init=-1.0",
+            "train.ion_scale_measure_images=2",
             "train.log_period=1",
             "train.checkpointer.period=1000",
             f"train.output_dir={out}",
@@ -301,6 +341,7 @@ def test_lazyconfig_train_net_trains_and_evaluates(synth, tmp_path):
     assert (out / "metrics.json").is_file()
     log = proc.stdout + proc.stderr
     assert "Evaluation results for bbox" in log
+    assert "on 2 training images" in log and "Skip-pooling scale set to" in log
     # --eval-only on the written weights.
     cmd_eval = cmd[:4] + ["--eval-only"] + cmd[4:]
     cmd_eval += [f"train.init_checkpoint={out / 'model_final.pth'}"]

@@ -12,6 +12,7 @@ from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg, load_cfg, random_inputs
 
 from ion_d2 import IONRCNN
+from ion_d2.engine.skip_pool_scale import measure_skip_pool_scale
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 
@@ -55,6 +56,22 @@ def test_without_context_and_seg_it_is_generalized_rcnn():
         assert len(x) == len(y) > 0
         assert torch.allclose(x.pred_boxes.tensor, y.pred_boxes.tensor)
         assert torch.allclose(x.scores, y.scores)
+
+
+def test_the_constructor_checks_the_parts_however_they_were_built():
+    # IONRCNN.__init__, not a config builder, refuses these: the YAML path, the LazyConfig
+    # builder and a direct call all get the same checks.
+    cfg = load_cfg(TINY)  # SKIP_POOL.SCALE_INIT 0: the paper's constant, for VGG16 only
+    model = build_model(cfg)
+    names = ("backbone", "context", "sem_seg_head", "proposal_generator", "roi_heads")
+    parts = {name: getattr(model, name) for name in names}
+    pixels = {"pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+    IONRCNN(**parts, **pixels)
+    with pytest.raises(ValueError, match=r"scale_init .* is 0.* the backbone is Identity"):
+        IONRCNN(**{**parts, "backbone": torch.nn.Identity()}, **pixels)
+    parts["roi_heads"].box_in_features = ["conv3", "conv4", "conv5"]
+    with pytest.raises(ValueError, match=r"\['context'\], which no head reads.*SEG_LOSS_ON"):
+        IONRCNN(**{**parts, "sem_seg_head": None}, **pixels)
 
 
 def test_seg_loss_only_from_labelled_images_and_only_in_training():
@@ -139,9 +156,12 @@ def test_swap_ion_heads_into_stock_r50_fpn_config():
         1 / 32,
         1 / 32,
     ]
+    inputs = random_inputs(cfg, with_sem_seg=(False,))
+    # SCALE_INIT -1: measured first, as SkipPoolScaleHook does before the first step.
+    measure_skip_pool_scale(model, [inputs])
     model.train()
     with EventStorage():
-        losses = model(random_inputs(cfg, with_sem_seg=(False,)))
+        losses = model(inputs)
     assert {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"} == set(losses)
     sum(losses.values()).backward()
     assert model.context.layers[0].input_to_hidden.weight.grad is not None

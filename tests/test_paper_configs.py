@@ -1,8 +1,9 @@
 """The paper presets (configs/paper, docs/PAPER_EXPERIMENTS.md): each trained row is one file
-whose two stages (SOLVER.ION_STAGE2) are section 4.1's, the top-level stage-2 presets are what
-that derivation gives; each test-time row changes only test-time keys of the model it evaluates;
-the rows the doc calls the same model are the same config; the "D", "W" and section-5 settings
-hold."""
+whose two stages (SOLVER.ION_STAGE2) are section 4.1's; each test-time row changes only test-time
+keys of the model it evaluates; the rows the doc calls the same model are the same config; the
+"D", "W" and section-5 settings hold; each row on selective-search proposals
+(MODEL.ION.PROPOSALS) is the row with only its proposals and folders changed, and no config file
+stores what those rules derive."""
 
 import glob
 import os
@@ -34,11 +35,6 @@ def _row(path):
     return os.path.relpath(path, PAPER)[: -len(".yaml")]
 
 
-def _twin(path):
-    """configs/paper/tableN/ss/<row>.yaml, the row on selective-search proposals."""
-    return os.path.join(os.path.dirname(path), "ss", os.path.basename(path))
-
-
 def _flat(node, prefix=""):
     out = {}
     for key, value in node.items():
@@ -49,16 +45,16 @@ def _flat(node, prefix=""):
     return out
 
 
-def _cfg(path):
-    return _flat(load_cfg(path))
+def _cfg(path, overrides=None):
+    return _flat(load_cfg(path, overrides))
 
 
 def _diff(a, b):
     return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
-def _stages(path):
-    cfg = load_cfg(path)
+def _stages(path, overrides=None):
+    cfg = load_cfg(path, overrides)
     cfg.freeze()
     return [_flat(stage) for stage in training_stages(cfg)]
 
@@ -66,13 +62,17 @@ def _stages(path):
 # A test-time row evaluates another row's trained model; the others train from ImageNet weights.
 EVAL_ONLY = [p for p in LEAVES if _cfg(p)["MODEL.WEIGHTS"].startswith("output/paper/")]
 TRAINED = [p for p in LEAVES if p not in EVAL_ONLY]
-STAGE_PAIRS = ["ION_VGG16_VOC0712", "ION_VGG16_COCO", "FastRCNN_VGG16_VOC0712"]
-STAGE_PAIRS += [name + "_SS" for name in STAGE_PAIRS]
+
+
+def _preset_stage(name, stage):
+    """Stage 1 or 2 of section 4.1 that SOLVER.ION_STAGE2 derives from configs/<name>."""
+    path = os.path.join(REPO, "configs", name)
+    return _stages(path, {"SOLVER.ION_STAGE2.ENABLED": True})[stage - 1]
 
 
 def _reference(cfg, stage):
     dataset = "COCO" if any("coco" in d for d in cfg["DATASETS.TRAIN"]) else "VOC0712"
-    return _cfg(os.path.join(REPO, "configs", f"ION_VGG16_{dataset}_stage{stage}.yaml"))
+    return _preset_stage(f"ION_VGG16_{dataset}_stage1.yaml", stage)
 
 
 def test_every_table_has_rows_and_one_file_per_row():
@@ -96,18 +96,16 @@ def test_trained_row_runs_section_4_1s_two_stages(path):
     assert stage2["MODEL.WEIGHTS"] == stage1["OUTPUT_DIR"] + "/model_final.pth"
 
 
-@pytest.mark.parametrize("name", STAGE_PAIRS)
-def test_stage2_preset_is_the_derived_stage_2_of_its_stage1_preset(name):
-    """configs/<name>_stage2.yaml, stage 2 on its own, is what SOLVER.ION_STAGE2 derives from
-    configs/<name>_stage1.yaml, but for where it lives and which stage-1 weights it loads."""
-    stage1 = load_cfg(os.path.join(REPO, "configs", f"{name}_stage1.yaml"))
-    assert stage1.SOLVER.ION_STAGE2.ENABLED is False  # the presets are one stage each
-    stage1.SOLVER.ION_STAGE2.ENABLED = True
-    stage1.freeze()
-    derived = _flat(training_stages(stage1)[1])
-    preset = _cfg(os.path.join(REPO, "configs", f"{name}_stage2.yaml"))
-    assert _diff(derived, preset) == {"MODEL.WEIGHTS", "OUTPUT_DIR"}
-    assert preset["MODEL.WEIGHTS"] == stage1.OUTPUT_DIR + "/model_final.pth"
+def test_no_config_file_stores_what_a_rule_derives():
+    """Stage 2 is SOLVER.ION_STAGE2's, selective search MODEL.ION.PROPOSALS's: no stored copies
+    (tests/test_derived_configs.py checks the derived ones against those removed)."""
+    configs = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    names = [os.path.relpath(p, REPO) for p in configs]
+    assert not [n for n in names if "/ss/" in n or "_SS" in n or n.endswith("_stage2.yaml")]
+    for name in ("ION_VGG16_VOC0712", "ION_VGG16_COCO", "FastRCNN_VGG16_VOC0712"):
+        # The top-level presets are stage 1 alone; SOLVER.ION_STAGE2.ENABLED adds stage 2.
+        cfg = _cfg(os.path.join(REPO, "configs", f"{name}_stage1.yaml"))
+        assert cfg["SOLVER.ION_STAGE2.ENABLED"] is False
 
 
 @pytest.mark.parametrize("path", EVAL_ONLY, ids=_row)
@@ -149,7 +147,7 @@ def test_rows_called_the_same_model_are_the_same_config(group):
 
 
 def test_fast_rcnn_rows_are_the_fast_rcnn_baseline():
-    baseline = _cfg(os.path.join(REPO, "configs", "FastRCNN_VGG16_VOC0712_stage2.yaml"))
+    baseline = _preset_stage("FastRCNN_VGG16_VOC0712_stage1.yaml", 2)
     row = _stages(os.path.join(PAPER, "table4", "c5_1x1.yaml"))[1]
     # The baseline trains on the builtin names, the row (like every paper row) on their
     # "_ionseg" copies: the same images and boxes, with segmentation labels it does not use.
@@ -226,60 +224,13 @@ def test_doc_lists_every_row_and_only_existing_configs():
         assert os.path.relpath(path, REPO) in mentioned, path
 
 
-@pytest.mark.parametrize("path", LEAVES, ids=_row)
-def test_leaf_header_names_its_row_and_command(path):
-    with open(path) as f:
-        text = f.read()
-    table = re.search(r"table(\d+)", _row(path)).group(1)
-    assert text.startswith(f"# Table {table}, ")
-    assert f"python train_net.py --config-file {os.path.relpath(path, REPO)}" in text
-
-
-def _comments(path):
-    with open(path) as f:
-        return " ".join(line[1:].strip() for line in f if line.startswith("#"))
-
-
-PAPER_YAMLS = sorted(glob.glob(os.path.join(PAPER, "**", "*.yaml"), recursive=True))
-
-
-@pytest.mark.parametrize("path", PAPER_YAMLS, ids=lambda p: os.path.relpath(p, PAPER))
-def test_stated_scale_setting_is_the_resolved_one(path):
-    """What a preset's comment says of the skip-pooling scale is what it resolves to: every
-    "SCALE_INIT <value>" and every "initialised to <value>" (ion_d2's own words; the paper's
-    quoted "initialized to 1000" is the paper's setting); "(per ROI)" / "(per location)" the
-    normalisation measured; "this preset's RPN" an RPN, "these selective-search training
-    proposals" precomputed ones."""
-    text, cfg = _comments(path), load_cfg(path)
-    pool = cfg.MODEL.ION.SKIP_POOL
-    for value in re.findall(r"SCALE_INIT (-?\d+(?:\.\d+)?)", text):
-        assert float(value) == pool.SCALE_INIT, value
-    for value in re.findall(r"initialised to (\d+(?:\.\d+)?)", text):
-        assert float(value) == pool.SCALE_INIT, value
-    measured = re.search(r"conv5's pooled features \(per (ROI|location)\)", text)
-    if measured:
-        assert pool.NORM == {"ROI": "roi", "location": "location"}[measured.group(1)]
-    if "this preset's RPN" in text:
-        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
-    if "on these selective-search training proposals" in text:
-        assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals"
-
-
-@pytest.mark.parametrize(
-    "path",
-    [p for p in TRAINED + [_twin(p) for p in TRAINED] if re.search(r"table[45]/", p)],
-    ids=lambda p: os.path.relpath(p, PAPER),
-)
-def test_scale_rows_state_their_scale(path):
-    """Tables 4 and 5 are about the scale: each row with L2 normalisation says how it is set."""
-    if load_cfg(path).MODEL.ION.SKIP_POOL.NORM != "none":
-        assert "Scale: SCALE_INIT" in _comments(path)
-
-
 # ----------------------------------------------------------------------------------------------
-# Selective-search twins: configs/paper/tableN/ss/<row>.yaml
+# Each row on selective-search proposals: the row's config with MODEL.ION.PROPOSALS
+# selective_search (ion_d2.config.get_ion_cfg).
 # ----------------------------------------------------------------------------------------------
+SS = {"MODEL.ION.PROPOSALS": "selective_search"}
 SS_KEYS = {
+    "MODEL.ION.PROPOSALS",
     "MODEL.LOAD_PROPOSALS",
     "MODEL.PROPOSAL_GENERATOR.NAME",
     "DATASETS.PROPOSAL_FILES_TRAIN",
@@ -296,36 +247,26 @@ def _proposal_file(dataset):
     return f"datasets/ss_proposals/{dataset}.pkl"
 
 
-def test_every_row_has_a_twin_and_nothing_else_is_one():
-    twins = sorted(glob.glob(os.path.join(PAPER, "table*", "ss", "**", "*.yaml"), recursive=True))
-    assert twins == sorted(_twin(p) for p in LEAVES)
-
-
 @pytest.mark.parametrize("path", LEAVES, ids=_row)
-def test_twin_is_its_row_on_selective_search(path):
-    pairs = [(path, _twin(path))]
-    if path in TRAINED:  # and each of the twin's stages is the row's stage on the twin's boxes
-        pairs += zip(_stages(path), _stages(_twin(path)))
-    for pair in pairs:
-        row, twin = (_cfg(x) if isinstance(x, str) else x for x in pair)
+def test_row_on_selective_search_changes_only_its_proposals_and_folders(path, monkeypatch):
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    pairs = [(_cfg(path), _cfg(path, SS))]
+    if path in TRAINED:  # and each of its stages is the row's stage on those boxes
+        pairs += zip(_stages(path), _stages(path, SS))
+    for row, ss in pairs:
         trained_weights = row["MODEL.WEIGHTS"].startswith("output/paper/")
         allowed = SS_KEYS | {"OUTPUT_DIR"} | ({"MODEL.WEIGHTS"} if trained_weights else set())
-        assert _diff(row, twin) <= allowed, (path, twin["OUTPUT_DIR"])
-        assert twin["MODEL.LOAD_PROPOSALS"] is True
-        assert twin["MODEL.PROPOSAL_GENERATOR.NAME"] == "PrecomputedProposals"
+        assert _diff(row, ss) <= allowed, (path, ss["OUTPUT_DIR"])
+        assert ss["MODEL.LOAD_PROPOSALS"] is True
+        assert ss["MODEL.PROPOSAL_GENERATOR.NAME"] == "PrecomputedProposals"
         # Figure 1: "evaluate 2000 proposed regions of interest (ROI)".
-        assert twin["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN"] == 2000
-        assert twin["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST"] == 2000
+        assert ss["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN"] == 2000
+        assert ss["DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST"] == 2000
         for split in ("TRAIN", "TEST"):
-            files = [_proposal_file(d) for d in twin[f"DATASETS.{split}"]]
-            assert list(twin[f"DATASETS.PROPOSAL_FILES_{split}"]) == files
-        # The twin's outputs, and the model it loads (in stage 2 stage 1's, or the trained row's
-        # for a test-time row), are its row's with "ss/" after the table.
+            files = [_proposal_file(d) for d in ss[f"DATASETS.{split}"]]
+            assert list(ss[f"DATASETS.PROPOSAL_FILES_{split}"]) == files
+        # Its outputs, and the model it loads (in stage 2 stage 1's, or the trained row's for a
+        # test-time row), are the row's with "ss/" after the table.
         for key in ("OUTPUT_DIR", "MODEL.WEIGHTS") if trained_weights else ("OUTPUT_DIR",):
             table, rest = re.fullmatch(r"output/paper/(table\d+)/(.*)", row[key]).groups()
-            assert twin[key] == f"output/paper/{table}/ss/{rest}", key
-    with open(_twin(path)) as f:
-        text = f.read()
-    table = re.search(r"table(\d+)", _row(path)).group(1)
-    assert text.startswith(f"# Table {table}, ")
-    assert f"python train_net.py --config-file {os.path.relpath(_twin(path), REPO)}" in text
+            assert ss[key] == f"output/paper/{table}/ss/{rest}", key

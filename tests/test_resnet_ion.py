@@ -1,5 +1,6 @@
 """ION on ResNet: the shipped presets under Detectron2's stock trainer, and the swap section."""
 
+import logging
 import math
 import os
 
@@ -7,14 +8,15 @@ import pytest
 import torch
 import yaml
 from detectron2 import model_zoo
-from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg, load_cfg, random_inputs, synthetic_slice
 
+import ion_d2
 from ion_d2 import IONRes5ROIHeads
+from ion_d2.engine.skip_pool_scale import measure_pooled_norms, measure_skip_pool_scale, skip_pooler
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -70,21 +72,28 @@ def _tiny(cfg, output_dir, train_name):
         "configs/FasterRCNN_R50_FPN_synthetic.yaml",
     ],
 )
-def test_resnet_preset_trains_under_detectron2s_stock_trainer(preset, tmp_path):
+def test_resnet_preset_trains_under_detectron2s_stock_trainer(preset, tmp_path, caplog):
     with synthetic_slice(
         str(tmp_path / "data"), num_train=4, num_val=1, seed=3, name_prefix="r50"
     ) as (train, _):
         cfg = _tiny(load_cfg(preset), tmp_path / "out", train)
         trainer = StockTrainer(cfg)
         trainer.resume_or_load(resume=False)
-        trainer.train()
+        # The line docs/USAGE.md adds to tools/train_net.py's main() (a no-op for the stock
+        # preset, which has no skip pooler).
+        exec(STOCK_TRAINER_LINE, {"ion_d2": ion_d2, "trainer": trainer, "cfg": cfg})
+        with caplog.at_level(logging.INFO, logger="ion_d2.engine.skip_pool_scale"):
+            trainer.train()
         assert trainer.iter == cfg.SOLVER.MAX_ITER == 2  # iterations 0 and 1 ran
         assert math.isfinite(trainer.storage.history("total_loss").latest())
-        pooler = getattr(trainer.model.roi_heads, "box_pooler", None)
-        pooler = getattr(trainer.model.roi_heads, "pooler", pooler)
+        pooler = skip_pooler(trainer.model)
         if "ION_" in preset:
-            # SCALE_INIT -1, measured on the first training batch by the stock trainer.
-            assert not pooler.scale_pending and torch.isfinite(pooler.scale).all()
+            # SCALE_INIT -1 (C4's pooler too), measured before the first step on the training
+            # images (SCALE_MEASURE_IMAGES, here all 4): section 5.2's one procedure.
+            assert pooler is not None and not pooler.scale_pending
+            assert "on 4 training images" in caplog.text and "scale set to" in caplog.text
+        else:
+            assert pooler is None and "scale set to" not in caplog.text
 
 
 def _swap(zoo_config, lines):
@@ -100,9 +109,12 @@ def _swap(zoo_config, lines):
 
 def _step_and_infer(cfg):
     model = build_model(cfg)
+    inputs = random_inputs(cfg, with_sem_seg=(False,))
+    # SCALE_INIT -1: measured first, as SkipPoolScaleHook does before the first step.
+    measure_skip_pool_scale(model, [inputs])
     model.train()
     with EventStorage():
-        losses = model(random_inputs(cfg, with_sem_seg=(False,)))
+        losses = model(inputs)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
@@ -112,13 +124,19 @@ def _step_and_infer(cfg):
     return model
 
 
-def _doc_lines(doc, heading):
-    """The first ```yaml block under ``heading`` in ``doc``, as merge_from_list's key/value pairs:
-    the lines the docs tell users to add, read from the docs themselves."""
+def _doc_block(doc, heading, language):
+    """The first ```language block under ``heading`` in ``doc``."""
     with open(os.path.join(REPO, doc)) as f:
         text = f.read()
     section = text[text.index(heading) :]
-    block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("\n```\n")]
+    start = section.index(f"```{language}\n") + len(f"```{language}\n")
+    return section[start : section.index("\n```\n", start)]
+
+
+def _doc_lines(doc, heading):
+    """The first ```yaml block under ``heading`` in ``doc``, as merge_from_list's key/value pairs:
+    the lines the docs tell users to add, read from the docs themselves."""
+    block = _doc_block(doc, heading, "yaml")
 
     def flat(node, prefix=""):
         for key, value in node.items():
@@ -132,11 +150,14 @@ def _doc_lines(doc, heading):
 
 FPN_LINES = _doc_lines("README.md", "## ION's heads in your own config")
 C4_LINES = _doc_lines("docs/USAGE.md", "## ION's heads in a C4 model")
+# The one line a trainer other than IONTrainer adds (section 5.2's scale, before the first step).
+STOCK_TRAINER_LINE = _doc_block("docs/USAGE.md", "## Which trainer", "python")
 
 
 def test_doc_lines_are_read():
     assert FPN_LINES[:2] == ["MODEL.META_ARCHITECTURE", "IONRCNN"]
     assert ["MODEL.ROI_HEADS.NAME", "IONRes5ROIHeads"] == C4_LINES[-4:-2]
+    assert STOCK_TRAINER_LINE == "trainer.register_hooks([ion_d2.engine.SkipPoolScaleHook(cfg)])"
 
 
 def test_swap_section_fpn():
@@ -163,8 +184,21 @@ def test_swap_section_c4_keeps_res5_as_the_box_head():
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in stock_res5.items()}
 
 
+def test_c4_scale_is_found_and_measured_by_the_one_procedure():
+    # Issue 25: C4 keeps its pooler as roi_heads.pooler (Res5ROIHeads), not box_pooler.
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", C4_LINES)
+    model = build_model(cfg)
+    pooler = model.roi_heads.pooler
+    assert skip_pooler(model) is pooler and pooler.scale_pending
+    assert pooler.scale_reference == cfg.MODEL.ION.CONTEXT.IN_FEATURE == "res4"
+    inputs = random_inputs(cfg, with_sem_seg=(False,))
+    value = measure_skip_pool_scale(model, [inputs])
+    assert value == pytest.approx(measure_pooled_norms(model, [inputs]).per_roi["res4"])
+    assert torch.equal(pooler.scale, torch.full_like(pooler.scale, value))
+
+
 def test_scale_init_zero_on_resnet_is_refused():
     lines = FPN_LINES[:4] + FPN_LINES[6:]  # without SCALE_INIT: the default 0
     cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", lines)
-    with pytest.raises(ValueError, match="SCALE_INIT is 0.*build_resnet_fpn_backbone"):
+    with pytest.raises(ValueError, match=r"SCALE_INIT\) is 0.*the backbone is FPN"):
         build_model(cfg)

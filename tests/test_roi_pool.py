@@ -1,4 +1,7 @@
-"""ion_d2.modeling.roi_pool: the sparse-table ROI max pooling equals torchvision's roi_pool exactly."""
+"""
+ion_d2.modeling.roi_pool: the sparse-table ROI max pooling equals torchvision's roi_pool
+exactly.
+"""
 
 import pytest
 import torch

@@ -4,15 +4,13 @@ import os
 
 import pytest
 import yaml
-from detectron2.config import get_cfg
 
-from ion_d2.config import add_ion_config
+from ion_d2.config import get_ion_cfg
 from ion_d2.engine.run_folder import CONFIG_FILE, config_differences, prepare_run_dir
 
 
 def _cfg(tmp_path):
-    cfg = get_cfg()
-    add_ion_config(cfg)
+    cfg = get_ion_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)
     return cfg
 

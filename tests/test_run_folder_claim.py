@@ -9,16 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from detectron2.config import get_cfg
 
-from ion_d2.config import add_ion_config
+from ion_d2.config import get_ion_cfg
 from ion_d2.engine import run_folder
 from ion_d2.engine.run_folder import CONFIG_FILE, prepare_run_dir
 
 
 def _cfg(output_dir, **solver):
-    cfg = get_cfg()
-    add_ion_config(cfg)
+    cfg = get_ion_cfg()
     cfg.OUTPUT_DIR = str(output_dir)
     for key, value in solver.items():
         setattr(cfg.SOLVER, key, value)
@@ -56,10 +54,9 @@ def test_a_second_live_run_is_refused_until_the_first_dies(tmp_path):
     cfg = _cfg(tmp_path)
     holder = (
         "import sys\n"
-        "from detectron2.config import get_cfg\n"
-        "from ion_d2.config import add_ion_config\n"
+        "from ion_d2.config import get_ion_cfg\n"
         "from ion_d2.engine.run_folder import prepare_run_dir\n"
-        "cfg = get_cfg(); add_ion_config(cfg); cfg.OUTPUT_DIR = sys.argv[1]\n"
+        "cfg = get_ion_cfg(); cfg.OUTPUT_DIR = sys.argv[1]\n"
         "claim = prepare_run_dir(cfg)\n"
         "print('claimed', flush=True)\n"
         "sys.stdin.read()\n"

@@ -194,7 +194,8 @@ def test_tool_then_train_and_evaluate_ion_from_the_files(synth, one_worker_file,
     _assert_same_file(_load(files[train]), _load(one_worker_file))
     ssp.compute_selective_search_proposals(val, files[val], config=SMALL, progress=False)
 
-    cfg = shrink_cfg(load_cfg(os.path.join(REPO, "configs", "ION_VGG16_synthetic_SS.yaml")))
+    path = os.path.join(REPO, "configs", "ION_VGG16_synthetic.yaml")
+    cfg = shrink_cfg(load_cfg(path, {"MODEL.ION.PROPOSALS": "selective_search"}))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), ()
     cfg.DATASETS.PROPOSAL_FILES_TRAIN = (files[train],)
     cfg.DATASETS.PROPOSAL_FILES_TEST = (files[val],)

@@ -2,24 +2,28 @@
 
 import copy
 import logging
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
+from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from model_utils import load_cfg, random_inputs, shrink_cfg, synthetic_slice
 from torchvision.ops import roi_pool
 
 import ion_d2.engine.skip_pool_scale as skip_pool_scale
-from ion_d2.engine import IONTrainer
+from ion_d2.engine import IONTrainer, SkipPoolScaleHook
 from ion_d2.engine.skip_pool_scale import (
     measure_pooled_norms,
     measure_skip_pool_scale,
     training_batches,
 )
+from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "ION_VGG16_tiny_cpu.yaml")
 FEATURES = ["conv3", "conv4", "conv5", "context"]
@@ -161,31 +165,44 @@ def _trainer_cfg(synth, tmp_path):
     return cfg
 
 
+class _ScaleAtFirstStep(HookBase):
+    """Records the scale as the first step starts (and section 5.2's measurement, redone)."""
+
+    def __init__(self, cfg=None):
+        self.cfg, self.seen = cfg, {}
+
+    def before_step(self):
+        if self.trainer.iter == self.trainer.start_iter:
+            model = self.trainer.model
+            self.seen["scale"] = model.roi_heads.box_pooler.scale.detach().clone()
+            if self.cfg is not None:
+                self.seen["norms"] = measure_pooled_norms(model, training_batches(self.cfg))
+
+
 def test_trainer_measures_the_scale_before_the_first_step(synth, tmp_path, caplog):
     cfg = _trainer_cfg(synth, tmp_path)
     trainer = IONTrainer(cfg)
     pooler = trainer.model.roi_heads.box_pooler
-    assert pooler.scale_pending
+    # IONTrainer registers the one procedure itself, first.
+    assert isinstance(trainer._hooks[0], SkipPoolScaleHook)
+    trainer.resume_or_load(resume=False)
+    assert pooler.scale_pending  # measured by train(), before the first step
+    spy = _ScaleAtFirstStep(cfg)
+    trainer.register_hooks([spy])
     with caplog.at_level(logging.INFO, logger="ion_d2.engine.skip_pool_scale"):
-        trainer.resume_or_load(resume=False)
-    assert not pooler.scale_pending
-    expected = measure_pooled_norms(trainer.model, training_batches(cfg, 3))
-    assert expected.num_images == 3
-    assert torch.allclose(pooler.scale, torch.tensor(expected.per_roi["conv5"]), rtol=1e-5)
+        trainer.train()
+    expected = spy.seen["norms"]
+    assert expected.num_images == 3  # SCALE_MEASURE_IMAGES
+    assert torch.allclose(spy.seen["scale"], torch.tensor(expected.per_roi["conv5"]), rtol=1e-5)
     log = caplog.text
     assert "on 3 training images" in log
     for name in FEATURES:
         assert f"  {name}" in log
     assert f"set to {expected.per_roi['conv5']:.4g}" in log
-
-    # The first step's forward runs with it (a pending scale raises, test above).
-    trainer.model.train()
-    with EventStorage():
-        losses = trainer.model(training_batches(cfg, 2)[0])
-    assert all(torch.isfinite(v) for v in losses.values())
+    assert math.isfinite(trainer.storage.history("total_loss").latest())
 
 
-def test_trainer_keeps_a_scale_the_loaded_weights_hold(synth, tmp_path, caplog, monkeypatch):
+def test_trainer_keeps_a_scale_the_loaded_weights_hold(synth, tmp_path, monkeypatch):
     cfg = _trainer_cfg(synth, tmp_path)
     source_cfg = cfg.clone()
     source_cfg.MODEL.ION.SKIP_POOL.SCALE_INIT = 123.0
@@ -198,11 +215,13 @@ def test_trainer_keeps_a_scale_the_loaded_weights_hold(synth, tmp_path, caplog, 
 
     monkeypatch.setattr(skip_pool_scale, "measure_pooled_norms", fail)
     trainer = IONTrainer(cfg)
-    with caplog.at_level(logging.INFO, logger="ion_d2.engine.skip_pool_scale"):
-        trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=False)
     pooler = trainer.model.roi_heads.box_pooler
     assert not pooler.scale_pending
-    assert torch.all(pooler.scale == 123.0)
+    spy = _ScaleAtFirstStep()
+    trainer.register_hooks([spy])
+    trainer.train()
+    assert torch.all(spy.seen["scale"] == 123.0)
 
 
 def test_ddp_wrapped_model_is_measured_through_its_module(tmp_path):
@@ -222,24 +241,31 @@ def test_ddp_wrapped_model_is_measured_through_its_module(tmp_path):
         dist.destroy_process_group()
 
 
-def test_a_pending_scale_is_measured_on_the_first_training_batch(caplog):
-    # Without IONTrainer's measurement (Detectron2's own DefaultTrainer), the first training
-    # forward measures the scale: the mean per-ROI norm of conv5 pooled over the batch's ROIs.
+def test_a_trainer_without_the_hook_fails_fast_naming_the_line_to_add():
+    # Detectron2's own DefaultTrainer measures nothing: the first training forward with the
+    # scale pending stops, naming the one line the docs give for that trainer.
     cfg = _cfg()
     model = build_model(cfg)
-    pooler = model.roi_heads.box_pooler
-    seen = {}
-    original = pooler._measure_scale_on_batch
+    model.train()
+    with EventStorage(), pytest.raises(RuntimeError, match="scale is not set") as error:
+        model(random_inputs(cfg))
+    assert PENDING_SCALE_FIX in str(error.value)
+    with open(os.path.join(os.path.dirname(TINY), "..", "docs", "USAGE.md")) as f:
+        assert PENDING_SCALE_FIX in f.read()
+    assert model.roi_heads.box_pooler.scale_pending
 
-    def spy(x, box_lists):
-        seen["expected"] = float(pooler.poolers[2]([x[2]], box_lists).flatten(1).norm(dim=1).mean())
-        original(x, box_lists)
 
-    pooler._measure_scale_on_batch = spy
-    with EventStorage():
-        losses = model(random_inputs(cfg))
-    assert not pooler.scale_pending
-    assert pooler.feature_names[2] == cfg.MODEL.ION.CONTEXT.IN_FEATURE == "conv5"
-    assert torch.allclose(pooler.scale, torch.full_like(pooler.scale, seen["expected"]))
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert "measured on the first training batch" in caplog.text
+def test_the_hook_measures_only_a_pending_scale(monkeypatch):
+    cfg = _cfg()
+    model = build_model(cfg)
+    inputs = random_inputs(cfg)
+    loaded = []
+    monkeypatch.setattr(skip_pool_scale, "training_batches", lambda c: loaded.append(c) or [inputs])
+    hook = SkipPoolScaleHook(cfg)
+    hook.trainer = SimpleNamespace(model=model, start_iter=0)
+    hook.before_train()
+    assert loaded == [cfg]
+    expected = measure_pooled_norms(model, [inputs]).per_roi["conv5"]
+    assert torch.allclose(model.roi_heads.box_pooler.scale, torch.tensor(expected))
+    hook.before_train()  # set: nothing loaded, nothing measured
+    assert loaded == [cfg]

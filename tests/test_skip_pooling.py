@@ -1,5 +1,7 @@
 """Skip pooling (section 3.1, Tables 4-5) against a hand computation with torchvision's ops."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-from ion_d2.modeling.skip_pooling import IONSkipPooler, l2_normalize_rois
+from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX, IONSkipPooler, l2_normalize_rois
 
 SHAPES = [
     ShapeSpec(channels=3, stride=4),
@@ -154,6 +156,12 @@ def test_dropout_after_concat_and_empty_boxes():
         ({"out_channels": -1}, "-1"),
         ({"input_shapes": []}, "at least one"),
         ({"scale_init": -2.0}, r"-1 \(measure it\).*got -2.0"),
+        # A measured scale needs the pooled feature it is measured on.
+        ({"scale_init": -1.0}, r"scale_reference None .* does not pool"),
+        (
+            {"scale_init": -1.0, "feature_names": ["a", "b", "c"], "scale_reference": "d"},
+            r"scale_reference 'd' \(MODEL.ION.CONTEXT.IN_FEATURE\).*\['a', 'b', 'c'\]",
+        ),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -222,3 +230,24 @@ def test_inference_path_without_boxes(norm):
     with torch.no_grad():
         out = pooler(_features(), [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))])
     assert out.shape == (0, 4, 7, 7)
+
+
+def test_a_pending_scale_refuses_to_run_in_training_too():
+    # Section 5.2's scale is measured before the first step (SkipPoolScaleHook), never by a
+    # training batch: until then the pooler stops, naming the line that adds the measurement.
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        scale_init=-1.0,
+        feature_names=["a", "b", "c"],
+        scale_reference="c",
+    )
+    assert pooler.scale_pending and pooler.scale_reference == "c"
+    for training in (True, False):
+        pooler.train(training)
+        with pytest.raises(RuntimeError, match=re.escape(PENDING_SCALE_FIX)):
+            pooler(_features(), _boxes())
+    pooler.set_scale(7.0)
+    assert pooler(_features(), _boxes()).shape == (3, 512, 7, 7)

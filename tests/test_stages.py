@@ -1,12 +1,15 @@
 """Section 4.1's two stages from one config (ion_d2.engine.stages, SOLVER.ION_STAGE2), and
-train_and_evaluate running them. train_net.py's run is in test_train_net_cli.py."""
+the one loop that runs them (ion_d2.engine.trainer.train_stages) under train_net.py and
+train_and_evaluate. A fresh run of train_net.py as a command: test_train_net_cli.py."""
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
-from model_utils import ion_cfg, load_cfg, synthetic_slice
+from model_utils import ion_cfg, load_cfg, load_script, synthetic_slice
 
 from ion_d2.engine import train_and_evaluate
 from ion_d2.engine.stages import training_stages
@@ -56,31 +59,97 @@ def test_stage_2_that_could_not_act_is_refused(key, value, message):
         training_stages(cfg)
 
 
-def test_train_and_evaluate_trains_both_stages_and_evaluates_the_second(tmp_path):
+def _evaluations(folder):
+    """The records of evaluations in ``folder``'s metrics.json (those with an AP)."""
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if "bbox/AP" in r]
+
+
+def _observed(out):
+    """Per stage of the run in ``out``: (its final iteration, its evaluations), its final
+    checkpoint's time, its final weights."""
+    seen = {}
+    for stage in ("stage1", "stage2"):
+        final = os.path.join(out, stage, "model_final.pth")
+        checkpoint = torch.load(final, map_location="cpu", weights_only=False)
+        seen[stage] = (checkpoint["iteration"], len(_evaluations(os.path.join(out, stage))))
+        seen[stage + " time"] = os.path.getmtime(final)
+        seen[stage + " weights"] = checkpoint["model"]
+    return seen
+
+
+def test_train_net_and_train_and_evaluate_follow_one_rule_on_a_resumed_two_stage_run(
+    tmp_path, monkeypatch
+):
+    """Both run train_stages: resumed, an interrupted stage 1 trains on and is not evaluated,
+    stage 2 trains from its weights and is evaluated once at its end (with TEST.AUG's TTA);
+    run again, neither stage trains and stage 2 alone is evaluated again. (A fresh two-stage
+    run: test_train_net_cli.py.)"""
+    train_net = load_script("train_net.py")
+    # default_setup and setup_logger would attach file loggers to the test process.
+    monkeypatch.setattr(train_net, "default_setup", lambda cfg, args: None)
+    monkeypatch.setattr(train_net, "setup_logger", lambda *args, **kwargs: None)
     with synthetic_slice(
-        str(tmp_path / "data"), num_train=4, num_val=2, seed=5, name_prefix="stages"
-    ) as (
-        train,
-        val,
-    ):
-        cfg = load_cfg(TINY)
-        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (val,)
-        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = MetadataCatalog.get(train).num_sem_seg_classes
-        cfg.SOLVER.MAX_ITER = 2
-        cfg.SOLVER.ION_STAGE2.ENABLED = True
-        cfg.SOLVER.ION_STAGE2.MAX_ITER = 3
-        cfg.OUTPUT_DIR = str(tmp_path / "run")
-        cfg.freeze()
-        trainer, results = train_and_evaluate(cfg)
-        assert trainer.cfg.OUTPUT_DIR == os.path.join(cfg.OUTPUT_DIR, "stage2")
-        assert trainer.iter == 3 and "bbox" in results  # stage 2's 3 steps, then evaluated
-        stage1 = torch.load(os.path.join(cfg.OUTPUT_DIR, "stage1", "model_final.pth"))
-        assert stage1["iteration"] == 1  # stage 1's 2 steps (the last one's index)
-        w1 = stage1["model"]
-        w2 = trainer.model.state_dict()
-        # Stage 2 (FREEZE_AT 2) starts from stage 1's weights and keeps conv1-conv2.
-        assert torch.equal(w1["backbone.conv1_2.weight"], w2["backbone.conv1_2.weight"])
-        assert not torch.equal(w1["backbone.conv4_1.weight"], w2["backbone.conv4_1.weight"])
-        # A second call finds both stages finished and trains neither again.
-        again, _ = train_and_evaluate(cfg)
-        assert again.start_iter == 3
+        str(tmp_path / "data"), num_train=2, num_val=1, seed=5, name_prefix="rule"
+    ) as (train, val):
+        opts = {
+            "DATASETS.TRAIN": (train,),
+            "DATASETS.TEST": (val,),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": MetadataCatalog.get(train).num_sem_seg_classes,
+            "INPUT.MIN_SIZE_TEST": 64,
+            "SOLVER.MAX_ITER": 2,
+            "SOLVER.CHECKPOINT_PERIOD": 1,
+            "SOLVER.ION_STAGE2.ENABLED": True,
+            "SOLVER.ION_STAGE2.MAX_ITER": 1,
+            "SOLVER.ION_STAGE2.FREEZE_AT": 2,
+            "TEST.AUG.ENABLED": True,
+            "TEST.AUG.MIN_SIZES": (64,),
+            "TEST.AUG.MAX_SIZE": 128,
+        }
+        cfg = load_cfg(TINY, opts)
+        cfg.OUTPUT_DIR = str(tmp_path / "prepared")
+        # Stage 1 interrupted after its first iteration's checkpoint, stage 2 not begun (its
+        # test set left out, which the run folder's check ignores: no evaluation here).
+        stage1 = training_stages(cfg)[0].clone()
+        stage1.defrost()
+        stage1.DATASETS.TEST = ()
+        train_and_evaluate(stage1)
+        os.remove(os.path.join(stage1.OUTPUT_DIR, "model_final.pth"))
+        with open(os.path.join(stage1.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+            f.write("model_0000000.pth")
+
+        def by_train_net(out):
+            flat = [str(x) for item in {**opts, "OUTPUT_DIR": out}.items() for x in item]
+            args = train_net.argument_parser().parse_args(
+                ["--config-file", TINY, "--resume", *flat]
+            )
+            return train_net.main(args)
+
+        def by_train_and_evaluate(out):
+            run = cfg.clone()
+            run.OUTPUT_DIR = out
+            return train_and_evaluate(run, resume=True)[1]
+
+        seen = {}
+        for name, entry_point in (("train_net", by_train_net), ("api", by_train_and_evaluate)):
+            out = str(tmp_path / name)
+            shutil.copytree(stage1.OUTPUT_DIR, os.path.join(out, "stage1"))
+            results = [entry_point(out)]
+            first = _observed(out)
+            results.append(entry_point(out))
+            again = _observed(out)
+            # Stage 1 trained on to its end (iteration 1) and was not evaluated; stage 2 (one
+            # iteration) was evaluated once, and once more when run again, where neither stage
+            # trained.
+            assert (first["stage1"], first["stage2"]) == ((1, 0), (0, 1)), name
+            assert (again["stage1"], again["stage2"]) == ((1, 0), (0, 2)), name
+            assert [again[k] == first[k] for k in ("stage1 time", "stage2 time")] == [True] * 2
+            # Stage 2 (FREEZE_AT 2) started from stage 1's final weights.
+            w1, w2 = first["stage1 weights"], first["stage2 weights"]
+            assert torch.equal(w1["backbone.conv2_2.weight"], w2["backbone.conv2_2.weight"])
+            assert not torch.equal(w1["backbone.conv4_1.weight"], w2["backbone.conv4_1.weight"])
+            seen[name] = ([sorted(r or {}) for r in results], w2)
+        # Both returned the same results each time (with TTA), and trained the same weights.
+        assert seen["train_net"][0] == seen["api"][0] == [["bbox", "bbox_TTA"]] * 2
+        a, b = seen["train_net"][1], seen["api"][1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -83,7 +83,8 @@ def _metrics(folder):
 
 def test_both_stages_of_section_4_1_in_one_command(tmp_path):
     """SOLVER.ION_STAGE2: stage 1 as configured, then stage 2 from its model_final.pth with the
-    stage-2 keys; --resume skips a finished stage 1 instead of training or evaluating it again."""
+    stage-2 keys; only stage 2 is evaluated; --resume skips a finished stage 1 instead of
+    training it again (the rule of train_stages, test_stages.py)."""
     import torch
 
     run = (
@@ -97,7 +98,8 @@ def test_both_stages_of_section_4_1_in_one_command(tmp_path):
     log = _run(tmp_path, *run)
     out = tmp_path / "out"
     stage1, stage2 = out / "stage1", out / "stage2"
-    assert log.count("copypaste: AP,AP50,AP75,APs,APm,APl") == 2  # each stage evaluates
+    assert log.count("copypaste: AP,AP50,AP75,APs,APm,APl") == 1  # stage 2 alone evaluates
+    assert not (stage1 / "inference").exists()
     # The training steps' records (the evaluation's come after them).
     m1 = [m for m in _metrics(stage1) if "lr" in m]
     m2 = [m for m in _metrics(stage2) if "lr" in m]

@@ -2,7 +2,7 @@
 """
 Factor a trained checkpoint's box-head fc layers with truncated SVD (Fast R-CNN, section 3.1).
 
-    python tools/compress_fc_svd.py --config-file configs/ION_VGG16_VOC0712_stage2.yaml \
+    python tools/compress_fc_svd.py --config-file configs/paper/table1/r_s.yaml \
         --weights model_final.pth --ranks 1024 256 --output model_final_svd.pth [KEY VALUE ...]
 
 ``--config-file`` (with the overrides) is the config the checkpoint was trained with; its box
@@ -19,10 +19,9 @@ import os
 from typing import List, Optional
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.modeling.box_head import IONFCHead
 from ion_d2.modeling.fc_svd import FC_SVD_RANKS_KEY, IONFactoredLinear, factor_linear_state_dict
 
@@ -53,10 +52,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if os.path.abspath(args.output) == os.path.abspath(args.weights):
         parser.error(f"--output {args.output!r} would overwrite --weights; name another file")
 
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.MODEL.ION.FC_SVD_RANKS = list(args.ranks)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"

@@ -18,11 +18,10 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.export import trace_ion_model
 
@@ -42,10 +41,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="ion_d2")
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
     model = build_model(cfg).eval()

@@ -10,14 +10,14 @@ tools/lazyconfig_train_net.py:
 
 Beyond Detectron2's script: ``import ion_d2`` registers ION's components and datasets; before
 the first step the skip-pooling scale is measured when the config asks for it
-(``model.heads.roi_heads.box_pooler.scale_init`` -1, section 5.2;
-:func:`ion_d2.lazy.measure_lazy_skip_pool_scale`, as IONTrainer does); CPU models train in
-several processes too (:func:`ion_d2.engine.launch.launch`); checkpoints are written atomically
+(``model.heads.roi_heads.box_pooler.scale_init`` -1, section 5.2) by the hook IONTrainer
+registers too (:class:`ion_d2.engine.SkipPoolScaleHook`); CPU models train in several
+processes too (:func:`ion_d2.engine.launch.launch`); checkpoints are written atomically
 (:class:`ion_d2.engine.checkpoint.IONCheckpointer`); a misspelt override key, a word for a
 number and a training length or period that cannot run are refused before anything is built
-(:func:`ion_d2.lazy.apply_lazy_overrides`, :func:`ion_d2.lazy.check_lazy_train_config`); a
-second live training run in ``train.output_dir`` is refused
-(:func:`ion_d2.engine.run_folder.lock_run_dir`).
+(:func:`ion_d2.engine.overrides.apply_lazy_overrides`,
+:func:`ion_d2.engine.overrides.check_lazy_train_config`); a second live training run in
+``train.output_dir`` is refused (:func:`ion_d2.engine.run_folder.lock_run_dir`).
 """
 
 import logging
@@ -33,13 +33,15 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 import ion_d2  # noqa: F401  (registers ION's components and datasets)
+from ion_d2.engine import SkipPoolScaleHook
 from ion_d2.engine.checkpoint import IONCheckpointer
 from ion_d2.engine.launch import create_ddp_model_any_device, launch
+from ion_d2.engine.overrides import apply_lazy_overrides, check_lazy_train_config
 from ion_d2.engine.run_folder import lock_run_dir
-from ion_d2.lazy import apply_lazy_overrides, check_lazy_train_config, measure_lazy_skip_pool_scale
 
 logger = logging.getLogger("detectron2")
 
@@ -67,7 +69,7 @@ def do_test(cfg, model):
 def do_train(args, cfg):
     """
     Detectron2's lazy training loop (see its tools/lazyconfig_train_net.py for the config
-    entries it reads), with the skip-pooling scale measured after the weights are loaded.
+    entries it reads), with :class:`SkipPoolScaleHook` first.
     """
     model = instantiate(cfg.model)
     logger.info("Model:\n{}".format(model))
@@ -83,6 +85,7 @@ def do_train(args, cfg):
     checkpointer = IONCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
+            SkipPoolScaleHook(cfg),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (
@@ -108,7 +111,6 @@ def do_train(args, cfg):
         start_iter = trainer.iter + 1
     else:
         start_iter = 0
-    measure_lazy_skip_pool_scale(cfg, model, start_iter=start_iter)
     trainer.train(start_iter, cfg.train.max_iter)
 
 
@@ -120,6 +122,8 @@ def main(args):
         if comm.is_main_process():
             lock_run_dir(cfg.train.output_dir)  # held until this process ends
     default_setup(cfg, args)
+    # ion_d2's own log lines (the skip-pooling scale's measurement), as train_net.py.
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="ion_d2")
 
     if args.eval_only:
         model = instantiate(cfg.model)

@@ -17,10 +17,9 @@ over all entries of each ROI ("roi" normalisation) and across channels at each c
 import argparse
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.engine.skip_pool_scale import measure_pooled_norms, training_batches
 
 
@@ -31,10 +30,7 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
 
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.freeze()
     num_images = args.num_images or cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES
     model = build_model(cfg)

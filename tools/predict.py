@@ -25,11 +25,10 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import cv2
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
-from ion_d2 import add_ion_config
+from ion_d2 import get_ion_cfg
 from ion_d2.engine.predictor import IONPredictor, read_image_file
 
 
@@ -157,10 +156,7 @@ def predict_one(predictor, path: str, out: str, metadata, confidence: float) -> 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     # IONPredictor refuses to run without weights unless partial (here: none) are allowed.
     cfg.MODEL.ION.ALLOW_PARTIAL_WEIGHTS = args.allow_random_weights

@@ -21,12 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from ion_d2 import add_ion_config  # noqa: E402
+from ion_d2 import get_ion_cfg  # noqa: E402
 from ion_d2.engine import train_and_evaluate  # noqa: E402
 from ion_d2.engine.predictor import IONPredictor  # noqa: E402
 from ion_d2.modeling.context import IRNN  # noqa: E402
@@ -56,10 +55,7 @@ def parse_args():
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_ion_cfg(args.config_file, args.opts)
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     return cfg

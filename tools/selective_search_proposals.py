@@ -4,13 +4,13 @@
 The paper trains and tests on selective-search boxes (section 4.1: "For PASCAL VOC we use the
 same pre-computed selective search boxes from Fast R-CNN, and for COCO we use the boxes
 precomputed by Hosang et al."). This recomputes such boxes with OpenCV's selective search for
-the configs that read them (configs/*_SS*.yaml), e.g.::
+any config run with MODEL.ION.PROPOSALS selective_search (ion_d2/config.py), e.g.::
 
     python tools/selective_search_proposals.py --dataset voc_2007_trainval --workers 8
     python tools/selective_search_proposals.py --dataset ion_synth_train --workers 2
 
 Each writes $DETECTRON2_DATASETS/ss_proposals/<dataset>.pkl (default datasets/ss_proposals/),
-the path the configs name. Any dataset registered in Detectron2's DatasetCatalog works:
+the path that setting reads. Any dataset registered in Detectron2's DatasetCatalog works:
 Detectron2's builtins (voc_2007_test, coco_2014_train, ...), ion_d2's bundled ones, or yours
 (register it in a module and pass --import my_module). Needs cv2.ximgproc (the
 opencv-contrib-python-headless wheel; `make setup` installs it).

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Convert SBD's and VOC2012's class labels into the label PNGs of the voc_*_ionseg datasets.
 
-ION's VOC presets (configs/ION_VGG16_VOC0712_stage{1,2}.yaml) train on voc_2007_trainval_ionseg
-and voc_2012_trainval_ionseg: Detectron2's VOC 07+12 trainval plus a semantic label map for each
-image that has one (Table 1's "07+12+S": "07+12 plus SBD segmentation labels").
+ION's VOC presets (configs/ION_VGG16_VOC0712_stage1.yaml, configs/paper/) train on
+voc_2007_trainval_ionseg and voc_2012_trainval_ionseg: Detectron2's VOC 07+12 trainval plus a
+semantic label map for each image that has one (Table 1's "07+12+S": "07+12 plus SBD
+segmentation labels").
 
 Sources (give at least one):
   --sbd DIR            SBD's "dataset" folder (benchmark_RELEASE/dataset): reads cls/<id>.mat,

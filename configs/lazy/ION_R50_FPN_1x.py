@@ -9,7 +9,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 
 from ion_d2 import IONROIHeads
-from ion_d2.lazy import build_ion_rcnn
+from ion_d2.modeling.builder import build_ion_rcnn
 from ion_d2.modeling.context import IRNN
 from ion_d2.modeling.skip_pooling import IONSkipPooler
 

@@ -5,7 +5,7 @@ Importing this package registers the bundled synthetic dataset as "ion_synth_tra
 its builtin datasets; the data is generated on first use. It also registers Detectron2's builtin
 VOC and COCO training sets with ION's segmentation labels as ``<builtin name>_ionseg`` (see
 :mod:`ion_d2.data.builtin_ionseg`), and VOC 2012 test's images as "voc_2012_test"
-(:mod:`ion_d2.data.voc2012_test`).
+(:mod:`ion_d2.data.voc2012_testset`).
 """
 
 from .builtin_ionseg import ION_SEG_SUFFIX, register_all_ionseg
@@ -21,7 +21,7 @@ from .synthetic import (
     register_ion_synthetic,
 )
 from .transforms import ResizeLongestEdgeCap
-from .voc2012_test import (
+from .voc2012_testset import (
     VOC_2012_TEST,
     load_voc_test_images,
     register_voc_2012_test,

@@ -14,9 +14,7 @@ import numpy as np
 __all__ = ["resized_sizes", "size_problem"]
 
 
-def resized_sizes(
-    heights, widths, short_edge: int, max_size: int
-) -> Tuple[np.ndarray, np.ndarray]:
+def resized_sizes(heights, widths, short_edge: int, max_size: int) -> Tuple[np.ndarray, np.ndarray]:
     """
     The sizes of images after the resize, without decoding them.
 

@@ -27,6 +27,7 @@ from detectron2.engine import TrainerBase
 from detectron2.solver.lr_scheduler import LRMultiplier
 from detectron2.utils import comm
 
+from ..modeling.context.irnn import IRNN
 from ..modeling.meta_arch import IONRCNN
 from ..modeling.skip_pooling import IONSkipPooler
 from .launch import unwrap_ddp
@@ -464,9 +465,32 @@ class IONCheckpointer(DetectionCheckpointer):
             "of the run, or the weights it started from."
         )
 
+    def _match_irnn_wiring(self, weights: Mapping[str, Any]) -> None:
+        # MODEL.ION.CONTEXT.IRNN.WIRING's default became "paper" in 0.2.0: a checkpoint of the
+        # "per_layer" wiring whose stored config does not name it (written before the key
+        # existed) is recognised from its keys and the IRNN rebuilt to load it, for a model
+        # that is not being trained (no optimizer holds the old parameters). In training
+        # IRNN._load_from_state_dict refuses the mismatch, naming the key to set.
+        if "optimizer" in self.checkpointables:
+            return
+        for name, module in unwrap_ddp(self.model).named_modules():
+            if not isinstance(module, IRNN):
+                continue
+            found = IRNN.wiring_of(weights, f"{name}." if name else "")
+            if found is None or found == module.wiring:
+                continue
+            module.rewire(found)
+            self.logger.warning(
+                f"{self._loading}: the IRNN context {name!r} has the {found!r} wiring (from its "
+                f"keys); the model was built with MODEL.ION.CONTEXT.IRNN.WIRING "
+                f"{'paper' if found == 'per_layer' else 'per_layer'!r}, so it was rebuilt as "
+                f"{found!r} to load them. Set WIRING {found!r} to build it so."
+            )
+
     def _load_model(self, checkpoint: Dict[str, Any]):
         """See :meth:`DetectionCheckpointer._load_model`; with ``strict``, raises
         :class:`UnusableWeights` naming what did not load."""
+        self._match_irnn_wiring(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         if not self.strict:
             return incompatible

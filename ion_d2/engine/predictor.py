@@ -18,7 +18,6 @@ from .checkpoint import IONCheckpointer, UnreadableCheckpoint, describe_unreadab
 __all__ = ["IONPredictor", "as_bgr_uint8", "read_image_file", "EIGHT_BIT_MODES"]
 
 
-
 def read_image_file(path: str, format: str = "BGR") -> np.ndarray:
     """
     Read an image file as :func:`detectron2.data.detection_utils.read_image` does (EXIF

@@ -14,10 +14,10 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from ..config import add_ion_config
+from ..config import get_ion_cfg
 from .stages import training_stages
 
 __all__ = [
@@ -51,6 +51,9 @@ IGNORED_KEYS = (
     # Only how many boxes wholly outside their image the dataset check accepts; the loader
     # drops those boxes either way.
     "DATALOADER.ION_MAX_OUTSIDE_BOX_FRACTION",
+    # Only a name for the proposal keys get_ion_cfg derives from it, which are compared: a run
+    # of a selective-search config stored before the key existed is still the derived one's run.
+    "MODEL.ION.PROPOSALS",
     # Test-time settings: train_and_evaluate evaluates again with the current values each time.
     "DATASETS.TEST",
     "DATASETS.PROPOSAL_FILES_TEST",
@@ -225,9 +228,7 @@ def _move_run_aside(output_dir: str) -> str:
 
 
 def _default_config() -> CfgNode:
-    cfg = get_cfg()
-    add_ion_config(cfg)
-    return cfg
+    return get_ion_cfg()
 
 
 class _FolderLock:

@@ -9,6 +9,12 @@ each pooled feature's mean L2 norm (per ROI for ``SKIP_POOL.NORM`` "roi", per lo
 "location") is logged, and every channel of the scale takes the reference feature's (conv5: the
 amplitude fc6 was trained on). One scale for all layers, as the paper: after L2 normalisation
 they have equal amplitude (Table 4's point), which per-layer norms would undo.
+
+:class:`SkipPoolScaleHook` is the one procedure that does it, before the first step, under every
+trainer: :class:`IONTrainer` and tools/lazyconfig_train_net.py register it; under another
+trainer, ``trainer.register_hooks([ion_d2.engine.SkipPoolScaleHook(cfg)])`` (docs/USAGE.md,
+"Which trainer"). A model whose scale is still pending refuses to run
+(:meth:`IONSkipPooler.forward`, naming that line).
 """
 
 import contextlib
@@ -16,16 +22,19 @@ import logging
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import torch
+from detectron2.config import CfgNode, instantiate
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch import nn
 
 from ..data.loader import load_train_dicts
 from ..data.mapper import IONDatasetMapper
-from ..modeling.skip_pooling import IONSkipPooler
+from ..modeling.skip_pooling import IONSkipPooler, find_skip_pooler
 from .launch import unwrap_ddp
 
 __all__ = [
     "PooledNorms",
+    "SkipPoolScaleHook",
     "measure_pooled_norms",
     "measure_skip_pool_scale",
     "skip_pooler",
@@ -51,19 +60,38 @@ class PooledNorms(NamedTuple):
     num_images: int
 
 
-def training_batches(cfg, num_images: int) -> List[List[dict]]:
+def training_batches(cfg, num_images: Optional[int] = None) -> List[List[dict]]:
     """
-    The first ``num_images`` images of ``cfg.DATASETS.TRAIN`` (with precomputed proposals when
-    ``MODEL.LOAD_PROPOSALS``), mapped as for training by :class:`IONDatasetMapper`, in batches of
-    the per-process training batch size (``SOLVER.IMS_PER_BATCH`` / number of processes).
+    The first ``num_images`` training images, mapped as for training, in batches of the
+    per-process training batch size, from either kind of config (as Detectron2's
+    ``default_setup`` takes either):
+
+    * a YAML config (:class:`CfgNode`): ``DATASETS.TRAIN`` (with precomputed proposals when
+      ``MODEL.LOAD_PROPOSALS``) through :class:`IONDatasetMapper`, ``SOLVER.IMS_PER_BATCH``;
+      ``num_images`` defaults to ``MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES``;
+    * a LazyConfig: ``dataloader.train.dataset`` through ``dataloader.train.mapper``,
+      ``dataloader.train.total_batch_size``; ``num_images`` defaults to
+      ``train.ion_scale_measure_images`` (100 when the config has no such key).
     """
+    yaml = isinstance(cfg, CfgNode)
+    if yaml:
+        key = "MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES"
+        default = cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES
+    else:
+        key = "train.ion_scale_measure_images"
+        default = cfg.train.get("ion_scale_measure_images", 100)
+    num_images = default if num_images is None else num_images
     if num_images < 1:
-        raise ValueError(
-            f"MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES must be >= 1; got {num_images}."
-        )
-    dicts = load_train_dicts(cfg)[:num_images]
-    mapper = IONDatasetMapper(cfg, True)
-    batch_size = max(cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), 1)
+        raise ValueError(f"{key} must be >= 1; got {num_images}.")
+    if yaml:
+        dicts = load_train_dicts(cfg)[:num_images]
+        mapper = IONDatasetMapper(cfg, True)
+        total_batch_size = cfg.SOLVER.IMS_PER_BATCH
+    else:
+        dicts = instantiate(cfg.dataloader.train.dataset)[:num_images]
+        mapper = instantiate(cfg.dataloader.train.mapper)
+        total_batch_size = cfg.dataloader.train.total_batch_size
+    batch_size = max(total_batch_size // comm.get_world_size(), 1)
     mapped = [mapper(d) for d in dicts]
     return [mapped[i : i + batch_size] for i in range(0, len(mapped), batch_size)]
 
@@ -89,9 +117,12 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def skip_pooler(model: nn.Module) -> Optional[IONSkipPooler]:
-    """The model's :class:`IONSkipPooler` (``roi_heads.box_pooler``), or None."""
-    pooler = getattr(getattr(unwrap_ddp(model), "roi_heads", None), "box_pooler", None)
-    return pooler if isinstance(pooler, IONSkipPooler) else None
+    """
+    The :class:`IONSkipPooler` of ``model`` (possibly wrapped in DDP): ``roi_heads.box_pooler``
+    (:class:`IONROIHeads`) or ``roi_heads.pooler`` (C4's :class:`IONRes5ROIHeads`), or None
+    (:func:`find_skip_pooler`).
+    """
+    return find_skip_pooler(getattr(unwrap_ddp(model), "roi_heads", None))
 
 
 @torch.no_grad()
@@ -110,11 +141,15 @@ def measure_pooled_norms(model: nn.Module, batches: Iterable[List[dict]]) -> Poo
     model = unwrap_ddp(model)
     pooler = skip_pooler(model)
     if pooler is None or not hasattr(model, "features_and_proposals"):
+        heads = type(getattr(model, "roi_heads", None)).__name__
         raise ValueError(
-            "measure_pooled_norms needs MODEL.META_ARCHITECTURE 'IONRCNN' with an IONSkipPooler "
-            f"box pooler (MODEL.ROI_HEADS.NAME 'IONROIHeads'); got {type(model).__name__}."
+            "Measuring the skip-pooling scale needs MODEL.META_ARCHITECTURE 'IONRCNN' with an "
+            "IONSkipPooler (MODEL.ROI_HEADS.NAME 'IONROIHeads' or 'IONRes5ROIHeads'); got "
+            f"{type(model).__name__} with {heads}."
         )
-    names = list(pooler.feature_names or model.roi_heads.box_in_features)
+    # The features the heads pool, in the pooler's order: StandardROIHeads' or Res5ROIHeads'.
+    heads = model.roi_heads
+    names = list(pooler.feature_names or getattr(heads, "box_in_features", heads.in_features))
     roi = torch.zeros(len(names), dtype=torch.float64, device=model.device)
     location = torch.zeros_like(roi)
     num_rois = num_images = 0
@@ -174,7 +209,7 @@ def measure_skip_pool_scale(
         )
     norms = measure_pooled_norms(model, batches)
     names = list(norms.per_roi)
-    reference = names[pooler.scale_reference]
+    reference = pooler.scale_reference
     per = norms.per_roi if pooler.norm == "roi" else norms.per_location
     table = "\n".join(
         f"  {n:<12}{norms.per_roi[n]:>14.4g}{norms.per_location[n]:>16.4g}" for n in names
@@ -192,3 +227,34 @@ def measure_skip_pool_scale(
         "(MODEL.ION.CONTEXT.IN_FEATURE), for every pooled channel."
     )
     return value
+
+
+class SkipPoolScaleHook(HookBase):
+    """
+    Section 5.2's procedure, the same under every trainer: before the first step, a pending
+    skip-pooling scale (``SKIP_POOL.SCALE_INIT`` -1, not held by the loaded weights) is measured
+    on the first training images (:func:`training_batches`) by :func:`measure_skip_pool_scale`.
+    :class:`IONTrainer` and tools/lazyconfig_train_net.py register it; with another trainer
+    (Detectron2's ``DefaultTrainer``, its tools/train_net.py), add it before ``trainer.train()``::
+
+        trainer.register_hooks([ion_d2.engine.SkipPoolScaleHook(cfg)])
+
+    Without it a pending scale stops the first step with an error naming that line.
+    """
+
+    def __init__(self, cfg):
+        """
+        Args:
+            cfg: the training config, YAML (:class:`CfgNode`) or LazyConfig: where the images
+                come from (:func:`training_batches`). Nothing is loaded unless the scale is
+                pending.
+        """
+        self._cfg = cfg
+
+    def before_train(self):
+        model = self.trainer.model
+        pooler = skip_pooler(model)
+        if pooler is None or not pooler.scale_pending:
+            return
+        batches = training_batches(self._cfg)
+        measure_skip_pool_scale(model, batches, start_iter=self.trainer.start_iter)

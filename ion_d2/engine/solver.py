@@ -1,17 +1,27 @@
-"""ION's solver (section 4.1): the learning-rate schedule and global gradient-norm clipping."""
+"""
+ION's solver (section 4.1): the learning-rate schedule and global gradient-norm clipping, from a
+YAML config (:func:`build_ion_optimizer`, :func:`build_ion_lr_scheduler`) or as a LazyConfig's
+``optimizer._target_`` and ``lr_multiplier`` (:func:`clipped_optimizer`,
+:func:`ion_exponential_lr`), with the same numbers.
+"""
 
 import logging
 import math
-from typing import Tuple, Type
+from typing import Tuple, Type, Union
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
-from fvcore.common.param_scheduler import ExponentialParamScheduler
+from detectron2.utils.registry import locate
+from fvcore.common.param_scheduler import ExponentialParamScheduler, ParamScheduler
 
 __all__ = [
     "build_ion_lr_scheduler",
     "build_ion_optimizer",
+    "clipped_optimizer",
+    "ion_exponential_lr",
     "ion_exponential_param_scheduler",
     "CLIP_TYPES",
 ]
@@ -115,7 +125,7 @@ def ion_exponential_param_scheduler(
     The multiplier of "IONExponentialLR" (:func:`build_ion_lr_scheduler`) as an fvcore
     ``ParamScheduler``: ``(end_lr / base_lr) ** (iter / max_iter)`` after Detectron2's warmup
     of ``warmup_iters`` iterations. ``keys`` name ``base_lr`` and ``end_lr`` in error messages
-    (the YAML keys by default; :func:`ion_d2.lazy.ion_exponential_lr` passes its own).
+    (the YAML keys by default; :func:`ion_exponential_lr` passes its own).
     """
     for key, value in zip(keys, (base_lr, end_lr)):
         if not (math.isfinite(value) and value > 0):
@@ -134,4 +144,73 @@ def ion_exponential_param_scheduler(
     sched = ExponentialParamScheduler(start_value=1.0, decay=end_lr / base_lr)
     return WarmupParamScheduler(
         sched, warmup_factor, min(warmup_iters / max_iter, 1.0), warmup_method
+    )
+
+
+def clipped_optimizer(
+    optimizer: Union[str, Type[torch.optim.Optimizer]] = "torch.optim.SGD",
+    *,
+    clip_type: str,
+    clip_value: float,
+    norm_type: float = 2.0,
+) -> Type[torch.optim.Optimizer]:
+    """
+    ``optimizer`` (a class or its dotted name) with gradient clipping, as
+    ``SOLVER.CLIP_GRADIENTS`` gives it to :func:`build_ion_optimizer`: "full_model" clips the L2
+    norm of all parameters' gradients together (section 4.1), "norm" and "value" each parameter
+    tensor on its own (Detectron2's ``maybe_add_gradient_clipping``). For a LazyConfig's
+    ``optimizer._target_``::
+
+        optimizer._target_ = L(clipped_optimizer)(clip_type="full_model", clip_value=20.0)
+    """
+    cls = locate(optimizer) if isinstance(optimizer, str) else optimizer
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(
+            f"clipped_optimizer needs a torch.optim.Optimizer class; got {optimizer!r}."
+        )
+    if clip_type not in CLIP_TYPES:
+        raise ValueError(f"Unknown clip_type {clip_type!r}; expected one of {CLIP_TYPES}.")
+    if not clip_value > 0:
+        raise ValueError(f"clip_value must be > 0; got {clip_value}.")
+    if clip_type == "full_model":
+        return _with_full_model_clipping(cls, clip_value, norm_type)
+    cfg = CfgNode(
+        {
+            "SOLVER": {
+                "CLIP_GRADIENTS": {
+                    "ENABLED": True,
+                    "CLIP_TYPE": clip_type,
+                    "CLIP_VALUE": clip_value,
+                    "NORM_TYPE": norm_type,
+                }
+            }
+        }
+    )
+    return maybe_add_gradient_clipping(cfg, cls)
+
+
+def ion_exponential_lr(
+    *,
+    base_lr: float,
+    end_lr: float,
+    max_iter: int,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+    warmup_method: str = "linear",
+) -> ParamScheduler:
+    """
+    Section 4.1's exponential decay from ``base_lr`` to ``end_lr`` over ``max_iter``
+    iterations, after Detectron2's warmup: the multiplier "IONExponentialLR" gives
+    :func:`build_ion_lr_scheduler` (:func:`ion_exponential_param_scheduler`), for a
+    LazyConfig's ``lr_multiplier``. The configs set ``base_lr="${..optimizer.lr}"`` and
+    ``max_iter="${..train.max_iter}"``.
+    """
+    return ion_exponential_param_scheduler(
+        base_lr=base_lr,
+        end_lr=end_lr,
+        max_iter=max_iter,
+        warmup_iters=warmup_iters,
+        warmup_factor=warmup_factor,
+        warmup_method=warmup_method,
+        keys=("lr_multiplier.base_lr", "lr_multiplier.end_lr"),
     )

@@ -4,33 +4,34 @@ import functools
 import importlib.machinery
 import logging
 import os
+import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Tuple
-from unittest import mock
+from typing import Any, Dict, Tuple, Type
 
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from ..config import check_ion_config
 from ..data.dataset_check import check_test_datasets, check_train_datasets, input_stride
 from ..data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
 from ..data.mapper import IONDatasetMapper
 from ..evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
-from ..modeling.meta_arch import IONRCNN
 from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
 from .launch import create_ddp_model_any_device, unwrap_ddp
 from .run_folder import claim_run
-from .skip_pool_scale import measure_skip_pool_scale, skip_pooler, training_batches
+from .skip_pool_scale import SkipPoolScaleHook
 from .solver import build_ion_lr_scheduler, build_ion_optimizer
 from .stages import training_stages
 
-__all__ = ["IONTrainer", "train_and_evaluate"]
+__all__ = ["IONTrainer", "train_and_evaluate", "train_stages"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class IONTrainer(DefaultTrainer):
     gradient clipping (:func:`build_ion_optimizer`), ion_d2's data loaders and mapper, the
     dataset check before training (:func:`check_train_datasets`, :func:`check_test_datasets`:
     classes, boxes, files and image sizes; the segmentation labels), the skip-pooling scale measured
-    before the first step when ``SKIP_POOL.SCALE_INIT`` is -1 (:func:`measure_skip_pool_scale`),
+    before the first step when ``SKIP_POOL.SCALE_INIT`` is -1 (:class:`SkipPoolScaleHook`),
     checkpoints that resume exactly (README, "What is guaranteed") and test-time
     augmentation (:meth:`test_with_TTA`).
     """
@@ -50,24 +51,41 @@ class IONTrainer(DefaultTrainer):
     def __init__(self, cfg):
         """
         See :class:`DefaultTrainer`. With several CPU processes (GLOO,
-        :func:`ion_d2.engine.launch.launch`) the model is wrapped by
-        :func:`create_ddp_model_any_device` instead of Detectron2's ``create_ddp_model``, which
-        passes CUDA ``device_ids`` that DistributedDataParallel refuses for a CPU model: the
-        swap lasts for this call only, so ``DefaultTrainer.__init__`` runs unchanged.
+        :func:`ion_d2.engine.launch.launch`) Detectron2's ``create_ddp_model`` cannot wrap the
+        model (it passes CUDA ``device_ids``, which DistributedDataParallel refuses for a CPU
+        model), so for that case only the lines of ``DefaultTrainer.__init__`` (the same in
+        v0.6 and upstream) run here with :func:`create_ddp_model_any_device` in its place.
         """
         if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
             super().__init__(cfg)
             return
         if cfg.SOLVER.AMP.ENABLED:
             raise ValueError("SOLVER.AMP.ENABLED needs CUDA; set it False for CPU processes.")
-        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model_any_device):
-            super().__init__(cfg)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # In DefaultTrainer's order: the model, the optimizer, the data loader.
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
+        self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         """
-        See :meth:`DefaultTrainer.build_hooks`, with :class:`IONCheckpointer` (checkpoints
-        written atomically, a newest unreadable one skipped on resume) in place of the
-        ``DetectionCheckpointer`` that ``DefaultTrainer.__init__`` creates just before (the
+        See :meth:`DefaultTrainer.build_hooks`, after :class:`SkipPoolScaleHook` (section 5.2's
+        scale measured before the first step, when pending), with :class:`IONCheckpointer`
+        (checkpoints written atomically, a newest unreadable one skipped on resume) in place of
+        the ``DetectionCheckpointer`` that ``DefaultTrainer.__init__`` creates just before (the
         same model, folder and checkpointables).
         """
         if not isinstance(self.checkpointer, IONCheckpointer):
@@ -78,7 +96,7 @@ class IONTrainer(DefaultTrainer):
                 save_to_disk=stock.save_to_disk,
                 **stock.checkpointables,
             )
-        return super().build_hooks()
+        return [SkipPoolScaleHook(self.cfg), *super().build_hooks()]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -135,6 +153,8 @@ class IONTrainer(DefaultTrainer):
         """
         :func:`input_stride` of ``cfg``'s backbone, built for this on the CPU; the random
         generators are put back afterwards, so the model and training draw what they would.
+        For :meth:`build_train_loader`, which gets no model (once per trainer); where a model is
+        built, its ``input_stride(model.backbone)`` is read instead (:func:`train_stages`).
         """
         with seeded_rngs(0):
             return input_stride(build_backbone(cfg))
@@ -161,22 +181,10 @@ class IONTrainer(DefaultTrainer):
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
     def resume_or_load(self, resume: bool = True):
-        """
-        See :meth:`DefaultTrainer.resume_or_load`; the data loader continues there too. Then,
-        before the first step, measures the skip-pooling scale on the training set when the
-        config asks for it and the loaded weights do not hold it (section 5.2).
-        """
+        """See :meth:`DefaultTrainer.resume_or_load`; the data loader continues there too."""
         super().resume_or_load(resume=resume)
         if isinstance(self.data_loader, IONTrainLoader):
             self.data_loader.set_start_iter(self.start_iter)
-        pooler = skip_pooler(self.model)
-        if (
-            pooler is not None
-            and pooler.scale_pending
-            and isinstance(unwrap_ddp(self.model), IONRCNN)
-        ):
-            batches = training_batches(self.cfg, self.cfg.MODEL.ION.SKIP_POOL.SCALE_MEASURE_IMAGES)
-            measure_skip_pool_scale(self.model, batches, start_iter=self.start_iter)
 
     def state_dict(self):
         """Detectron2's trainer state and more (:func:`extend_trainer_state`)."""
@@ -196,11 +204,11 @@ def train_and_evaluate(
     cfg, *, resume: bool = True, retrain: bool = False
 ) -> Tuple[IONTrainer, Dict[str, Any]]:
     """
-    Train ``cfg`` with :class:`IONTrainer` (resuming from the last checkpoint in
-    ``cfg.OUTPUT_DIR`` when ``resume``; a finished run is not trained again), then evaluate the
-    final model once on ``cfg.DATASETS.TEST``. With ``SOLVER.ION_STAGE2.ENABLED``, section
-    4.1's two stages train one after the other (:func:`training_stages`) and the second is
-    evaluated.
+    Train ``cfg`` and evaluate it, as train_net.py does: :func:`train_stages` (with
+    ``SOLVER.ION_STAGE2.ENABLED``, section 4.1's two stages; ``resume``: from the last
+    checkpoint of each stage's ``OUTPUT_DIR``; a finished stage is not trained again; the last
+    stage is evaluated once at its end on ``cfg.DATASETS.TEST``, with ``TEST.AUG``'s
+    test-time augmentation when enabled).
 
     The config is checked first (:func:`check_ion_config`). The run folders are claimed as
     train_net.py claims them (:func:`claim_run`) and locked until the evaluation is done: each
@@ -210,37 +218,107 @@ def train_and_evaluate(
     scratch.
 
     Returns:
-        tuple: the (last stage's) trainer, whose ``model`` is the trained model, and the
-        evaluation results, as returned by :meth:`DefaultTrainer.test`.
+        tuple: the (last stage's) trainer, whose ``model`` is the trained model (in eval mode),
+        and the evaluation results (see :func:`train_stages`).
     """
     check_ion_config(cfg)
-    stages = training_stages(cfg)
     with claim_run(cfg, resume=resume, retrain=retrain):
-        for stage in stages:
-            trainer = _train(stage, resume=resume)
+        trainer, results = train_stages(cfg, resume=resume)
         trainer.model.eval()
-        return trainer, IONTrainer.test(stages[-1], trainer.model)
+        return trainer, results
 
 
-def _train(cfg, *, resume: bool) -> IONTrainer:
-    train_cfg = cfg.clone()
-    train_cfg.defrost()
-    # Evaluate once, in train_and_evaluate, instead of in the trainer's final EvalHook as well.
-    train_cfg.DATASETS.TEST = ()
-    train_cfg.freeze()
+def train_stages(
+    cfg: CfgNode, *, resume: bool, trainer_class: Type[IONTrainer] = IONTrainer
+) -> Tuple[IONTrainer, Dict[str, Any]]:
+    """
+    The one training loop of train_net.py and :func:`train_and_evaluate`: train ``cfg``'s
+    stages (:func:`training_stages`: section 4.1's two with ``SOLVER.ION_STAGE2.ENABLED``,
+    else ``cfg`` alone) one after the other, each in its own ``OUTPUT_DIR``. The config check
+    and the run folders' claim are the caller's, before this.
+
+    Each stage sets the random generators from ``SEED`` (plus the process's rank, as
+    Detectron2's ``default_setup``), so that it draws the same whether or not the stage before
+    it trained in this process; builds a ``trainer_class``; and resumes from the last checkpoint
+    in its folder (``resume``) or loads its ``MODEL.WEIGHTS``. Then:
+
+    * a stage before the last trains to its ``SOLVER.MAX_ITER``, unless its run is finished
+      (then it is not trained again, on resume); it is not evaluated, its model being only the
+      next stage's start, but its ``DATASETS.TEST`` is checked before it trains
+      (:func:`check_test_datasets`), as the last stage's trainer checks it;
+    * the last stage trains to its ``SOLVER.MAX_ITER`` (no step when its run is finished) and
+      is evaluated by the trainer's ``EvalHook`` (:meth:`DefaultTrainer.test`), as in
+      Detectron2's tools/train_net.py: every ``TEST.EVAL_PERIOD`` iterations (0: never) and
+      once at the end, also when it was finished already, then, with ``TEST.AUG.ENABLED``,
+      with test-time augmentation (:meth:`IONTrainer.test_with_TTA`).
+
+    Args:
+        cfg (CfgNode): the config to train, as given to train_net.py.
+        resume (bool): continue each stage from the last checkpoint in its folder.
+        trainer_class (type): the trainer of each stage (train_net.py's ``Trainer``).
+
+    Returns:
+        tuple: the last stage's trainer, and the final evaluation's results: those of
+        :meth:`DefaultTrainer.test` (``{"bbox": {"AP": ...}}`` for one test set) with the
+        "_TTA" tasks of :meth:`IONTrainer.test_with_TTA` added; empty in a process other than
+        the main one.
+    """
+    stages = training_stages(cfg)
+    for stage in stages[:-1]:
+        _train_stage(stage, resume=resume, trainer_class=trainer_class, last=False)
+        comm.synchronize()  # its model_final.pth is written before the next stage reads it
+    return _train_stage(stages[-1], resume=resume, trainer_class=trainer_class, last=True)
+
+
+def _train_stage(
+    cfg: CfgNode, *, resume: bool, trainer_class: Type[IONTrainer], last: bool
+) -> Tuple[IONTrainer, Dict[str, Any]]:
+    """One stage of :func:`train_stages`; ``last``: the stage that is evaluated."""
     # Section 4.1: a fixed seed, so that variants trained one after the other in one process
     # see the same images in the same order.
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
-    trainer = IONTrainer(train_cfg)
-    # The trainer checked the training set; the test sets it was not given are checked here,
-    # before training rather than after it.
-    check_test_datasets(cfg, min_side=IONTrainer.trunk_stride(cfg))
-    trainer.resume_or_load(resume=resume)
-    if trainer.start_iter < train_cfg.SOLVER.MAX_ITER:
-        trainer.train()
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+    if last:
+        trainer = trainer_class(cfg)
     else:
-        logger.info(f"{train_cfg.OUTPUT_DIR} holds a finished run; not training again.")
-    return trainer
+        trainer = trainer_class(_without_evaluation(cfg))
+        # The trainer checked the training set; the test sets it was not given are checked
+        # here, before training, at the stride of the model it built.
+        stride = input_stride(unwrap_ddp(trainer.model).backbone)
+        check_test_datasets(cfg, min_side=stride)
+    trainer.resume_or_load(resume=resume)
+    finished = trainer.start_iter >= cfg.SOLVER.MAX_ITER
+    if finished:
+        logger.info(f"{cfg.OUTPUT_DIR} holds a finished run; not training it again.")
+    results: Dict[str, Any] = OrderedDict()
+    if not last:
+        if not finished:
+            trainer.train()
+        return trainer, results
+    tta_results: Dict[str, Any] = OrderedDict()
+    if cfg.TEST.AUG.ENABLED:
+
+        def test_with_tta():
+            tta_results.update(trainer.test_with_TTA(cfg, trainer.model))
+            return tta_results
+
+        # After the trainer's own EvalHook, as in Detectron2's tools/train_net.py.
+        trainer.register_hooks([hooks.EvalHook(0, test_with_tta)])
+    # A finished run takes no step; the hooks' after_train still evaluates it.
+    trainer.train()
+    # What DefaultTrainer's EvalHook stored (DefaultTrainer.train verifies the same).
+    results.update(getattr(trainer, "_last_eval_results", None) or {})
+    results.update(tta_results)
+    return trainer, results
+
+
+def _without_evaluation(cfg: CfgNode) -> CfgNode:
+    """``cfg`` for a stage that is not evaluated: no test set, no expected results."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    cfg.TEST.EXPECTED_RESULTS = []
+    cfg.freeze()
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)

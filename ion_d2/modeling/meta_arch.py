@@ -18,10 +18,11 @@ that pool "context"). The rest (preprocessing, visualization, ``_postprocess``) 
 import inspect
 import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import (
     META_ARCH_REGISTRY,
     GeneralizedRCNN,
@@ -34,10 +35,12 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..config import check_proposals
 from .context import build_ion_context, check_context_outputs_read
 from .padding import backbone_per_size, proposals_per_size
+from .skip_pooling import check_scale_init
 
-__all__ = ["IONRCNN"]
+__all__ = ["IONRCNN", "build_ion_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,11 @@ class IONRCNN(GeneralizedRCNN):
             unresized_test_max_size (int or None): ``INPUT.MAX_SIZE_TEST`` when
                 ``INPUT.MIN_SIZE_TEST`` is 0: a larger input is logged once.
             kwargs: see :class:`GeneralizedRCNN`.
+
+        Raises:
+            ValueError: a context output that no head reads (:func:`check_context_outputs_read`),
+                or a skip pooler's ``scale_init`` 0 on a backbone other than ion_d2's VGG16
+                (:func:`check_scale_init`).
         """
         super().__init__(**kwargs)
         self.context = context
@@ -86,6 +94,9 @@ class IONRCNN(GeneralizedRCNN):
         self.unresized_test_max_size = unresized_test_max_size
         self._warned_uncapped = False
         self._seg_head_takes_image_sizes = _check_seg_head(sem_seg_head, sem_seg_ignore_value)
+        # Here, not in a config builder, so that every way of building the model checks them.
+        _check_context_outputs_read(context, self.roi_heads, sem_seg_head, self.proposal_generator)
+        check_scale_init(self.roi_heads, self.backbone)
 
     @classmethod
     def from_config(cls, cfg):
@@ -175,28 +186,63 @@ class IONRCNN(GeneralizedRCNN):
         return self.roi_heads.box_voting_candidates(features, proposals)
 
 
+HeadBuilder = Callable[[Dict[str, ShapeSpec]], Optional[nn.Module]]
+
+
+def build_ion_heads(
+    backbone: nn.Module,
+    *,
+    context: HeadBuilder,
+    sem_seg_head: HeadBuilder,
+    proposal_generator: HeadBuilder,
+    roi_heads: HeadBuilder,
+) -> Dict[str, Optional[nn.Module]]:
+    """
+    Build :class:`IONRCNN`'s heads: the context module on the backbone's features, then the
+    segmentation head, the proposal generator and the ROI heads on the backbone's and the
+    context's together. :meth:`IONRCNN.from_config` and the shape-inferring
+    :func:`ion_d2.modeling.builder.build_ion_rcnn` both build through this one order, so a seed
+    gives the same initial weights on either.
+
+    Args:
+        backbone (nn.Module): the built :class:`Backbone`.
+        context, sem_seg_head, proposal_generator, roi_heads (callable): each builds that head
+            from the shapes of the features it may read (dict[str, ShapeSpec]), or returns None
+            for a model without it ("roi_heads" is required).
+
+    Returns:
+        dict[str, nn.Module or None]: :class:`IONRCNN`'s keyword arguments of the same names.
+    """
+    shapes = dict(backbone.output_shape())
+    built = {"context": context(dict(shapes))}
+    if built["context"] is not None:
+        shapes.update(built["context"].output_shape())
+    built["sem_seg_head"] = sem_seg_head(dict(shapes))
+    built["proposal_generator"] = proposal_generator(dict(shapes))
+    built["roi_heads"] = roi_heads(dict(shapes))
+    return built
+
+
 def _from_config(cfg) -> Dict[str, Any]:
     """
-    :meth:`IONRCNN.from_config`: the config's checks, then the backbone, the context module and
-    the heads, built on the backbone's and the context's feature shapes together, in the order
-    :data:`ion_d2.lazy.HEAD_NAMES` follows (a seed gives the same initial weights on the YAML
-    and the LazyConfig path).
+    :meth:`IONRCNN.from_config`: the config's checks, then the backbone and the heads
+    (:func:`build_ion_heads`).
     """
     _check_pixel_std(cfg)
+    check_proposals(cfg)
     backbone = build_backbone(cfg)
-    feature_shapes = dict(backbone.output_shape())
-    context = build_ion_context(cfg, feature_shapes)
-    _check_context_outputs_used(cfg, context)
-    if context is not None:
-        feature_shapes.update(context.output_shape())
     _warn_per_image_batch_norm(cfg, backbone)
-    sem_seg_head = build_sem_seg_head(cfg, feature_shapes) if cfg.MODEL.ION.SEG_LOSS_ON else None
+    seg_on = cfg.MODEL.ION.SEG_LOSS_ON
+    heads = build_ion_heads(
+        backbone,
+        context=lambda shapes: build_ion_context(cfg, shapes),
+        sem_seg_head=lambda shapes: build_sem_seg_head(cfg, shapes) if seg_on else None,
+        proposal_generator=lambda shapes: build_proposal_generator(cfg, shapes),
+        roi_heads=lambda shapes: build_roi_heads(cfg, shapes),
+    )
     return {
         "backbone": backbone,
-        "context": context,
-        "sem_seg_head": sem_seg_head,
-        "proposal_generator": build_proposal_generator(cfg, feature_shapes),
-        "roi_heads": build_roi_heads(cfg, feature_shapes),
+        **heads,
         "backbone_per_image": cfg.MODEL.ION.BACKBONE_PER_IMAGE,
         "backbone_per_image_train": cfg.MODEL.ION.BACKBONE_PER_IMAGE_TRAIN,
         "unresized_test_max_size": (
@@ -242,20 +288,41 @@ def _warn_per_image_batch_norm(cfg, backbone: nn.Module) -> None:
         )
 
 
-def _check_context_outputs_used(cfg, context: Optional[nn.Module]) -> None:
-    """:func:`check_context_outputs_read` with the config's readers: ``MODEL.ROI_HEADS.
-    IN_FEATURES``, ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` when ``MODEL.ION.SEG_LOSS_ON``, and
-    ``MODEL.RPN.IN_FEATURES`` when the proposal generator is the RPN."""
+def _check_context_outputs_read(
+    context: Optional[nn.Module],
+    roi_heads: nn.Module,
+    sem_seg_head: Optional[nn.Module],
+    proposal_generator: Optional[nn.Module],
+) -> None:
+    """:func:`check_context_outputs_read` with the features the built heads read: the ROI
+    heads' (``box_in_features`` of :class:`StandardROIHeads`, ``in_features`` of
+    :class:`Res5ROIHeads`), the segmentation head's and the proposal generator's."""
     if context is None:
         return
-    readers = {"MODEL.ROI_HEADS.IN_FEATURES": cfg.MODEL.ROI_HEADS.IN_FEATURES}
-    if cfg.MODEL.ION.SEG_LOSS_ON:
-        readers["MODEL.SEM_SEG_HEAD.IN_FEATURES"] = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
-    if cfg.MODEL.PROPOSAL_GENERATOR.NAME in ("RPN", "RRPN"):
-        readers["MODEL.RPN.IN_FEATURES"] = cfg.MODEL.RPN.IN_FEATURES
-    note = "" if cfg.MODEL.ION.SEG_LOSS_ON else "; MODEL.ION.SEG_LOSS_ON is False"
-    name = f"MODEL.ION.CONTEXT.NAME {cfg.MODEL.ION.CONTEXT.NAME!r}"
+    # The first reader is where the error suggests adding an output.
+    readers = dict(
+        [
+            _reader(roi_heads, "roi_heads", "MODEL.ROI_HEADS.IN_FEATURES"),
+            _reader(sem_seg_head, "sem_seg_head", "MODEL.SEM_SEG_HEAD.IN_FEATURES"),
+            _reader(proposal_generator, "proposal_generator", "MODEL.RPN.IN_FEATURES"),
+        ]
+    )
+    readers.pop(None, None)
+    note = "" if sem_seg_head is not None else "; no sem_seg_head: MODEL.ION.SEG_LOSS_ON is False"
+    name = f"The context module {type(context).__name__} (MODEL.ION.CONTEXT.NAME)"
     check_context_outputs_read(context, readers, name, note)
+
+
+def _reader(module: Optional[nn.Module], where: str, key: str) -> Tuple[Optional[str], List[str]]:
+    """``(what to call it, the features it reads)`` for a head that reads them through one of
+    Detectron2's attributes ("box_in_features", "in_features") or ours ("in_feature"), or
+    ``(None, [])``."""
+    for attr in ("box_in_features", "in_features", "in_feature"):
+        value = getattr(module, attr, None)
+        if value is not None:
+            features = [value] if isinstance(value, str) else list(value)
+            return f"{where}.{attr} ({key})", features
+    return None, []
 
 
 def _check_pixel_std(cfg) -> None:

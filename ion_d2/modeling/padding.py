@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "valid_cell_counts",
-    "valid_cells_of",
+    "valid_cell_counts_of",
     "valid_cell_mask",
     "zero_outside_valid_cells",
     "padded_size",
@@ -68,7 +68,7 @@ def valid_cell_counts(
     return torch.tensor(counts, dtype=torch.long, device=device).view(-1, 2)
 
 
-def valid_cells_of(
+def valid_cell_counts_of(
     image_sizes: Optional[Sequence[Tuple[int, int]]], stride: int, x: Tensor
 ) -> Optional[Tensor]:
     """
@@ -112,20 +112,27 @@ def valid_cell_mask(counts: Tensor, height: int, width: int) -> Tensor:
     return (rows[:, :, None] & cols[:, None, :])[:, None]
 
 
-def zero_outside_valid_cells(x: Tensor, counts: Optional[Tensor]) -> Tensor:
+def zero_outside_valid_cells(
+    x: Tensor, counts: Optional[Tensor], *, inplace: bool = False
+) -> Tensor:
     """
+    Zero the batch's padding: what every module that mixes cells does to its input or output.
+
     Args:
         x (Tensor): (N, C, H, W) batched feature map.
         counts (Tensor or None): (N, 2) valid rows and columns per image
             (:func:`valid_cell_counts`); None: every cell is valid.
+        inplace (bool): fill ``x`` itself instead of a copy, e.g. a conv's output (whose bias
+            must not reach the padding, and which the conv's backward does not need).
 
     Returns:
         Tensor: ``x`` with 0 outside each image's valid cells (``x`` itself when ``counts`` is
-        None).
+        None or ``inplace``).
     """
     if counts is None:
         return x
-    return x.masked_fill(~valid_cell_mask(counts, x.shape[-2], x.shape[-1]), 0.0)
+    outside = ~valid_cell_mask(counts, x.shape[-2], x.shape[-1])
+    return x.masked_fill_(outside, 0.0) if inplace else x.masked_fill(outside, 0.0)
 
 
 def padded_size(backbone: nn.Module, image_size: Tuple[int, int]) -> Tuple[int, int]:

@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
 from .box_voting import box_voting_inference
-from .skip_pooling import MEASURE_SCALE, IONSkipPooler, check_scale_init
+from .skip_pooling import IONSkipPooler
 
 __all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler"]
 
@@ -35,15 +35,7 @@ def build_ion_skip_pooler(
             f'available features: {sorted(input_shape)} ("context" needs '
             "MODEL.META_ARCHITECTURE 'IONRCNN' with MODEL.ION.CONTEXT.NAME set)."
         )
-    check_scale_init(cfg)
     skip = cfg.MODEL.ION.SKIP_POOL
-    reference = cfg.MODEL.ION.CONTEXT.IN_FEATURE
-    if skip.SCALE_INIT == MEASURE_SCALE and skip.NORM != "none" and reference not in in_features:
-        raise ValueError(
-            f"MODEL.ION.SKIP_POOL.SCALE_INIT -1 sets the scale from the pooled norm of "
-            f"MODEL.ION.CONTEXT.IN_FEATURE {reference!r}, which MODEL.ROI_HEADS.IN_FEATURES "
-            f"{list(in_features)} does not pool; pool it or set SCALE_INIT to a value > 0."
-        )
     return IONSkipPooler(
         input_shapes=[input_shape[f] for f in in_features],
         output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
@@ -55,7 +47,7 @@ def build_ion_skip_pooler(
         out_channels=skip.REDUCE_DIM if out_channels is None else out_channels,
         dropout=skip.CONCAT_DROPOUT,
         feature_names=in_features,
-        scale_reference=in_features.index(reference) if reference in in_features else None,
+        scale_reference=cfg.MODEL.ION.CONTEXT.IN_FEATURE,
     )
 
 

@@ -58,10 +58,10 @@ class IONSegRegularizerHead(nn.Module):
     on pixels ``s / 2 ... s * (h - 1) + s / 2 - 1``; the outer half cells fade towards zero, as
     in FCN.
 
-    Given the images' sizes, the scores outside each image's valid cells (:mod:`ion_d2.modeling.padding`)
-    are set to 0 before upsampling: the score conv's bias at the batch's padding would otherwise
-    bleed into the image's border pixels through the 2s-wide kernel, while an image alone has
-    nothing beyond its edge.
+    Given the images' sizes, the scores outside each image's valid cells
+    (:mod:`ion_d2.modeling.padding`) are set to 0 before upsampling: the score conv's bias at the
+    batch's padding would otherwise bleed into the image's border pixels through the 2s-wide
+    kernel, while an image alone has nothing beyond its edge.
 
     The deconvolution is per class (``groups=num_classes``), which equals FCN's initialisation
     of a full deconv with the bilinear kernel on its diagonal. As in FCN, whose final upsampling

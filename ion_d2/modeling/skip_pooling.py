@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
-from detectron2.utils import comm
 from torch import nn
 
 from .feature_order import decode_feature_order, encode_feature_order
 from .roi_pool import IONROIPool
+from .vgg16 import IONVGG16
 
 __all__ = [
     "IONSkipPooler",
@@ -23,7 +23,9 @@ __all__ = [
     "NORM_MODES",
     "SCALE_MODES",
     "MEASURE_SCALE",
+    "PENDING_SCALE_FIX",
     "check_scale_init",
+    "find_skip_pooler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,25 +40,44 @@ MEASURE_SCALE = -1.0
 _NORM_EPS = 1e-12
 
 
-# The backbone whose features the paper's constant scales (section 5.2) were measured on.
-_VGG16_BACKBONE = "build_ion_vgg16_backbone"
+# What a trainer other than IONTrainer and tools/lazyconfig_train_net.py adds to measure a
+# pending scale (section 5.2) before the first step: docs/USAGE.md, "Which trainer".
+PENDING_SCALE_FIX = "trainer.register_hooks([ion_d2.engine.SkipPoolScaleHook(cfg)])"
 
 
-def check_scale_init(cfg) -> None:
+def find_skip_pooler(roi_heads: Optional[nn.Module]) -> Optional["IONSkipPooler"]:
     """
-    Refuse ``MODEL.ION.SKIP_POOL.SCALE_INIT`` 0 (the paper's 1000 / 130, measured on Caffe
-    VGG16's conv5) on a backbone other than ion_d2's VGG16, where it has no meaning.
+    The :class:`IONSkipPooler` of ``roi_heads``: :class:`StandardROIHeads`' ``box_pooler``
+    (:class:`IONROIHeads`) or :class:`Res5ROIHeads`' ``pooler`` (:class:`IONRes5ROIHeads`, C4);
+    None when they pool otherwise.
     """
-    skip = cfg.MODEL.ION.SKIP_POOL
-    backbone = cfg.MODEL.BACKBONE.NAME
-    if skip.NORM != "none" and skip.SCALE_INIT == 0 and backbone != _VGG16_BACKBONE:
-        raise ValueError(
-            f"MODEL.ION.SKIP_POOL.SCALE_INIT is 0, the paper's constant "
-            f"{_DEFAULT_SCALE.get(skip.NORM)} measured on Caffe VGG16's conv5 (section 5.2), but "
-            f"the backbone is {backbone!r}. Set SCALE_INIT to -1 (measure the mean pooled norm of "
-            "MODEL.ION.CONTEXT.IN_FEATURE on the training set) or to a value > 0 measured for "
-            "these features (tools/measure_roi_norms.py)."
-        )
+    for name in ("box_pooler", "pooler"):
+        pooler = getattr(roi_heads, name, None)
+        if isinstance(pooler, IONSkipPooler):
+            return pooler
+    return None
+
+
+def check_scale_init(roi_heads: nn.Module, backbone: nn.Module) -> None:
+    """
+    Refuse a skip pooler of ``roi_heads`` whose ``scale_init`` is 0 (the paper's 1000 / 130,
+    measured on Caffe VGG16's conv5, section 5.2) when ``backbone`` is not ion_d2's
+    :class:`IONVGG16`, where that constant has no meaning. :class:`IONRCNN` calls it, so the
+    YAML and the shape-inferring builder (:func:`ion_d2.modeling.builder.build_ion_rcnn`) both
+    get it.
+    """
+    pooler = find_skip_pooler(roi_heads)
+    if pooler is None or pooler.scale is None or pooler.scale_init != 0:
+        return
+    if isinstance(backbone, IONVGG16):
+        return
+    raise ValueError(
+        f"The skip pooler's scale_init (MODEL.ION.SKIP_POOL.SCALE_INIT) is 0, the paper's "
+        f"constant {_DEFAULT_SCALE[pooler.norm]} measured on Caffe VGG16's conv5 (section 5.2), "
+        f"but the backbone is {type(backbone).__name__} (MODEL.BACKBONE.NAME). Set it to -1 "
+        "(measure the mean pooled norm of MODEL.ION.CONTEXT.IN_FEATURE on the training set) or "
+        "to a value > 0 measured for these features (tools/measure_roi_norms.py)."
+    )
 
 
 def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = _NORM_EPS) -> torch.Tensor:
@@ -106,7 +127,7 @@ class IONSkipPooler(nn.Module):
         out_channels: int = 512,
         dropout: float = 0.25,
         feature_names: Optional[List[str]] = None,
-        scale_reference: Optional[int] = None,
+        scale_reference: Optional[str] = None,
     ):
         """
         Args:
@@ -119,9 +140,10 @@ class IONSkipPooler(nn.Module):
                 (section 5.2). Unused when ``norm`` is "none".
             scale_init (float): initial or fixed scale; 0 picks 1000 for "roi" and 130 for
                 "location" normalisation (section 5.2); :data:`MEASURE_SCALE` (-1) leaves it
-                pending (NaN, :attr:`scale_pending`) until :meth:`set_scale` or loaded weights
-                set it; a pending scale is measured on the first training batch
-                (``scale_reference``), and refused at inference.
+                pending (NaN, :attr:`scale_pending`) until loaded weights or
+                :meth:`set_scale` set it (section 5.2's measurement before the first step,
+                :class:`ion_d2.engine.SkipPoolScaleHook`); :meth:`forward` refuses to run
+                with it pending.
             out_channels (int): channels of the 1x1 conv output (512 in the paper); 0 skips
                 the conv, so the output has the concatenated channels (with one feature and
                 ``norm="none"`` this is plain Fast R-CNN pooling).
@@ -130,9 +152,9 @@ class IONSkipPooler(nn.Module):
                 They are saved with the weights (the buffer "feature_order"), and loading
                 weights saved for another order raises: the 1x1 conv's input channels follow
                 that order, so reordered features would load without error and detect nothing.
-            scale_reference (int or None): the index of the feature whose mean pooled norm
-                becomes a pending scale (``MODEL.ION.CONTEXT.IN_FEATURE``, conv5); None: a
-                pending scale is never measured here.
+            scale_reference (str or None): the feature of ``feature_names`` whose mean pooled
+                norm a measured scale takes (``MODEL.ION.CONTEXT.IN_FEATURE``, conv5). Required
+                with ``scale_init`` -1 (unless ``norm`` is "none"); unused otherwise.
         """
         super().__init__()
         if not input_shapes:
@@ -155,11 +177,16 @@ class IONSkipPooler(nn.Module):
                 f"out_channels must be >= 0 (0 skips the 1x1 conv); got {out_channels}."
             )
 
-        if scale_reference is not None and not 0 <= scale_reference < len(input_shapes):
-            raise ValueError(
-                f"scale_reference {scale_reference} is not the index of one of the "
-                f"{len(input_shapes)} pooled features."
-            )
+        if scale_init == MEASURE_SCALE and norm != "none":
+            if scale_reference is None or scale_reference not in (feature_names or ()):
+                raise ValueError(
+                    f"scale_init -1 (MODEL.ION.SKIP_POOL.SCALE_INIT) sets the scale from the mean "
+                    f"pooled norm of scale_reference {scale_reference!r} "
+                    f"(MODEL.ION.CONTEXT.IN_FEATURE), which this pooler does not pool: its "
+                    f"feature_names (MODEL.ROI_HEADS.IN_FEATURES) are {feature_names}. Pool it, "
+                    "or set scale_init to a value > 0."
+                )
+        self.scale_init = float(scale_init)
         self.scale_reference = scale_reference
         self.feature_names = list(feature_names) if feature_names is not None else None
         if self.feature_names is not None:
@@ -298,14 +325,15 @@ class IONSkipPooler(nn.Module):
                 f"IONSkipPooler was built for {len(self.poolers)} features but got {len(x)}."
             )
         if self.scale is not None and not torch.jit.is_tracing() and self.scale_pending:
-            if not (self.training and self.scale_reference is not None):
-                raise RuntimeError(
-                    "The skip-pooling scale is not set (MODEL.ION.SKIP_POOL.SCALE_INIT -1, "
-                    "measured on the training set as section 5.2): train the model first (the "
-                    "first training batch measures it, if nothing did before), load weights "
-                    "that hold it, call set_scale(), or set SCALE_INIT to a value > 0."
-                )
-            self._measure_scale_on_batch(x, box_lists)
+            raise RuntimeError(
+                "The skip-pooling scale is not set (MODEL.ION.SKIP_POOL.SCALE_INIT -1: section "
+                f"5.2 measures the mean pooled norm of {self.scale_reference!r} on the training "
+                "set before the first step). IONTrainer (train_net.py) and "
+                "tools/lazyconfig_train_net.py measure it; under another trainer (Detectron2's "
+                f"DefaultTrainer, tools/train_net.py) add `{PENDING_SCALE_FIX}` before "
+                "`trainer.train()`. For inference, load weights that hold it; or set SCALE_INIT "
+                "to a value > 0."
+            )
         # Not while tracing: the fused path sizes its buffer from the number of boxes, which a
         # trace would keep as a constant.
         if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
@@ -318,31 +346,6 @@ class IONSkipPooler(nn.Module):
         if self.reduce is not None:
             out = self.reduce(out)
         return out
-
-    def _measure_scale_on_batch(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> None:
-        """
-        Section 5.2's measurement on one training batch: the scale becomes the mean norm (per
-        ROI for "roi", per cell for "location") of the reference feature pooled over this
-        batch's ROIs (rank 0's value when several processes train).
-        """
-        index = self.scale_reference
-        roi, location, count = self.pooled_norm_sums(x, box_lists)
-        sums = roi if self.norm == "roi" else location
-        value = comm.all_gather(sums[index].item() / count if count else float("nan"))[0]
-        if not value > 0:
-            raise RuntimeError(
-                f"Measuring the skip-pooling scale on the first training batch gave {value} "
-                f"(mean {self.norm!r} norm of {count} ROIs); set "
-                "MODEL.ION.SKIP_POOL.SCALE_INIT to a value > 0."
-            )
-        name = self.feature_names[index] if self.feature_names else f"feature {index}"
-        logger.warning(
-            f"Skip-pooling scale (MODEL.ION.SKIP_POOL.SCALE_INIT -1) measured on the first "
-            f"training batch ({count} ROIs): {value:.4g}, the mean {self.norm!r} norm of "
-            f"{name!r} (a trainer may measure it on more images before the first step, as "
-            "ion_d2's does on SCALE_MEASURE_IMAGES)."
-        )
-        self.set_scale(value)
 
     def _fused_inference(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup step for ion_d2 (run by `make setup`, `make test`, `make demo`):
 # a virtual environment in the repo (.venv, or $ION_D2_VENV), torch, detectron2 and ion_d2 in
-# editable mode. A second run with nothing changed finishes in seconds.
+# editable mode, pytest and the pinned linters (requirements-dev.txt). A second run with nothing
+# changed finishes in seconds.
 #
 # Environment:
 #   PYTHON             interpreter that creates the venv (default: python3)
@@ -22,7 +23,9 @@ STAMP="$VENV/.ion_d2_setup_stamp"
 key=$(
   {
     cat "$BOOT/setup_env.sh" "$BOOT/install_detectron2.py" "$BOOT/d2_fallback_C.py" \
-      "$BOOT/requirements-detectron2.txt" setup.py
+      "$BOOT/requirements-detectron2.txt" "$BOOT/requirements-dev.txt" setup.py
+    # The installed metadata's version: setup.py reads it from this line.
+    grep "^__version__" ion_d2/__init__.py || true
     echo "$TORCH_REQ|${ION_D2_DETECTRON2:-}"
   } | sha256sum | cut -d' ' -f1
 )
@@ -63,7 +66,7 @@ export ION_D2_OPENCV=contrib
 "$PY" "$BOOT/install_detectron2.py"
 # shellcheck disable=SC2086
 "$PY" -m pip install -q --no-build-isolation -e ".[test]" -r "$BOOT/requirements-detectron2.txt" \
-  $TORCH_REQ
+  -r "$BOOT/requirements-dev.txt" $TORCH_REQ
 "$PY" -c "import detectron2.modeling, detectron2.evaluation, ion_d2"
 echo "$key" >"$STAMP"
 echo "setup: done in $(($(date +%s) - start)) s ($VENV)"

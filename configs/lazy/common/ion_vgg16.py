@@ -1,7 +1,8 @@
 """
 configs/Base-ION-VGG16.yaml as a LazyConfig: Figure 1's architecture and section 4.1's training
 recipe on the model zoo's common/ pieces. Leaf configs set datasets, classes and schedule. Every
-input shape (channels, strides, the box head's input) is inferred by ion_d2.lazy.build_ion_rcnn.
+input shape (channels, strides, the box head's input) is inferred by
+ion_d2.modeling.builder.build_ion_rcnn.
 """
 
 import detectron2.data.transforms as T
@@ -15,8 +16,9 @@ from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 
 from ion_d2 import IONVGG16, IONROIHeads, IONSegRegularizerHead
 from ion_d2.data import IONDatasetMapper
-from ion_d2.lazy import build_ion_rcnn, clipped_optimizer, ion_exponential_lr
+from ion_d2.engine.solver import clipped_optimizer, ion_exponential_lr
 from ion_d2.modeling.box_head import IONFCHead
+from ion_d2.modeling.builder import build_ion_rcnn
 from ion_d2.modeling.context import IRNN
 from ion_d2.modeling.skip_pooling import IONSkipPooler
 

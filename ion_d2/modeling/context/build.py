@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-from ..padding import valid_cells_of
+from ..padding import valid_cell_counts_of
 
 __all__ = [
     "ION_CONTEXT_REGISTRY",
@@ -32,8 +32,8 @@ The registered object is called with ``(cfg, input_shape)``, where ``input_shape
   least ``{"context": Tensor}`` of shape (N, C', H, W). ``image_sizes`` are the images' (h, w)
   before the batch was padded (``ImageList.image_sizes``; None: every image fills the tensor).
   The output must not depend on the batch's padding: at stride ``s`` image ``i`` owns its
-  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.modeling.padding`); the module neither
-  reads the other cells nor writes anything but 0 there, so an image's context is the same
+  top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells (:mod:`ion_d2.modeling.padding`); the module
+  neither reads the other cells nor writes anything but 0 there, so an image's context is the same
   alone and in any batch;
 * ``output_shape() -> dict[str, ShapeSpec]``: channels and stride (the input feature's) of
   every returned feature.
@@ -71,8 +71,8 @@ def check_context_outputs_read(
     is a switch that does nothing, and a branch nobody reads (Table 10c's "context_conv", or a
     whole context module with no pooling and no segmentation loss) never trains in one process
     and makes DistributedDataParallel fail at the second iteration ("Expected to have finished
-    reduction ..."). The YAML path (:class:`IONRCNN`) and the LazyConfig path
-    (:func:`ion_d2.lazy.build_ion_rcnn`) both call it.
+    reduction ..."). :class:`IONRCNN`'s constructor calls it, so the YAML path and the LazyConfig
+    path (:func:`ion_d2.modeling.builder.build_ion_rcnn`) both get it.
 
     Args:
         context: the context module (its ``output_shape()`` names its outputs).
@@ -120,7 +120,7 @@ class IONContextModule(nn.Module):
     """
     The part every context module shares: it reads the feature ``in_feature`` of stride
     ``stride`` and returns ``"context"`` with ``out_channels`` channels at that stride
-    (:meth:`output_shape`); :meth:`input_and_valid_cells` gives its input and each image's valid
+    (:meth:`output_shape`); :meth:`input_and_valid_counts` gives its input and each image's valid
     cells (:mod:`ion_d2.modeling.padding`), outside which the output must be 0.
     """
 
@@ -130,12 +130,12 @@ class IONContextModule(nn.Module):
         self._stride = stride
         self._out_channels = out_channels
 
-    def input_and_valid_cells(
+    def input_and_valid_counts(
         self, features: Dict[str, Tensor], image_sizes: Optional[Sequence[Tuple[int, int]]]
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """``features[in_feature]`` and :func:`valid_cells_of` it (None: no padding)."""
+        """``features[in_feature]`` and :func:`valid_cell_counts_of` it (None: no padding)."""
         x = context_input(features, self.in_feature)
-        return x, valid_cells_of(image_sizes, self._stride, x)
+        return x, valid_cell_counts_of(image_sizes, self._stride, x)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {"context": ShapeSpec(channels=self._out_channels, stride=self._stride)}

@@ -41,12 +41,12 @@ class GlobalAvgPool(IONContextModule):
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, C, H, W)}``."""
-        x, valid_cells = self.input_and_valid_cells(features, image_sizes)
-        if valid_cells is None:
+        x, valid_counts = self.input_and_valid_counts(features, image_sizes)
+        if valid_counts is None:
             pooled = x.mean(dim=(2, 3), keepdim=True)
         else:
-            area = valid_cells.prod(dim=1).to(x.dtype).view(-1, 1, 1, 1)
-            pooled = zero_outside_valid_cells(x, valid_cells).sum(dim=(2, 3), keepdim=True) / area
+            area = valid_counts.prod(dim=1).to(x.dtype).view(-1, 1, 1, 1)
+            pooled = zero_outside_valid_cells(x, valid_counts).sum(dim=(2, 3), keepdim=True) / area
         # A real (contiguous) tile rather than a stride-0 view, so that consumers may write to
         # it or hand it to kernels that assume dense storage.
-        return {"context": zero_outside_valid_cells(pooled.expand_as(x).contiguous(), valid_cells)}
+        return {"context": zero_outside_valid_cells(pooled.expand_as(x).contiguous(), valid_counts)}

@@ -28,12 +28,14 @@ Two wirings of the stack (``MODEL.ION.CONTEXT.IRNN.WIRING``), written for 2 laye
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
+import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..padding import zero_outside_valid_cells
 from .build import ION_CONTEXT_REGISTRY, IONContextModule, context_input_shape
-from .irnn_layer import IRNNLayer, concat_dropout, in_contiguous_memory, zero_padding
+from .irnn_layer import IRNNLayer, concat_dropout, in_contiguous_memory
 from .irnn_scan import IRNN_DIRECTIONS
 
 __all__ = ["IRNN", "IRNN_WIRINGS"]
@@ -48,12 +50,12 @@ class IRNN(IONContextModule):
     """
     Stacked 4-direction IRNN context module (section 3.2, Figure 3, Tables 8-10).
 
-    An IRNN layer is an input-to-hidden 1x1 conv (with bias) shared by the directions (or one
-    per direction); per direction ``d`` the recurrence of :mod:`ion_d2.modeling.context.irnn_scan` with its own
-    ``Whh_d`` (or ``Whh = I`` when removed) moving right, left, down or up (:func:`irnn_scans`,
-    all directions at once); and the directions' hidden maps concatenated on channels in the
-    order right, left, down, up. How layers connect is ``wiring`` (the module docstring states
-    both and the paper's sentences they rest on):
+    An IRNN layer is an input-to-hidden 1x1 conv (with bias) shared by the directions (or one per
+    direction); per direction ``d`` the recurrence of :mod:`ion_d2.modeling.context.irnn_scan` with
+    its own ``Whh_d`` (or ``Whh = I`` when removed) moving right, left, down or up
+    (:func:`irnn_scans`, all directions at once); and the directions' hidden maps concatenated on
+    channels in the order right, left, down, up. How layers connect is ``wiring`` (the module
+    docstring states both and the paper's sentences they rest on):
 
     - "paper": ``x -> L_1 -> dropout -> L_2 -> ... -> L_n -> dropout -> conv1x1`` where ``L_k``
       is a layer's concat; layer ``k > 1``'s input-to-hidden conv reads layer ``k - 1``'s concat
@@ -66,8 +68,8 @@ class IRNN(IONContextModule):
     need no layout change.
 
     Given the images' sizes, every layer works on each image's valid cells only
-    (:mod:`ion_d2.modeling.padding`): the scans start at the image's own edges and the padding stays 0,
-    so an image's context does not depend on the rest of its batch.
+    (:mod:`ion_d2.modeling.padding`): the scans start at the image's own edges and the padding
+    stays 0, so an image's context does not depend on the rest of its batch.
     """
 
     @configurable
@@ -85,7 +87,7 @@ class IRNN(IONContextModule):
         output_all_layers: bool = False,
         shared_input_to_hidden: bool = True,
         concat_dropout: float = 0.25,
-        wiring: str = "per_layer",
+        wiring: str = "paper",
     ):
         """
         Args:
@@ -138,6 +140,20 @@ class IRNN(IONContextModule):
 
         self.output_all_layers = output_all_layers
         self.wiring = wiring
+        # What rewired() rebuilds the stack from.
+        self._init_args = dict(
+            in_feature=in_feature,
+            in_channels=in_channels,
+            stride=stride,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            recurrent=recurrent,
+            directions=directions,
+            first_step_bias=first_step_bias,
+            output_all_layers=output_all_layers,
+            shared_input_to_hidden=shared_input_to_hidden,
+            concat_dropout=concat_dropout,
+        )
         per_layer = wiring == "per_layer"
         layers = []
         layer_in = in_channels
@@ -212,20 +228,21 @@ class IRNN(IONContextModule):
             ``"context_{L-1}"`` for the intermediate layers when ``output_all_layers``; 0
             outside each image's valid cells.
         """
-        x, valid_cells = self.input_and_valid_cells(features, image_sizes)
+        x, valid_counts = self.input_and_valid_counts(features, image_sizes)
         outputs = []
         if self.hidden_to_output is None:
             for layer in self.layers:
-                x = layer(x, valid_cells)
+                x = layer(x, valid_counts)
                 outputs.append(x)
         else:
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = concat_dropout(self.dropout, x, self.training)
-                x = layer.concat(x, valid_cells)
+                x = layer.concat(x, valid_counts)
                 outputs.append(x)
             x = concat_dropout(self.dropout, x, self.training)
-            outputs[-1] = zero_padding(self.hidden_to_output(x), valid_cells)
+            out = self.hidden_to_output(x)
+            outputs[-1] = zero_outside_valid_cells(out, valid_counts, inplace=True)
         if not self.output_all_layers:
             outputs = outputs[-1:]
         # The layers pass channels_last maps to each other; the outputs are contiguous, as the
@@ -243,6 +260,40 @@ class IRNN(IONContextModule):
             name: ShapeSpec(channels=c, stride=self._stride)
             for name, c in zip(self._output_names(), channels)
         }
+
+    @staticmethod
+    def wiring_of(state_dict, prefix: str = "") -> Optional[str]:
+        """The wiring of the IRNN whose weights are ``state_dict``'s keys under ``prefix``, as
+        its keys tell (None: no IRNN there)."""
+        if f"{prefix}layers.0.hidden_to_output.weight" in state_dict:
+            return "per_layer"
+        if f"{prefix}hidden_to_output.weight" in state_dict:
+            return "paper"
+        return None
+
+    def rewire(self, wiring: str) -> None:
+        """
+        Rebuild the stack with another ``wiring`` (new, untrained weights on the same device),
+        everything else as built; the random generators are left as they were. For loading a
+        checkpoint of the other wiring into a model built for inference
+        (:class:`ion_d2.engine.checkpoint.IONCheckpointer`). With ``output_all_layers`` the
+        wirings' outputs differ in channels, so the heads reading them would not fit: refused.
+        """
+        if wiring == self.wiring:
+            return
+        if self.output_all_layers:
+            raise ValueError(
+                f"Cannot rewire an IRNN with output_all_layers from {self.wiring!r} to "
+                f"{wiring!r}: its lower layers' outputs change channels. Set "
+                f"MODEL.ION.CONTEXT.IRNN.WIRING {wiring!r} in the config."
+            )
+        device = next(self.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            other = IRNN(**self._init_args, wiring=wiring).to(device)
+        self.layers, self.dropout = other.layers, other.dropout
+        self.hidden_to_output = other.hidden_to_output
+        self.wiring = wiring
+        self.train(self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of the other wiring would load around the missing convs with only a

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..padding import valid_cell_mask
+from ..padding import zero_outside_valid_cells
 from .irnn_scan import irnn_scans
 
-__all__ = ["IRNNLayer", "concat_dropout", "in_contiguous_memory", "zero_padding"]
+__all__ = ["IRNNLayer", "concat_dropout", "in_contiguous_memory"]
 
 
 class IRNNLayer(nn.Module):
@@ -81,7 +81,7 @@ class IRNNLayer(nn.Module):
             self.register_parameter("first_step_bias", None)
 
     def direction_states(
-        self, x: Tensor, valid_cells: Optional[Tensor] = None
+        self, x: Tensor, valid_counts: Optional[Tensor] = None
     ) -> Dict[str, Tensor]:
         """
         The hidden maps of each direction (Figure 4: what each cell summarises of the cells to
@@ -89,17 +89,17 @@ class IRNNLayer(nn.Module):
 
         Args:
             x (Tensor): (N, C, H, W) layer input.
-            valid_cells (Tensor or None): (N, 2) valid rows and columns of each image (see
+            valid_counts (Tensor or None): (N, 2) valid rows and columns of each image (see
                 :func:`irnn_scans`); None: the whole map.
 
         Returns:
             dict[str, Tensor]: direction name -> (N, hidden_dim, H, W), in scan order; 0
             outside the valid cells.
         """
-        states = self._scans(_in_channels_last_memory(x), valid_cells)
+        states = self._scans(_in_channels_last_memory(x), valid_counts)
         return {d: states[:, :, :, i].permute(0, 3, 1, 2) for i, d in enumerate(self.directions)}
 
-    def _scans(self, x: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
+    def _scans(self, x: Tensor, valid_counts: Optional[Tensor]) -> Tensor:
         """(N, H, W, D, hidden_dim): the directions' states of ``x`` (channels_last memory)."""
         hidden = self.input_to_hidden(x)
         n, channels, height, width = hidden.shape
@@ -107,41 +107,42 @@ class IRNNLayer(nn.Module):
         # Shared, one input-to-hidden map feeds every direction (K = 1); else K = D blocks.
         k = 1 if self.shared_input_to_hidden else len(self.directions)
         hidden = hidden.view(n, height, width, k, channels // k)
-        return irnn_scans(hidden, self.directions, self.whh, self.first_step_bias, valid_cells)
+        return irnn_scans(hidden, self.directions, self.whh, self.first_step_bias, valid_counts)
 
-    def concat(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
+    def concat(self, x: Tensor, valid_counts: Optional[Tensor] = None) -> Tensor:
         """
         The IRNN's output as section 3.2 defines it: "concatenating the hidden state from the
         four directions at each spatial location".
 
         Args:
             x (Tensor): (N, C, H, W) layer input, in any memory format.
-            valid_cells (Tensor or None): see :meth:`direction_states`.
+            valid_counts (Tensor or None): see :meth:`direction_states`.
 
         Returns:
             Tensor: (N, D * hidden_dim, H, W), directions in the order right, left, down, up,
             in channels_last memory format; 0 outside the valid cells.
         """
-        states = self._scans(_in_channels_last_memory(x), valid_cells)
+        states = self._scans(_in_channels_last_memory(x), valid_counts)
         n, height, width, _, _ = states.shape
         # The states already lie side by side, channels last: the directions' concatenation,
         # read by the next 1x1 conv without copying.
         return states.view(n, height, width, -1).permute(0, 3, 1, 2)
 
-    def forward(self, x: Tensor, valid_cells: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, valid_counts: Optional[Tensor] = None) -> Tensor:
         """
         The "per_layer" wiring's layer.
 
         Args:
             x (Tensor): (N, C, H, W) layer input, in any memory format.
-            valid_cells (Tensor or None): see :meth:`direction_states`.
+            valid_counts (Tensor or None): see :meth:`direction_states`.
 
         Returns:
             Tensor: (N, C, H, W) in channels_last memory format (the layout the scans work in;
             the next layer reads it as is).
         """
-        concat = concat_dropout(self.dropout, self.concat(x, valid_cells), self.training)
-        return F.relu(zero_padding(self.hidden_to_output(concat), valid_cells))
+        concat = concat_dropout(self.dropout, self.concat(x, valid_counts), self.training)
+        out = self.hidden_to_output(concat)
+        return F.relu(zero_outside_valid_cells(out, valid_counts, inplace=True))
 
 
 def concat_dropout(dropout: nn.Module, concat: Tensor, training: bool) -> Tensor:
@@ -152,17 +153,6 @@ def concat_dropout(dropout: nn.Module, concat: Tensor, training: bool) -> Tensor
         # product takes its first operand's memory format.)
         concat = concat * dropout(concat.new_ones(concat.shape))
     return concat
-
-
-def zero_padding(out: Tensor, valid_cells: Optional[Tensor]) -> Tensor:
-    """
-    ``out`` (a conv's output) with every cell outside the valid cells set to 0, in place: the
-    conv's bias must not reach the padding (the next layer, the ROI pooler or the seg head would
-    see it). The conv's backward does not need its output.
-    """
-    if valid_cells is not None:
-        out.masked_fill_(~valid_cell_mask(valid_cells, out.shape[2], out.shape[3]), 0.0)
-    return out
 
 
 def _in_channels_last_memory(x: Tensor) -> Tensor:
@@ -182,7 +172,8 @@ def _in_channels_last_memory(x: Tensor) -> Tensor:
 
 
 def in_contiguous_memory(x: Tensor) -> Tensor:
-    """(N, C, H, W) ``x`` in contiguous (NCHW) memory format; see :func:`_in_channels_last_memory`."""
+    """(N, C, H, W) ``x`` in contiguous (NCHW) memory format; see
+    :func:`_in_channels_last_memory`."""
     if x.is_contiguous():
         return x
     n, c, height, width = x.shape

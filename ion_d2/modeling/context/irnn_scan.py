@@ -50,7 +50,7 @@ def irnn_scans(
     directions: Sequence[str],
     whh: Optional[Tensor] = None,
     first_step_bias: Optional[Tensor] = None,
-    valid_cells: Optional[Tensor] = None,
+    valid_counts: Optional[Tensor] = None,
     identity_method: str = "auto",
 ) -> Tensor:
     """
@@ -75,7 +75,7 @@ def irnn_scans(
             ``Whh = I`` for every direction.
         first_step_bias (Tensor or None): (D, C) bias ``b0`` of each direction, added to ``x``
             at the first step of the scan, or None.
-        valid_cells (Tensor or None): (N, 2) long, the rows and columns of each image's valid
+        valid_counts (Tensor or None): (N, 2) long, the rows and columns of each image's valid
             cells (:func:`ion_d2.modeling.padding.valid_cell_counts`); None: the whole map is valid.
         identity_method (str): with ``whh`` None, one of :data:`IDENTITY_SCAN_METHODS`.
 
@@ -110,14 +110,14 @@ def irnn_scans(
         )
 
     outside = None
-    if valid_cells is not None:
-        outside = ~valid_cell_mask(valid_cells, x.shape[1], x.shape[2])[:, 0, :, :, None, None]
+    if valid_counts is not None:
+        outside = ~valid_cell_mask(valid_counts, x.shape[1], x.shape[2])[:, 0, :, :, None, None]
         # Zeroed outside the valid cells, the input keeps h = 0 in the padding before an image
         # (ReLU(Whh @ 0 + 0) = 0), so each image's scan starts at its own edge. Masked once,
         # before the directions share it.
         x = x.masked_fill(outside, 0.0)
     if first_step_bias is not None:
-        x = _add_first_step_bias(x, directions, first_step_bias, valid_cells)
+        x = _add_first_step_bias(x, directions, first_step_bias, valid_counts)
 
     if whh is None and _identity_closed_form(identity_method, x.device):
         h = torch.stack(
@@ -145,7 +145,7 @@ def _irnn_scan(
     whh: Tensor,
     direction: str,
     first_step_bias: Optional[Tensor] = None,
-    valid_cells: Optional[Tensor] = None,
+    valid_counts: Optional[Tensor] = None,
 ) -> Tensor:
     """
     One direction of an IRNN with a learned recurrent transition (:func:`irnn_scans` on an
@@ -158,13 +158,13 @@ def _irnn_scan(
         direction (str): one of :data:`IRNN_DIRECTIONS`.
         first_step_bias (Tensor or None): (C,) bias ``b0`` added to ``x`` at the first step of
             the scan, or None.
-        valid_cells (Tensor or None): see :func:`irnn_scans`.
+        valid_counts (Tensor or None): see :func:`irnn_scans`.
 
     Returns:
         Tensor: (N, C, H, W) hidden states, 0 outside the valid cells.
     """
     b0 = None if first_step_bias is None else first_step_bias[None]
-    h = irnn_scans(_to_scan_layout(x), (direction,), whh[None], b0, valid_cells)
+    h = irnn_scans(_to_scan_layout(x), (direction,), whh[None], b0, valid_counts)
     return h[:, :, :, 0].permute(0, 3, 1, 2)
 
 
@@ -172,7 +172,7 @@ def _irnn_scan_identity(
     x: Tensor,
     direction: str,
     first_step_bias: Optional[Tensor] = None,
-    valid_cells: Optional[Tensor] = None,
+    valid_counts: Optional[Tensor] = None,
     method: str = "auto",
 ) -> Tensor:
     """
@@ -190,14 +190,14 @@ def _irnn_scan_identity(
 
     Args:
         x (Tensor): (N, C, H, W) input-to-hidden activations.
-        direction, first_step_bias, valid_cells: see :func:`_irnn_scan`.
+        direction, first_step_bias, valid_counts: see :func:`_irnn_scan`.
         method (str): one of :data:`IDENTITY_SCAN_METHODS`.
 
     Returns:
         Tensor: (N, C, H, W) hidden states, 0 outside the valid cells.
     """
     b0 = None if first_step_bias is None else first_step_bias[None]
-    h = irnn_scans(_to_scan_layout(x), (direction,), None, b0, valid_cells, method)
+    h = irnn_scans(_to_scan_layout(x), (direction,), None, b0, valid_counts, method)
     return h[:, :, :, 0].permute(0, 3, 1, 2)
 
 
@@ -224,16 +224,16 @@ def _to_scan_layout(x: Tensor) -> Tensor:
 
 
 def _first_cells(
-    direction: str, valid_cells: Optional[Tensor], height: int, width: int, device: torch.device
+    direction: str, valid_counts: Optional[Tensor], height: int, width: int, device: torch.device
 ) -> Tensor:
     """(N or 1, H, W) bool: the first cell of every scan line inside each image's valid cells."""
-    if valid_cells is None:
+    if valid_counts is None:
         # torch.stack, not torch.tensor: a trace keeps the sizes' values dynamic then.
-        valid_cells = torch.stack([torch.as_tensor(height), torch.as_tensor(width)])
-        valid_cells = valid_cells.to(device).view(1, 2)
+        valid_counts = torch.stack([torch.as_tensor(height), torch.as_tensor(width)])
+        valid_counts = valid_counts.to(device).view(1, 2)
     rows = torch.arange(height, device=device)[None, :]
     cols = torch.arange(width, device=device)[None, :]
-    valid_h, valid_w = valid_cells[:, :1], valid_cells[:, 1:]
+    valid_h, valid_w = valid_counts[:, :1], valid_counts[:, 1:]
     reverse = direction in ("left", "up")
     if direction in ("right", "left"):
         start = cols == (valid_w - 1 if reverse else 0)
@@ -243,12 +243,12 @@ def _first_cells(
 
 
 def _add_first_step_bias(
-    x: Tensor, directions: Sequence[str], first_step_bias: Tensor, valid_cells: Optional[Tensor]
+    x: Tensor, directions: Sequence[str], first_step_bias: Tensor, valid_counts: Optional[Tensor]
 ) -> Tensor:
     """(N, H, W, D, C): ``x`` plus ``b0`` at each image's own first cell of each direction."""
     _, height, width, _, _ = x.shape
     first = torch.stack(
-        [_first_cells(d, valid_cells, height, width, x.device) for d in directions], dim=3
+        [_first_cells(d, valid_counts, height, width, x.device) for d in directions], dim=3
     )
     return torch.where(first[..., None], x + first_step_bias, x)
 

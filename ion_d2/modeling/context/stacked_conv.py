@@ -89,7 +89,7 @@ class StackedConv(IONContextModule):
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, Tensor]:
         """See :class:`IRNN.forward`; returns ``{"context": (N, channels, H, W)}``."""
-        x, valid_cells = self.input_and_valid_cells(features, image_sizes)
+        x, valid_counts = self.input_and_valid_counts(features, image_sizes)
         for conv in self.convs:
-            x = F.relu(conv(zero_outside_valid_cells(x, valid_cells)))
-        return {"context": zero_outside_valid_cells(x, valid_cells)}
+            x = F.relu(conv(zero_outside_valid_cells(x, valid_counts)))
+        return {"context": zero_outside_valid_cells(x, valid_counts)}
