@@ -30,6 +30,17 @@ def load_cfg(path: str, overrides: Optional[Dict[str, Any]] = None) -> CfgNode:
     return ion_cfg(overrides, path=path)
 
 
+def flat_cfg(node, prefix: str = "") -> Dict[str, Any]:
+    """A (nested) config as {"MODEL.ION.X": value}."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flat_cfg(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def shrink_cfg(cfg):
     """Keep a config's architecture but make it CPU-test sized, without pretrained weights."""
     cfg.MODEL.DEVICE = "cpu"

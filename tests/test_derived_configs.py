@@ -17,7 +17,7 @@ import pytest
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
-from model_utils import load_cfg, load_script
+from model_utils import flat_cfg, load_cfg, load_script
 
 from ion_d2 import add_ion_config, get_ion_cfg
 from ion_d2.engine.stages import training_stages
@@ -31,16 +31,6 @@ STORED = FIXTURE["configs"]
 OLD_KEYS = set(FIXTURE["keys"])  # the keys of that commit's config
 SS = {"MODEL.ION.PROPOSALS": "selective_search"}
 canonical_dump = load_script("tests/fixtures/make_derived_configs_fixture.py").canonical_dump
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _nested(flat):
@@ -59,7 +49,7 @@ def _derive(entry):
     if entry["stage"]:
         cfg.freeze()
         cfg = training_stages(cfg)[entry["stage"] - 1]
-    return _flat(cfg)
+    return flat_cfg(cfg)
 
 
 def _old_resolved(path):
@@ -74,7 +64,7 @@ def _old_resolved(path):
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp)
-        return _flat(load_cfg(os.path.join(tmp, path)))
+        return flat_cfg(load_cfg(os.path.join(tmp, path)))
 
 
 @pytest.mark.parametrize("path", sorted(STORED))

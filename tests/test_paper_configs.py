@@ -10,7 +10,7 @@ import os
 import re
 
 import pytest
-from model_utils import load_cfg
+from model_utils import flat_cfg, load_cfg
 
 from ion_d2.data import ION_SEG_SUFFIX
 from ion_d2.engine.stages import training_stages
@@ -35,18 +35,8 @@ def _row(path):
     return os.path.relpath(path, PAPER)[: -len(".yaml")]
 
 
-def _flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _cfg(path, overrides=None):
-    return _flat(load_cfg(path, overrides))
+    return flat_cfg(load_cfg(path, overrides))
 
 
 def _diff(a, b):
@@ -56,7 +46,7 @@ def _diff(a, b):
 def _stages(path, overrides=None):
     cfg = load_cfg(path, overrides)
     cfg.freeze()
-    return [_flat(stage) for stage in training_stages(cfg)]
+    return [flat_cfg(stage) for stage in training_stages(cfg)]
 
 
 # A test-time row evaluates another row's trained model; the others train from ImageNet weights.
