@@ -35,6 +35,9 @@ def _cfg(name="IRNN", **irnn):
         "MODEL.ION.CONTEXT.CONV.CHANNELS": 3,
         # The naive references have no dropout; the dropout tests set it explicitly.
         "MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT": 0.0,
+        # The naive references are of the per-layer wiring unless a test asks for "paper"
+        # (add_ion_config's default since 0.2.0).
+        "MODEL.ION.CONTEXT.IRNN.WIRING": "per_layer",
     }
     overrides.update({f"MODEL.ION.CONTEXT.IRNN.{k.upper()}": v for k, v in irnn.items()})
     return ion_cfg(overrides)

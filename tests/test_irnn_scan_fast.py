@@ -317,6 +317,8 @@ MODULE_CASES = [
 def _module(irnn, dropout):
     overrides = {
         "MODEL.ION.CONTEXT.NAME": "IRNN",
+        # The reference's wiring unless a case sets "paper" (add_ion_config's default).
+        "MODEL.ION.CONTEXT.IRNN.WIRING": "per_layer",
         "MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM": HIDDEN,
         "MODEL.ION.CONTEXT.IRNN.CONCAT_DROPOUT": dropout,
     }
@@ -361,7 +363,7 @@ def test_irnn_module_matches_reference(irnn, sizes, train):
 def test_irnn_module_float32_matches_reference(recurrent):
     # float32 convs and scans at a less tiny size: the same results within float tolerance.
     irnn = {"HIDDEN_DIM": 16, "RECURRENT": recurrent}
-    overrides = {"MODEL.ION.CONTEXT.NAME": "IRNN"}
+    overrides = {"MODEL.ION.CONTEXT.NAME": "IRNN", "MODEL.ION.CONTEXT.IRNN.WIRING": "per_layer"}
     overrides.update({f"MODEL.ION.CONTEXT.IRNN.{k}": v for k, v in irnn.items()})
     model = build_ion_context(ion_cfg(overrides), {"conv5": ShapeSpec(channels=8, stride=16)})
     model.eval()
