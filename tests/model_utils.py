@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 
 from ion_d2 import get_ion_cfg
 from ion_d2.data import register_ion_synthetic
@@ -134,3 +134,31 @@ def load_script(relative_path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def box_record(path, boxes=((1, 1, 20, 20),), size=(48, 64), mode=BoxMode.XYWH_ABS, category=0):
+    """A dataset dict of the image at ``path`` (``size`` HxW) with one annotation per box."""
+    return {
+        "file_name": path,
+        "height": size[0],
+        "width": size[1],
+        "image_id": os.path.basename(path),
+        "annotations": [
+            {"bbox": list(b), "bbox_mode": mode, "category_id": category, "iscrowd": 0}
+            for b in boxes
+        ],
+    }
+
+
+def check_cfg(train: str, test=()) -> CfgNode:
+    """ION_VGG16_tiny_cpu.yaml training ``train`` (testing ``test``) at 64 px, no seg loss: the
+    dataset checks' tests."""
+    cfg = load_cfg(
+        os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "..", "configs", "ION_VGG16_tiny_cpu.yaml"
+        )
+    )
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), tuple(test)
+    cfg.MODEL.ION.SEG_LOSS_ON = False
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 128
+    return cfg

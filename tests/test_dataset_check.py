@@ -15,13 +15,11 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.structures import BoxMode
-from model_utils import load_cfg
+from model_utils import box_record, check_cfg, load_cfg
 
 from ion_d2.engine import IONTrainer
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 
 
 def _image(folder, name="img.png", size=(48, 64)):
@@ -29,27 +27,6 @@ def _image(folder, name="img.png", size=(48, 64)):
     path = os.path.join(folder, name)
     cv2.imwrite(path, np.random.RandomState(0).randint(0, 256, (*size, 3), dtype=np.uint8))
     return path
-
-
-def _record(path, boxes, size=(48, 64), mode=BoxMode.XYWH_ABS, category=0):
-    return {
-        "file_name": path,
-        "height": size[0],
-        "width": size[1],
-        "image_id": os.path.basename(path),
-        "annotations": [
-            {"bbox": list(b), "bbox_mode": mode, "category_id": category, "iscrowd": 0}
-            for b in boxes
-        ],
-    }
-
-
-def _cfg(train, test=()):
-    cfg = load_cfg(TINY)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), tuple(test)
-    cfg.MODEL.ION.SEG_LOSS_ON = False
-    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 128
-    return cfg
 
 
 def test_coco_json_with_more_categories_than_num_classes_is_refused(tmp_path):
@@ -75,7 +52,7 @@ def test_coco_json_with_more_categories_than_num_classes_is_refused(tmp_path):
     register_coco_instances("check_coco7", {}, str(tmp_path / "ann.json"), str(tmp_path))
     try:
         with pytest.raises(ValueError) as exc:
-            IONTrainer.build_train_loader(_cfg("check_coco7"))
+            IONTrainer.build_train_loader(check_cfg("check_coco7"))
     finally:
         DatasetCatalog.remove("check_coco7")
         MetadataCatalog.remove("check_coco7")
@@ -88,9 +65,9 @@ def test_coco_json_with_more_categories_than_num_classes_is_refused(tmp_path):
 
 def test_box_of_negative_width_is_refused_or_dropped(tmp_path, registered, caplog):
     path = _image(tmp_path)
-    bad = _record(path, [[10, 12, 20, 20], [57, 12, -85, 85]])
-    name = registered("check_negbox", [bad, _record(path, [[1, 1, 5, 5]])])
-    cfg = _cfg(name)
+    bad = box_record(path, [[10, 12, 20, 20], [57, 12, -85, 85]])
+    name = registered("check_negbox", [bad, box_record(path, [[1, 1, 5, 5]])])
+    cfg = check_cfg(name)
     with pytest.raises(ValueError) as exc:
         IONTrainer.build_train_loader(cfg)
     message = str(exc.value)
@@ -100,10 +77,10 @@ def test_box_of_negative_width_is_refused_or_dropped(tmp_path, registered, caplo
 
     # XYXY boxes are converted as Detectron2 does (x1 < x0 is a negative width); NaN is refused.
     name = registered(
-        "check_xyxy", [_record(path, [[30, 5, 10, 20], [0, 0, float("nan"), 4]], mode=0)]
+        "check_xyxy", [box_record(path, [[30, 5, 10, 20], [0, 0, float("nan"), 4]], mode=0)]
     )
     with pytest.raises(ValueError, match=r"2 boxes .*width -20, height 15.*width nan"):
-        IONTrainer.build_train_loader(_cfg(name))
+        IONTrainer.build_train_loader(check_cfg(name))
 
     cfg.DATALOADER.ION_DROP_INVALID_BOXES = True
     with caplog.at_level(logging.WARNING, logger="ion_d2.data.dataset_check"):
@@ -118,9 +95,9 @@ def test_missing_files_are_refused_before_training(tmp_path, registered):
     paths = [_image(tmp_path, f"{i}.png") for i in range(8)]
     for path in paths[1:]:
         os.remove(path)
-    name = registered("check_missing", [_record(p, [[1, 1, 9, 9]]) for p in paths])
+    name = registered("check_missing", [box_record(p, [[1, 1, 9, 9]]) for p in paths])
     with pytest.raises(ValueError) as exc:
-        IONTrainer.build_train_loader(_cfg(name))
+        IONTrainer.build_train_loader(check_cfg(name))
     message = str(exc.value)
     assert "7 files that cannot be read" in message
     assert f"{paths[1]} (file_name: No such file or directory)" in message
@@ -128,11 +105,11 @@ def test_missing_files_are_refused_before_training(tmp_path, registered):
 
 
 def test_missing_test_file_is_refused_before_training(tmp_path, registered):
-    train = registered("check_train_ok", [_record(_image(tmp_path), [[1, 1, 9, 9]])])
+    train = registered("check_train_ok", [box_record(_image(tmp_path), [[1, 1, 9, 9]])])
     gone = str(tmp_path / "gone.png")
-    test = registered("check_test_gone", [_record(gone, [[1, 1, 9, 9]])])
+    test = registered("check_test_gone", [box_record(gone, [[1, 1, 9, 9]])])
     with pytest.raises(ValueError, match=rf"DATASETS.TEST 'check_test_gone'.*\n.*{gone}"):
-        IONTrainer.build_train_loader(_cfg(train, [test]))
+        IONTrainer.build_train_loader(check_cfg(train, [test]))
 
 
 def test_image_too_small_for_the_trunk_is_refused(tmp_path, registered):
@@ -140,10 +117,11 @@ def test_image_too_small_for_the_trunk_is_refused(tmp_path, registered):
     # resizing, PIL's "height and width must be > 0" naming no file.
     thin = _image(tmp_path, "thin.png", size=(1, 500))
     name = registered(
-        "check_thin", [_record(thin, [[1, 0, 50, 1]], size=(1, 500)), _record(_image(tmp_path), [])]
+        "check_thin",
+        [box_record(thin, [[1, 0, 50, 1]], size=(1, 500)), box_record(_image(tmp_path), [])],
     )
     with pytest.raises(ValueError) as exc:
-        IONTrainer.build_train_loader(_cfg(name))
+        IONTrainer.build_train_loader(check_cfg(name))
     message = str(exc.value)
     assert "1 images whose shorter side is under the trunk's stride (16 px)" in message
     assert f"{thin} (1x500 HxW, shorter side 0 px after resizing)" in message
@@ -151,7 +129,7 @@ def test_image_too_small_for_the_trunk_is_refused(tmp_path, registered):
 
 
 def test_minimum_size_comes_from_the_backbone(tmp_path):
-    cfg = _cfg("ion_synth_train")
+    cfg = check_cfg("ion_synth_train")
     assert IONTrainer.trunk_stride(cfg) == 16
     # A trunk that stops at conv4 has stride 8: a 16 px image is then large enough.
     cfg.MODEL.ION.VGG16.OUT_FEATURES = ["conv3", "conv4"]

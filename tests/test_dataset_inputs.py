@@ -16,14 +16,12 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
-from model_utils import load_cfg
+from model_utils import box_record, check_cfg
 
 from ion_d2.data import IONDatasetMapper
 from ion_d2.data.loader import build_ion_train_loader
 from ion_d2.engine import IONTrainer
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TINY = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
 SKIP_KEY = "DATALOADER.ION_SKIP_UNREADABLE_IMAGES"
 
 
@@ -46,26 +44,6 @@ def _truncated(folder, name):
     return path
 
 
-def _record(path, boxes=((1, 1, 20, 20),), mode=BoxMode.XYWH_ABS):
-    return {
-        "file_name": path,
-        "height": 48,
-        "width": 64,
-        "image_id": os.path.basename(path),
-        "annotations": [
-            {"bbox": list(b), "bbox_mode": mode, "category_id": 0, "iscrowd": 0} for b in boxes
-        ],
-    }
-
-
-def _cfg(train, test=()):
-    cfg = load_cfg(TINY)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), tuple(test)
-    cfg.MODEL.ION.SEG_LOSS_ON = False
-    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 128
-    return cfg
-
-
 def test_16_bit_images_are_refused_before_training_and_by_the_mapper(tmp_path, registered):
     # Detectron2's read_image clips a 16-bit grey PNG to an all-white image.
     ramp = (np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)
@@ -73,9 +51,9 @@ def test_16_bit_images_are_refused_before_training_and_by_the_mapper(tmp_path, r
     rgb = _write(tmp_path, "rgb16.png", np.stack([ramp] * 3, axis=-1))
     tiff = _write(tmp_path, "grey16.tif", ramp)
     good = _image(tmp_path, "good.png")
-    name = registered("inputs_16bit", [_record(p) for p in (good, grey, rgb, tiff)])
+    name = registered("inputs_16bit", [box_record(p) for p in (good, grey, rgb, tiff)])
     with pytest.raises(ValueError) as exc:
-        IONTrainer.build_train_loader(_cfg(name))
+        IONTrainer.build_train_loader(check_cfg(name))
     message = str(exc.value)
     assert "DATASETS.TRAIN ('inputs_16bit',) (4 images)" in message
     assert "3 image files that cannot be read as 8-bit images" in message
@@ -85,10 +63,10 @@ def test_16_bit_images_are_refused_before_training_and_by_the_mapper(tmp_path, r
     assert good not in message and f"{SKIP_KEY} True" in message
 
     # The training path, without the check, refuses it too instead of reading it white.
-    mapper = IONDatasetMapper(_cfg(name), True)
-    assert mapper(_record(good))["image"].shape[0] == 3
+    mapper = IONDatasetMapper(check_cfg(name), True)
+    assert mapper(box_record(good))["image"].shape[0] == 3
     with pytest.raises(OSError, match=f"{grey} cannot be read as an 8-bit image: 16-bit PNG"):
-        mapper(_record(grey))
+        mapper(box_record(grey))
 
 
 def test_truncated_images_are_refused_or_left_out_before_training(tmp_path, registered, caplog):
@@ -101,8 +79,8 @@ def test_truncated_images_are_refused_or_left_out_before_training(tmp_path, regi
         f.write(b"trailer data")
     good = [_image(tmp_path, f"{i}.jpg", seed=i) for i in range(2)]
     paths = [good[0], jpeg, padded, png, trailer, good[1]]
-    name = registered("inputs_truncated", [_record(p) for p in paths])
-    cfg = _cfg(name)
+    name = registered("inputs_truncated", [box_record(p) for p in paths])
+    cfg = check_cfg(name)
     with pytest.raises(ValueError) as exc:
         IONTrainer.build_train_loader(cfg)
     message = str(exc.value)
@@ -134,8 +112,8 @@ def test_an_image_that_fails_to_decode_in_training_is_named_or_replaced(tmp_path
     # Not through the up-front check: a file truncated after it, or a corruption it misses.
     paths = [_image(tmp_path, f"{i}.jpg", seed=i) for i in range(4)]
     paths.insert(2, _truncated(tmp_path, "cut.jpg"))
-    dicts = [_record(p) for p in paths]
-    cfg = _cfg("unused")
+    dicts = [box_record(p) for p in paths]
+    cfg = check_cfg("unused")
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.ASPECT_RATIO_GROUPING = 5, False
     with pytest.raises(OSError, match=f"{paths[2]} cannot be read: image file is truncated"):
         _batches(cfg, dicts, 1)
@@ -179,13 +157,13 @@ def test_coco_json_whose_images_share_an_id_is_refused(tmp_path, registered):
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     register_coco_instances("inputs_dup_ids", {}, json_file, str(tmp_path))
-    train = registered("inputs_dup_train", [_record(_image(tmp_path, "ok.png"))])
+    train = registered("inputs_dup_train", [box_record(_image(tmp_path, "ok.png"))])
     try:
         assert len(DatasetCatalog.get("inputs_dup_ids")) == 3  # two images lost
         with pytest.raises(ValueError) as exc:
-            IONTrainer.build_train_loader(_cfg("inputs_dup_ids"))
+            IONTrainer.build_train_loader(check_cfg("inputs_dup_ids"))
         with pytest.raises(ValueError) as test_exc:
-            IONTrainer.build_train_loader(_cfg(train, ["inputs_dup_ids"]))
+            IONTrainer.build_train_loader(check_cfg(train, ["inputs_dup_ids"]))
     finally:
         DatasetCatalog.remove("inputs_dup_ids")
         MetadataCatalog.remove("inputs_dup_ids")
@@ -204,11 +182,11 @@ def test_boxes_wholly_outside_their_image_are_counted_and_refused_above_the_frac
 ):
     path = _image(tmp_path, "img.png")
     # Partly outside (clipped, trained on) in every image: not counted.
-    records = [_record(path, [(1, 1, 20, 20), (50, 40, 30, 20)]) for _ in range(10)]
-    records[0]["annotations"] += _record(path, [(70, 10, 5, 5)])["annotations"]
-    records.append(_record(path, [(2, 2, 20, 20), (-10, 5, 0, 9)], mode=BoxMode.XYXY_ABS))
+    records = [box_record(path, [(1, 1, 20, 20), (50, 40, 30, 20)]) for _ in range(10)]
+    records[0]["annotations"] += box_record(path, [(70, 10, 5, 5)])["annotations"]
+    records.append(box_record(path, [(2, 2, 20, 20), (-10, 5, 0, 9)], mode=BoxMode.XYXY_ABS))
     name = registered("inputs_outside", records)
-    cfg = _cfg(name)
+    cfg = check_cfg(name)
     offenders = (
         f"{path} (bbox [70.0, 10.0, 5.0, 5.0] in a 48x64 HxW image); "
         f"{path} (bbox [-10.0, 5.0, 0.0, 9.0] in a 48x64 HxW image)."
