@@ -163,3 +163,48 @@ def test_release_scratch_frees_and_pooling_rebuilds_it():
     assert roi_pool_module._SCRATCH.buffer is None
     assert torch.equal(sparse_table_roi_pool(feature, rois, 0.25, (7, 7)), first)
     assert torch.equal(first, roi_pool(feature, rois, (7, 7), 0.25))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_image_sizes_limit_each_box_to_its_images_valid_cells(grad):
+    """With ``image_sizes``, a box pools what torchvision pools on its image's map cut to the
+    image's valid cells (``ceil(size / stride)``): the batch's padding, here large values that
+    would win every max reaching it, is never read. Both paths (the sparse table without
+    gradient, torchvision's kernel with it) and the gradient."""
+    g = torch.Generator().manual_seed(5)
+    stride = 16
+    sizes = [(72, 100), (120, 128)]  # valid cells (5, 7) and (8, 8) of an 8 x 8 map
+    feature = torch.randn(2, 6, 8, 8, generator=g) - 1.0  # mostly negative, as a linear output
+    feature[0, :, 5:, :] = 100.0
+    feature[0, :, :, 7:] = 100.0
+    boxes = [
+        Boxes(
+            torch.tensor(
+                [[0.0, 0.0, 100.0, 72.0], [40.0, 30.0, 100.0, 72.0], [4.0, 6.0, 40.0, 50.0]]
+            )
+        ),
+        Boxes(torch.tensor([[10.0, 10.0, 128.0, 120.0]])),
+    ]
+    pool = IONROIPool(7, 1.0 / stride)
+    x = feature.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = pool([x], boxes, image_sizes=sizes)
+    assert pool.use_sparse_table(x) == (not grad)
+    refs = []
+    for i, (h, w) in enumerate(sizes):
+        cut = feature[i : i + 1, :, : -(-h // stride), : -(-w // stride)]
+        rois = torch.cat([torch.zeros(len(boxes[i]), 1), boxes[i].tensor], dim=1)
+        refs.append(roi_pool(cut, rois, (7, 7), 1.0 / stride))
+    ref = torch.cat(refs)
+    assert torch.equal(out.detach(), ref)
+    assert float(out.detach().max()) < 100.0
+    # Without the sizes, the box reaching the bottom border rounds its last bin into row 5.
+    assert float(pool([feature], boxes).max()) == 100.0
+    if grad:
+        out.sum().backward()
+        cut = feature[:1, :, :5, :7].clone().requires_grad_(True)
+        rois = torch.cat([torch.zeros(3, 1), boxes[0].tensor], dim=1)
+        roi_pool(cut, rois, (7, 7), 1.0 / stride).sum().backward()
+        assert torch.equal(x.grad[0, :, :5, :7], cut.grad[0])
+        assert float(x.grad[0, :, 5:, :].abs().sum()) == 0.0
+        assert float(x.grad[0, :, :, 7:].abs().sum()) == 0.0

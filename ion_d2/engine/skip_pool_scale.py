@@ -160,7 +160,12 @@ def measure_pooled_norms(model: nn.Module, batches: Iterable[List[dict]]) -> Poo
             for batch in batches:
                 _, features, proposals, _ = model.features_and_proposals(batch)
                 boxes = [p.proposal_boxes for p in proposals]
-                sums = pooler.pooled_norm_sums([features[n] for n in names], boxes, _ROI_CHUNK)
+                sums = pooler.pooled_norm_sums(
+                    [features[n] for n in names],
+                    boxes,
+                    _ROI_CHUNK,
+                    image_sizes=[p.image_size for p in proposals],
+                )
                 roi += sums[0]
                 location += sums[1]
                 num_rois += sums[2]

@@ -130,7 +130,7 @@ class IONROIHeads(StandardROIHeads):
         (:func:`box_voting_inference`).
         """
         if self.training or not self.box_voting:
-            return super()._forward_box(features, proposals)
+            return self._forward_box_standard(features, proposals)
         boxes, scores = self.box_voting_candidates(features, proposals)
         predictor = self.box_predictor
         return box_voting_inference(
@@ -142,6 +142,20 @@ class IONROIHeads(StandardROIHeads):
             topk_per_image=predictor.test_topk_per_image,
             vote_iou=self.box_voting_iou,
         )
+
+    def _forward_box_standard(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        """:meth:`StandardROIHeads._forward_box` with each image's size given to the pooler."""
+        predictions = self._run_box_head([features[f] for f in self.box_in_features], proposals)
+        if not self.training:
+            return self.box_predictor.inference(predictions, proposals)[0]
+        losses = self.box_predictor.losses(predictions, proposals)
+        # proposals is modified in place below, so the losses are computed first.
+        if self.train_on_pred_boxes:
+            with torch.no_grad():
+                pred_boxes = self.box_predictor.predict_boxes_for_gt_classes(predictions, proposals)
+                for proposals_per_image, pred_boxes_per_image in zip(proposals, pred_boxes):
+                    proposals_per_image.proposal_boxes = Boxes(pred_boxes_per_image)
+        return losses
 
     def box_voting_candidates(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
@@ -185,8 +199,15 @@ class IONROIHeads(StandardROIHeads):
         )
 
     def _run_box_head(self, features: List[torch.Tensor], proposals: List[Instances]):
-        """The box branch of :meth:`StandardROIHeads._forward_box`, up to the predictions."""
-        box_features = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        """
+        The box branch of :meth:`StandardROIHeads._forward_box`, up to the predictions; the
+        pooler reads only each image's valid cells (:meth:`IONSkipPooler.forward`).
+        """
+        box_features = self.box_pooler(
+            features,
+            [p.proposal_boxes for p in proposals],
+            image_sizes=[p.image_size for p in proposals],
+        )
         return self.box_predictor(self.box_head(box_features))
 
     @staticmethod

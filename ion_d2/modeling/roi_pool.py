@@ -13,13 +13,15 @@ The bins are computed exactly as torchvision's kernel computes them (float32 ari
 """
 
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 from torchvision.ops import roi_pool as tv_roi_pool
+
+from .padding import valid_cell_counts, valid_cell_mask
 
 __all__ = ["IONROIPool", "release_scratch", "roi_pool_bins", "sparse_table_roi_pool"]
 
@@ -31,7 +33,11 @@ def _round_half_away(x: Tensor) -> Tensor:
 
 
 def roi_pool_bins(
-    rois: Tensor, spatial_scale: float, output_size: Tuple[int, int], height: int, width: int
+    rois: Tensor,
+    spatial_scale: float,
+    output_size: Tuple[int, int],
+    height: Union[int, Tensor],
+    width: Union[int, Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     The cells each bin of each ROI max-pools, as torchvision's ``roi_pool`` kernel computes
@@ -42,7 +48,8 @@ def roi_pool_bins(
         rois (Tensor): (R, 4) float32 boxes (x1, y1, x2, y2) in input-image coordinates.
         spatial_scale (float): the feature's scale (1 / stride).
         output_size (tuple[int, int]): bins per ROI (height, width).
-        height, width (int): the feature map's size.
+        height, width (int or Tensor): the feature map's size, or (R,) long per ROI: the
+            rows and columns it may read (its image's valid cells, see :class:`IONROIPool`).
 
     Returns:
         tuple[Tensor]: ``hstart, hend`` (R, PH) and ``wstart, wend`` (R, PW) long; a bin
@@ -53,13 +60,14 @@ def roi_pool_bins(
     corners = _round_half_away(rois.float() * scale)  # (R, 4): x1, y1, x2, y2 in cells
     pooled_h, pooled_w = output_size
 
-    def axis(start: Tensor, end: Tensor, pooled: int, limit: int) -> Tuple[Tensor, Tensor]:
+    def axis(start: Tensor, end: Tensor, pooled: int, limit) -> Tuple[Tensor, Tensor]:
         size = (end - start + 1).clamp(min=1).float()
         bin_size = size / torch.tensor(float(pooled), dtype=torch.float32)
         steps = torch.arange(pooled + 1, dtype=torch.float32)
         lo = (steps[None, :-1] * bin_size[:, None]).floor().long() + start[:, None]
         hi = (steps[None, 1:] * bin_size[:, None]).ceil().long() + start[:, None]
-        return lo.clamp(0, limit), hi.clamp(0, limit)
+        limit = torch.as_tensor(limit, dtype=torch.long).reshape(-1, 1)
+        return torch.minimum(lo.clamp(min=0), limit), torch.minimum(hi.clamp(min=0), limit)
 
     hstart, hend = axis(corners[:, 1], corners[:, 3], pooled_h, height)
     wstart, wend = axis(corners[:, 0], corners[:, 2], pooled_w, width)
@@ -84,6 +92,7 @@ def sparse_table_roi_pool(
     output_size: Tuple[int, int],
     *,
     out: Optional[Tensor] = None,
+    limits: Optional[Tensor] = None,
 ) -> Tensor:
     """
     ``torchvision.ops.roi_pool(feature, rois, output_size, spatial_scale)`` without autograd,
@@ -96,9 +105,12 @@ def sparse_table_roi_pool(
         output_size (tuple[int, int]): bins per ROI (height, width).
         out (Tensor or None): an (R, PH, PW, C) tensor (e.g. a channel slice of a larger
             channels-last one) to write the result into; None: a new one.
+        limits (Tensor or None): (R, 2) long, the rows and columns each ROI may read (bins
+            clipped to them instead of the map's size); None: the whole map.
 
     Returns:
-        Tensor: (R, C, PH, PW), equal to torchvision's output; a view of ``out`` when given.
+        Tensor: (R, C, PH, PW), equal to torchvision's output (on the map cut to each ROI's
+        limits); a view of ``out`` when given.
     """
     n, channels, height, width = feature.shape
     pooled_h, pooled_w = output_size
@@ -112,9 +124,13 @@ def sparse_table_roi_pool(
     result = out.permute(0, 3, 1, 2)
     if len(rois) == 0 or channels == 0:
         return result
+    if limits is not None:
+        limits = limits.cpu()
+        height, width = limits[:, 0], limits[:, 1]
     hstart, hend, wstart, wend = roi_pool_bins(
         rois[:, 1:].cpu(), spatial_scale, output_size, height, width
     )
+    width = feature.shape[3]
     rows = out.view(len(rois), pooled_h * pooled_w, channels)
     batch_index = rois[:, 0].long().cpu()
     if n == 1 or bool((batch_index == batch_index[0]).all()):
@@ -307,7 +323,11 @@ class IONROIPool(nn.Module):
         )
 
     def forward(
-        self, x: List[Tensor], box_lists: List[Boxes], out: Optional[Tensor] = None
+        self,
+        x: List[Tensor],
+        box_lists: List[Boxes],
+        out: Optional[Tensor] = None,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tensor:
         """
         Args:
@@ -315,6 +335,13 @@ class IONROIPool(nn.Module):
             box_lists (list[Boxes]): the N images' boxes, in input-image coordinates.
             out (Tensor or None): (R, output_size, output_size, C) to write the result into
                 (without autograd); None: a new tensor.
+            image_sizes (list[tuple[int, int]] or None): (h, w) of each image before padding.
+                Given, a box pools only its image's valid cells
+                (:func:`~ion_d2.modeling.padding.valid_cell_counts`), as it would on the image
+                alone with no padding: a box reaching the image's border rounds its last bin
+                one cell past it (``round(72 / 16)`` = 5 of 5 valid rows), into the batch's
+                padding, whose zeros would win the max over negative features (a linear
+                context output). None: the whole map, as ``torchvision.ops.roi_pool``.
 
         Returns:
             Tensor: (R, C, output_size, output_size) for the R boxes of all images (a view of
@@ -329,12 +356,41 @@ class IONROIPool(nn.Module):
                 "feature maps; expected one per image."
             )
         rois = convert_boxes_to_pooler_format(box_lists)
+        counts = self._valid_counts(feature, image_sizes)
         if self.use_sparse_table(feature):
+            limits = None
+            if counts is not None:
+                limits = counts.cpu().repeat_interleave(
+                    torch.tensor([len(b) for b in box_lists]), 0
+                )
             return sparse_table_roi_pool(
-                feature, rois, self.spatial_scale, self.output_size, out=out
+                feature, rois, self.spatial_scale, self.output_size, out=out, limits=limits
             )
+        if counts is not None:
+            # The padding cannot win a max; a bin that holds nothing else is empty (0), as one
+            # clipped away. torchvision's kernel starts each max at -FLT_MAX, so such a bin
+            # gives -FLT_MAX (and no gradient).
+            valid = valid_cell_mask(counts, feature.shape[2], feature.shape[3])
+            feature = feature.masked_fill(~valid, float("-inf"))
         pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+        if counts is not None:
+            pooled = pooled.masked_fill(pooled <= torch.finfo(pooled.dtype).min, 0.0)
         if out is None:
             return pooled
         out.copy_(pooled.permute(0, 2, 3, 1))
         return out.permute(0, 3, 1, 2)
+
+    def _valid_counts(
+        self, feature: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]]
+    ) -> Optional[Tensor]:
+        """Each image's valid (rows, columns) of ``feature``; None when all fill the map."""
+        if image_sizes is None:
+            return None
+        stride = int(round(1.0 / self.spatial_scale))
+        height, width = feature.shape[2], feature.shape[3]
+        counts = valid_cell_counts(image_sizes, stride, height, width, feature.device)
+        if torch.jit.is_tracing():
+            return counts  # the traced sizes vary: always masked
+        if bool((counts[:, 0] == height).all()) and bool((counts[:, 1] == width).all()):
+            return None
+        return counts

@@ -1,7 +1,7 @@
 """Skip pooling: ION's multi-layer ROI descriptor (section 3.1, Figure 1, Tables 4-5)."""
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -257,13 +257,17 @@ class IONSkipPooler(nn.Module):
 
     @torch.no_grad()
     def pooled_norm_sums(
-        self, x: List[torch.Tensor], box_lists: List[Boxes], chunk: int = 512
+        self,
+        x: List[torch.Tensor],
+        box_lists: List[Boxes],
+        chunk: int = 512,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """
         Section 5.2's measurement: each feature pooled (before normalisation) over the boxes.
 
         Args:
-            x, box_lists: as :meth:`forward`.
+            x, box_lists, image_sizes: as :meth:`forward`.
             chunk (int): boxes pooled at once, to bound memory.
 
         Returns:
@@ -276,8 +280,9 @@ class IONSkipPooler(nn.Module):
         for i, boxes in enumerate(box_lists):
             for start in range(0, len(boxes), chunk):
                 part = [boxes[start : start + chunk]]
+                size = None if image_sizes is None else [image_sizes[i]]
                 for k, (pooler, feature) in enumerate(zip(self.poolers, x)):
-                    pooled = pooler([feature[i : i + 1]], part).double()
+                    pooled = self._pool(pooler, feature[i : i + 1], part, size).double()
                     roi[k] += pooled.flatten(1).norm(dim=1).sum()
                     location[k] += pooled.norm(dim=1).mean(dim=(1, 2)).sum()
         return roi, location, sum(len(b) for b in box_lists)
@@ -311,11 +316,21 @@ class IONSkipPooler(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+    def forward(
+        self,
+        x: List[torch.Tensor],
+        box_lists: List[Boxes],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> torch.Tensor:
         """
         Args:
             x (list[Tensor]): one (N, C_i, H_i, W_i) feature map per input shape.
             box_lists (list[Boxes]): the N images' boxes, in input-image coordinates.
+            image_sizes (list[tuple[int, int]] or None): (h, w) of each image before padding:
+                max pooling (:class:`IONROIPool`) then reads only each image's valid cells, so
+                a box's descriptor does not depend on the batch's padding (see
+                :meth:`IONROIPool.forward`). IONROIHeads passes them; None (Detectron2's
+                callers, e.g. Res5ROIHeads): the whole padded map.
 
         Returns:
             Tensor: (R, out_channels, output_size, output_size) for the R boxes of all images.
@@ -337,8 +352,11 @@ class IONSkipPooler(nn.Module):
         # Not while tracing: the fused path sizes its buffer from the number of boxes, which a
         # trace would keep as a constant.
         if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
-            return self._fused_inference(x, box_lists)
-        pooled = [pooler([feature], box_lists) for pooler, feature in zip(self.poolers, x)]
+            return self._fused_inference(x, box_lists, image_sizes)
+        pooled = [
+            self._pool(pooler, feature, box_lists, image_sizes)
+            for pooler, feature in zip(self.poolers, x)
+        ]
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
         if self.scale is not None:
             out = out * self.scale[None, :, None, None]
@@ -347,7 +365,15 @@ class IONSkipPooler(nn.Module):
             out = self.reduce(out)
         return out
 
-    def _fused_inference(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+    @staticmethod
+    def _pool(pooler: nn.Module, feature: torch.Tensor, box_lists, image_sizes) -> torch.Tensor:
+        if isinstance(pooler, IONROIPool):
+            return pooler([feature], box_lists, image_sizes=image_sizes)
+        return pooler([feature], box_lists)
+
+    def _fused_inference(
+        self, x: List[torch.Tensor], box_lists: List[Boxes], image_sizes=None
+    ) -> torch.Tensor:
         """
         :meth:`forward` at inference (eval mode, no gradient: no dropout, outputs written in
         place) in fewer passes over the R x C x 7 x 7 descriptors: each feature is pooled
@@ -367,7 +393,7 @@ class IONSkipPooler(nn.Module):
             end = start + width
             target = concat[..., start:end]
             if isinstance(pooler, IONROIPool):
-                pooler([feature], box_lists, out=target)
+                pooler([feature], box_lists, out=target, image_sizes=image_sizes)
             else:
                 target.copy_(pooler([feature], box_lists).permute(0, 2, 3, 1))
             scale = None if self.scale is None else self.scale[start:end]
