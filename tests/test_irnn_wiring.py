@@ -184,23 +184,20 @@ def _configs(pattern):
     return sorted(glob.glob(os.path.join(REPO, "configs", pattern), recursive=True))
 
 
-def test_which_presets_use_which_wiring():
-    # Detectron2's defaults with ION's keys (what a drop-in user gets): Figure 3's wiring, since
-    # 0.2.0. Checkpoints written before the key existed (per_layer, their config dumps without
-    # WIRING) load by their keys (tests/test_checkpoint_compat.py).
+def test_every_preset_uses_the_papers_wiring():
+    # Detectron2's defaults with ION's keys (what a drop-in user gets) and every preset, the
+    # synthetic ones included since 0.2.0: Figure 3's wiring. Checkpoints written before the key
+    # existed (per_layer, their config dumps without WIRING) load by their keys
+    # (tests/test_checkpoint_compat.py).
     assert ion_cfg().MODEL.ION.CONTEXT.IRNN.WIRING == "paper"
-    synthetic = _configs("*VGG16_synthetic*.yaml") + _configs("ION_VGG16_tiny_cpu.yaml")
-    assert len(synthetic) == 3
-    paper = [p for p in _configs("**/*.yaml") if p not in synthetic]
-    assert len(paper) > 60
-    for path in synthetic:
-        assert load_cfg(path).MODEL.ION.CONTEXT.IRNN.WIRING == "per_layer", path
-    for path in paper:
+    presets = _configs("**/*.yaml")
+    assert len(presets) > 60
+    for path in presets:
         assert load_cfg(path).MODEL.ION.CONTEXT.IRNN.WIRING == "paper", path
 
 
 def test_per_layer_weights_from_a_seed_are_those_before_the_paper_wiring():
-    """The synthetic configs' numerics: a seed gives the per-layer convs the weights it gave
+    """Earlier synthetic runs' numerics: a seed gives the per-layer convs the weights it gave
     before the wiring key (both convs built, then both filled)."""
     torch.manual_seed(0)
     model = _irnn("per_layer", 4, 3, RECURRENT="removed")
@@ -219,6 +216,7 @@ def test_detectron2_checkpointer_refuses_the_other_wiring(tmp_path):
     with only a warning): a per-layer model's checkpoint into a paper-wiring model stops."""
     tiny = os.path.join(REPO, "configs", "ION_VGG16_tiny_cpu.yaml")
     cfg = load_cfg(tiny)
+    cfg.MODEL.ION.CONTEXT.IRNN.WIRING = "per_layer"
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("per_layer")
     cfg.MODEL.ION.CONTEXT.IRNN.WIRING = "paper"
     with pytest.raises(ValueError, match="'per_layer' wiring.*MODEL.ION.CONTEXT.IRNN.WIRING"):

@@ -64,12 +64,12 @@ def weights(tmp_path_factory):
 REFUSED = {
     "": r"^No weights to load \(MODEL.WEIGHTS is empty.*random initial weights.*"
     r"MODEL.ION.ALLOW_PARTIAL_WEIGHTS True",
-    "r50_fpn": r"r50_fpn.pth does not match the model: 40 of the model's 57 keys are not in it "
-    r"\(backbone.conv1_1.weight, backbone.conv1_1.bias, backbone.conv1_2.weight, \.\.\. \(37 "
+    "r50_fpn": r"r50_fpn.pth does not match the model: 38 of the model's 55 keys are not in it "
+    r"\(backbone.conv1_1.weight, backbone.conv1_1.bias, backbone.conv1_2.weight, \.\.\. \(35 "
     r"more\)\); 276 of its keys are not the model's \(backbone.fpn_lateral2.weight, .*\); 14 "
     r"have another shape \(proposal_generator.rpn_head.conv.weight: \(8, 8, 3, 3\) in the file, "
     r"\(64, 64, 3, 3\) in the model; .*MODEL.ION.ALLOW_PARTIAL_WEIGHTS True",
-    "wider": r"wider.pth does not match the model: 39 have another shape "
+    "wider": r"wider.pth does not match the model: 36 have another shape "
     r"\(backbone.conv1_1.weight: \(16, 3, 3, 3\) in the file, \(8, 3, 3, 3\) in the model; ",
     "nan": r"nan.pth holds NaN or inf in 2 tensors: backbone.conv3_3.bias \(1 inf of 32 values\), "
     r"roi_heads.box_predictor.cls_score.weight \(1 NaN of 448 values\)",

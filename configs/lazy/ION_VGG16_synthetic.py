@@ -24,7 +24,6 @@ model.backbone_per_image_train = False
 model.unresized_test_max_size = 1000
 
 model.heads.context.hidden_dim = 64
-model.heads.context.wiring = "per_layer"
 # No dropout anywhere: the paper's "D" setting.
 model.heads.context.concat_dropout = 0.0
 # background + 6 things + road, water, moon
