@@ -95,6 +95,18 @@ VARIANTS: Dict[str, Variant] = {
         {"MODEL.ION.CONTEXT.IRNN.RECURRENT": "removed", "MODEL.ION.BOX_VOTING.ENABLED": True},
         inference_only=True,
     ),
+    # Round 2 on the 100 proposals of highest round-1 class score only (not a paper setting).
+    "ion_whh_removed_box_voting_top100": Variant(
+        "vote top100",
+        True,
+        "ION, Whh removed, box voting whose round 2 scores the top 100 proposals (RESCORE_TOPK)",
+        {
+            "MODEL.ION.CONTEXT.IRNN.RECURRENT": "removed",
+            "MODEL.ION.BOX_VOTING.ENABLED": True,
+            "MODEL.ION.BOX_VOTING.RESCORE_TOPK": 100,
+        },
+        inference_only=True,
+    ),
     # Fast R-CNN's truncated SVD (section 3.1: fc6 at rank 1024, fc7 at rank 256): approximate,
     # so not part of the "same results" comparison; timed for what it buys.
     "ion_whh_removed_svd": Variant(
@@ -828,6 +840,13 @@ INFERENCE_TARGETS = [
     ("IRNN context / trunk time, Whh removed", "ion_whh_removed", "context_share", 0.04),
     # What box voting adds: its total minus Whh removed's (round 2 and the voting itself).
     ("box voting's added time / baseline", "ion_whh_removed_box_voting", "voting_added", 0.35),
+    # Issue 27's target for the cheaper option: round 2 on the top 100 proposals only.
+    (
+        "box voting (RESCORE_TOPK 100) added time / baseline",
+        "ion_whh_removed_box_voting_top100",
+        "voting_added",
+        0.25,
+    ),
     # The same with truncated SVD in both (approximate: Fast R-CNN reports -0.3 mAP).
     (
         "box voting's added time / baseline, both with SVD",
@@ -848,7 +867,8 @@ def evaluate_targets(inference: List[Dict], training: Optional[Dict]) -> List[Di
             targets.append(_target(f"{description} ({where})", value, limit))
     if training is not None:
         value = training["variants"].get("ion_whh_learned", {}).get("ratio_to_baseline")
-        targets.append(_target("training step, ION Whh learned / baseline", value, 1.4))
+        # Issue 27: a training step at most 1.35x the baseline's (was 1.4x).
+        targets.append(_target("training step, ION Whh learned / baseline", value, 1.35))
     return targets
 
 

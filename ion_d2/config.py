@@ -222,6 +222,13 @@ def add_ion_config(cfg: CN) -> None:
     # regression and 1.15s per image with it" (section 4.2), suggests one extra pass over the
     # ROIs, i.e. "top_class".
     _C.MODEL.ION.BOX_VOTING.RESCORE = "top_class"
+    # How many of each image's proposals the second round scores: the k whose best first-round
+    # class score (background excluded) is highest. 0: every proposal, as the paper ("the
+    # improved locations are passed again through the network", section 4.2). Not a paper
+    # setting: it makes the second round's cost k / R of the paper's (0.57x the baseline's time
+    # with 1000 boxes, docs/BENCHMARKS.md "Speed"); a proposal outside the top k keeps its
+    # first-round box and score as a candidate. docs/BENCHMARKS.md measures its AP on the demo.
+    _C.MODEL.ION.BOX_VOTING.RESCORE_TOPK = 0
 
     # ---------------------------------------------------------------------------------------
     # Evaluation.

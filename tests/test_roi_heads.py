@@ -284,11 +284,12 @@ def test_box_voting_with_zero_score_weights_keeps_the_box():
     assert any(torch.equal(result.pred_boxes.tensor[0], b) for b in boxes)
 
 
-def _voting_heads(rescore, agnostic=False):
+def _voting_heads(rescore, agnostic=False, topk=0):
     torch.manual_seed(0)
     cfg = _cfg()
     cfg.MODEL.ION.BOX_VOTING.ENABLED = True
     cfg.MODEL.ION.BOX_VOTING.RESCORE = rescore
+    cfg.MODEL.ION.BOX_VOTING.RESCORE_TOPK = topk
     cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = agnostic
     heads = build_roi_heads(cfg, _shapes())
     heads.eval()
@@ -342,6 +343,19 @@ def test_box_voting_candidates_against_a_box_by_box_computation(rescore):
                 assert scores[i][num + r, 3] == 0.0
 
 
+def _voted(heads, boxes, scores):
+    """:func:`box_voting_inference` of the candidates with ``heads``' test settings."""
+    return box_voting_inference(
+        boxes,
+        scores,
+        [IMAGE, IMAGE],
+        score_thresh=0.0,
+        nms_thresh=heads.box_predictor.test_nms_thresh,
+        topk_per_image=heads.box_predictor.test_topk_per_image,
+        vote_iou=0.5,
+    )
+
+
 def test_per_class_rescoring_changes_the_detections_and_equals_voting_its_candidates():
     features, proposals = _features(), _proposals()
     top, per = _voting_heads("top_class"), _voting_heads("per_class")
@@ -350,15 +364,7 @@ def test_per_class_rescoring_changes_the_detections_and_equals_voting_its_candid
         top_results, _ = top(_images(), features, proposals, None)
         per_results, _ = per(_images(), features, proposals, None)
         boxes, scores = per.box_voting_candidates(features, proposals)
-    expected = box_voting_inference(
-        boxes,
-        scores,
-        [IMAGE, IMAGE],
-        score_thresh=0.0,
-        nms_thresh=per.box_predictor.test_nms_thresh,
-        topk_per_image=per.box_predictor.test_topk_per_image,
-        vote_iou=0.5,
-    )
+    expected = _voted(per, boxes, scores)
     for got, want in zip(per_results, expected):
         assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
         assert torch.equal(got.scores, want.scores)
@@ -380,9 +386,46 @@ def test_per_class_rescoring_with_class_agnostic_boxes_is_top_class():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("rescore", ["top_class", "per_class"])
+def test_rescore_topk_scores_again_only_the_top_k_proposals(rescore):
+    """RESCORE_TOPK k: round 1 as before; round 2's rows are the full round 2's rows of the k
+    proposals with the highest round-1 class score, in proposal order."""
+    features, proposals = _features(), _proposals()
+    full = _voting_heads(rescore)
+    k = 2
+    top = _voting_heads(rescore, topk=k)
+    top.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        boxes, scores = full.box_voting_candidates(features, proposals)
+        top_boxes, top_scores = top.box_voting_candidates(features, proposals)
+        results, _ = top(_images(), features, proposals, None)
+    for i, p in enumerate(proposals):
+        num = len(p)
+        assert num > k
+        picked = scores[i][:num, :-1].max(dim=1).values.argsort(descending=True)[:k].sort().values
+        assert top_boxes[i].shape[0] == top_scores[i].shape[0] == num + k
+        assert torch.equal(top_boxes[i][:num], boxes[i][:num])
+        assert torch.allclose(top_boxes[i][num:], boxes[i][num + picked], atol=1e-4)
+        assert torch.allclose(top_scores[i][num:], scores[i][num + picked], atol=1e-6)
+    expected = _voted(top, top_boxes, top_scores)
+    for got, want in zip(results, expected):
+        assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+    # k at least the number of proposals: the paper's round 2.
+    every = _voting_heads(rescore, topk=100)
+    every.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        for x, y in zip(every.box_voting_candidates(features, proposals)[0], boxes):
+            assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize(
     "key,value,match",
-    [("RESCORE", "all", r"RESCORE='all'.*top_class"), ("IOU_THRESH", 1.5, r"IOU_THRESH=1.5")],
+    [
+        ("RESCORE", "all", r"RESCORE='all'.*top_class"),
+        ("IOU_THRESH", 1.5, r"IOU_THRESH=1.5"),
+        ("RESCORE_TOPK", -1, r"RESCORE_TOPK=-1 is invalid; expected an int >= 0"),
+        ("RESCORE_TOPK", 100, r"RESCORE_TOPK=100 only acts with.*ENABLED True"),
+    ],
 )
 def test_bad_box_voting_settings_raise(key, value, match):
     cfg = _cfg()

@@ -71,6 +71,7 @@ class IONROIHeads(StandardROIHeads):
         box_voting: bool = False,
         box_voting_iou: float = 0.5,
         box_voting_rescore: str = "top_class",
+        box_voting_rescore_topk: int = 0,
         **kwargs,
     ):
         """
@@ -80,6 +81,8 @@ class IONROIHeads(StandardROIHeads):
             box_voting_iou (float): IoU in [0, 1] from which a box votes on a kept box.
             box_voting_rescore (str): which regressed boxes the second round scores, one of
                 :data:`RESCORE_MODES` (see :meth:`box_voting_candidates`).
+            box_voting_rescore_topk (int): the second round scores only the k proposals per
+                image with the highest first-round class score; 0: all of them (the paper).
             kwargs: see :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
@@ -93,7 +96,22 @@ class IONROIHeads(StandardROIHeads):
                 f"MODEL.ION.BOX_VOTING.IOU_THRESH={box_voting_iou} is not an IoU; expected a "
                 "value in [0, 1] (section 4.2: 0.5; 0.85 for COCO, section 4.4)."
             )
+        if (
+            isinstance(box_voting_rescore_topk, bool)
+            or not isinstance(box_voting_rescore_topk, int)
+            or box_voting_rescore_topk < 0
+        ):
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.RESCORE_TOPK={box_voting_rescore_topk!r} is invalid; "
+                "expected an int >= 0 (0: the second round scores every proposal, the paper)."
+            )
+        if box_voting_rescore_topk and not box_voting:
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.RESCORE_TOPK={box_voting_rescore_topk} only acts with box "
+                "voting's second round; set MODEL.ION.BOX_VOTING.ENABLED True, or RESCORE_TOPK 0."
+            )
         self.box_voting = box_voting
+        self.box_voting_rescore_topk = box_voting_rescore_topk
         self.box_voting_iou = box_voting_iou
         self.box_voting_rescore = box_voting_rescore
 
@@ -104,6 +122,7 @@ class IONROIHeads(StandardROIHeads):
         ret["box_voting"] = voting.ENABLED
         ret["box_voting_iou"] = voting.IOU_THRESH
         ret["box_voting_rescore"] = voting.RESCORE
+        ret["box_voting_rescore_topk"] = voting.RESCORE_TOPK
         return ret
 
     @classmethod
@@ -163,7 +182,9 @@ class IONROIHeads(StandardROIHeads):
         """
         Section 4.2's two rounds of box regression, before NMS: the proposals are scored and
         regressed (round 1), the regressed boxes are clipped to the image and scored and
-        regressed again (round 2). Which regressed boxes round 2 scores is
+        regressed again (round 2). Round 2 takes every proposal, or with
+        ``box_voting_rescore_topk`` k > 0 only the k per image whose best round-1 class score
+        (background excluded) is highest. Which of their regressed boxes it scores is
         ``box_voting_rescore``:
 
         * "top_class": each proposal's box for its top-scoring class, with that pass's scores
@@ -177,8 +198,9 @@ class IONROIHeads(StandardROIHeads):
             proposals (list[Instances]): per image, the R proposals in "proposal_boxes".
 
         Returns:
-            tuple[list[Tensor], list[Tensor]]: per image, the boxes (2R, K * 4) or (2R, 4) and
-            softmax scores (2R, K + 1) of round 1 (first R rows) and round 2, in the input
+            tuple[list[Tensor], list[Tensor]]: per image, the boxes (R + R2, K * 4) or
+            (R + R2, 4) and softmax scores (R + R2, K + 1) of round 1 (first R rows) and round 2
+            (R2 = R, or min(k, R) with ``box_voting_rescore_topk``), in the input
             image's coordinates. In "per_class" mode round 2's background column is 0 (each of
             its scores comes from a different box).
         """
@@ -189,14 +211,30 @@ class IONROIHeads(StandardROIHeads):
         scores1 = predictor.predict_probs(predictions, proposals)
         image_sizes = [p.image_size for p in proposals]
         num_reg_classes = boxes1[0].shape[1] // 4
+        rescored = self._rescored(scores1)
+        boxes_in = [b[i] for b, i in zip(boxes1, rescored)]
         if self.box_voting_rescore == "per_class" and num_reg_classes > 1:
-            boxes2, scores2 = self._rescore_per_class(features, boxes1, image_sizes)
+            boxes2, scores2 = self._rescore_per_class(features, boxes_in, image_sizes)
         else:
-            boxes2, scores2 = self._rescore_top_class(features, boxes1, scores1, image_sizes)
+            scores_in = [s[i] for s, i in zip(scores1, rescored)]
+            boxes2, scores2 = self._rescore_top_class(features, boxes_in, scores_in, image_sizes)
         return (
             [cat([b1, b2]) for b1, b2 in zip(boxes1, boxes2)],
             [cat([s1, s2]) for s1, s2 in zip(scores1, scores2)],
         )
+
+    def _rescored(self, scores1: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per image, the indices of the proposals round 2 scores (all, or the top k)."""
+        k = self.box_voting_rescore_topk
+        picked = []
+        for scores in scores1:
+            if k == 0 or k >= len(scores):
+                picked.append(torch.arange(len(scores), device=scores.device))
+            else:
+                # In proposal order, so that round 2's rows keep round 1's relative order.
+                top = scores[:, :-1].max(dim=1).values.topk(k).indices
+                picked.append(top.sort().values)
+        return picked
 
     def _run_box_head(self, features: List[torch.Tensor], proposals: List[Instances]):
         """
