@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 export ION_D2_VENV := $(VENV)
 # `make compare PROPOSALS=ss`: the comparison on selective-search proposals instead of an RPN.
 PROPOSALS ?= rpn
-# `make bench BENCH_ARGS="--quick"`: options for benchmarks/bench_ion.py (see its --help).
+# `make bench BENCH_ARGS="--quick"`: options for benchmarks/bench_ion.py (see its --help); then
+# benchmarks/bench_train_step.py times a training step on the bundled data.
 BENCH_ARGS ?=
 # `make gate GATE_ARGS="--seeds 1 2"`: options for benchmarks/accuracy_gate.py (see its --help).
 GATE_ARGS ?=
@@ -28,6 +29,7 @@ compare: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ion.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_train_step.py
 
 gate: setup
 	$(PY) benchmarks/accuracy_gate.py $(GATE_ARGS)
