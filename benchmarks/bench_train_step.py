@@ -9,13 +9,18 @@ backward of their sum; no optimizer step) of each model, the two alternated batc
 ``--rounds`` rounds after a warm-up. It prints the median seconds per step of each model and
 their ratio (issue 27's target: ION at most 1.35x), the machine and the threads. With
 ``--profile`` it also prints the operators of ION's step by self CPU time (torch.profiler, one
-round), with their call counts.
+round), with their call counts. With ``--against DIR`` it times another checkout's ion_d2
+(e.g. a ``git worktree`` of the parent commit) against this one: the two run in turn, each in
+its own process, ``--alternations`` times, and it prints each one's median ION and baseline
+step and the ratio of ION's steps (speed work's before/after, measured in one run).
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -89,6 +94,39 @@ def _profile(model: torch.nn.Module, batches: List[List[dict]], rows: int) -> No
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def _against(args) -> int:
+    """This checkout's ion_d2 against ``args.against``'s, alternated process by process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    codes = {"this": os.path.dirname(here), "other": os.path.abspath(args.against)}
+    medians = {name: {"ion": [], "baseline": []} for name in codes}
+    for _ in range(args.alternations):
+        for name, root in codes.items():
+            env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            cmd = [sys.executable, os.path.abspath(__file__), "--json"]
+            cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
+            cmd += ["--batches", str(args.batches), "--seed", str(args.seed)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if not result["ion_d2"].startswith(root):
+                raise SystemExit(f"{name}: imported ion_d2 from {result['ion_d2']}, not {root}")
+            for model in ("ion", "baseline"):
+                medians[name][model].append(statistics.median(result["seconds"][model]))
+    print(
+        f"This checkout ({codes['this']}) against {codes['other']}, {args.alternations} "
+        f"alternations of {args.rounds} rounds x {args.batches} batches, {args.threads} threads:"
+    )
+    for name in codes:
+        m = {k: statistics.median(v) for k, v in medians[name].items()}
+        runs = ", ".join(f"{v:.3f}" for v in medians[name]["ion"])
+        print(
+            f"  {name:<6} ION {m['ion']:.3f} s (runs {runs}), baseline {m['baseline']:.3f} s, "
+            f"ION / baseline {m['ion'] / m['baseline']:.2f}x"
+        )
+    this, other = (statistics.median(medians[n]["ion"]) for n in codes)
+    print(f"  ION's step, this / other: {this / other:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -97,10 +135,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also profile ION's step")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--against", metavar="DIR", help="another checkout to time against")
+    parser.add_argument("--alternations", type=int, default=3, help="with --against")
+    parser.add_argument("--json", action="store_true", help="print only the seconds, as JSON")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.batches < 1 or args.threads < 1:
-        raise SystemExit("--rounds, --batches and --threads must be at least 1.")
+    if args.rounds < 1 or args.batches < 1 or args.threads < 1 or args.alternations < 1:
+        raise SystemExit("--rounds, --batches, --threads and --alternations must be at least 1.")
+    if args.against:
+        return _against(args)
     seconds = measure(args)
+    if args.json:
+        import ion_d2
+
+        print(json.dumps({"seconds": seconds, "ion_d2": os.path.dirname(ion_d2.__file__)}))
+        return 0
     median = {name: statistics.median(v) for name, v in seconds.items()}
     print(
         f"Training step on the bundled data (benchmarks/bench_train_step.py): "
