@@ -9,7 +9,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX, IONSkipPooler, l2_normalize_rois
+from ion_d2.modeling.normalize_concat import l2_normalize_rois
+from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX, IONSkipPooler
 
 SHAPES = [
     ShapeSpec(channels=3, stride=4),

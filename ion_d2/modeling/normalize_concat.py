@@ -1,5 +1,7 @@
 """
-Section 3.1's "L2-normalized, concatenated, re-scaled" in training: one autograd function.
+Section 3.1's "L2-normalized, concatenated, re-scaled": :func:`l2_normalize_rois` (Table 5's
+modes) and, for training, :func:`normalize_scale_concat`, the "roi" mode with the scale and the
+concatenation as one autograd function.
 
 The plain computation, per pooled feature ``p`` (R, C, H, W) with per-ROI norm ``n = ||p||``
 (over C x H x W, clamped at ``eps``), is ``concat_i(p_i / n_i) * scale``: autograd then keeps
@@ -18,10 +20,38 @@ equal to autograd's up to float rounding (tests/test_skip_pooling.py checks both
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["normalize_scale_concat"]
+__all__ = ["NORM_EPS", "NORM_MODES", "l2_normalize_rois", "normalize_scale_concat"]
+
+NORM_MODES = ("roi", "location", "none")
+# Smallest norm an L2 normalisation divides by (every path uses it).
+NORM_EPS = 1e-12
+
+
+def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = NORM_EPS) -> torch.Tensor:
+    """
+    L2-normalise pooled ROI features (Table 5).
+
+    Args:
+        x (Tensor): pooled features of shape (R, C, H, W).
+        mode (str): "roi" divides each ROI by the norm of all its C x H x W entries (the
+            paper's default, "sum over all entries"); "location" divides each spatial cell by
+            the norm of its C channels (ParseNet, "sum across channels"); "none" returns x.
+
+    Returns:
+        Tensor: same shape as x.
+    """
+    if mode == "none":
+        return x
+    if mode == "roi":
+        norm = x.flatten(1).norm(dim=1).clamp(min=eps)
+        return x / norm[:, None, None, None]
+    if mode == "location":
+        return F.normalize(x, p=2.0, dim=1, eps=eps)
+    raise ValueError(f"Unknown L2 normalisation mode {mode!r}; expected one of {NORM_MODES}.")
 
 
 def normalize_scale_concat(pooled: List[Tensor], scale: Tensor, eps: float) -> Tensor:

@@ -5,23 +5,20 @@ from typing import List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
 from .feature_order import decode_feature_order, encode_feature_order
-from .normalize_concat import normalize_scale_concat
+from .normalize_concat import NORM_EPS, NORM_MODES, l2_normalize_rois, normalize_scale_concat
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
 
 __all__ = [
     "IONSkipPooler",
-    "l2_normalize_rois",
     "encode_feature_order",
     "decode_feature_order",
-    "NORM_MODES",
     "SCALE_MODES",
     "MEASURE_SCALE",
     "PENDING_SCALE_FIX",
@@ -31,14 +28,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NORM_MODES = ("roi", "location", "none")
 SCALE_MODES = ("learned", "fixed")
 # Mean norms of conv5 features pooled by Fast R-CNN on the training set (section 5.2).
 _DEFAULT_SCALE = {"roi": 1000.0, "location": 130.0}
 # scale_init asking for the scale to be measured (MODEL.ION.SKIP_POOL.SCALE_INIT -1).
 MEASURE_SCALE = -1.0
-# Smallest norm an L2 normalisation divides by (both forward paths use it).
-_NORM_EPS = 1e-12
 
 
 # What a trainer other than IONTrainer and tools/lazyconfig_train_net.py adds to measure a
@@ -79,29 +73,6 @@ def check_scale_init(roi_heads: nn.Module, backbone: nn.Module) -> None:
         "(measure the mean pooled norm of MODEL.ION.CONTEXT.IN_FEATURE on the training set) or "
         "to a value > 0 measured for these features (tools/measure_roi_norms.py)."
     )
-
-
-def l2_normalize_rois(x: torch.Tensor, mode: str, eps: float = _NORM_EPS) -> torch.Tensor:
-    """
-    L2-normalise pooled ROI features (Table 5).
-
-    Args:
-        x (Tensor): pooled features of shape (R, C, H, W).
-        mode (str): "roi" divides each ROI by the norm of all its C x H x W entries (the
-            paper's default, "sum over all entries"); "location" divides each spatial cell by
-            the norm of its C channels (ParseNet, "sum across channels"); "none" returns x.
-
-    Returns:
-        Tensor: same shape as x.
-    """
-    if mode == "none":
-        return x
-    if mode == "roi":
-        norm = x.flatten(1).norm(dim=1).clamp(min=eps)
-        return x / norm[:, None, None, None]
-    if mode == "location":
-        return F.normalize(x, p=2.0, dim=1, eps=eps)
-    raise ValueError(f"Unknown L2 normalisation mode {mode!r}; expected one of {NORM_MODES}.")
 
 
 class IONSkipPooler(nn.Module):
@@ -360,7 +331,7 @@ class IONSkipPooler(nn.Module):
         ]
         if self.norm == "roi" and self.scale is not None and not torch.jit.is_tracing():
             # The same computation in fewer passes (a Python function a trace cannot keep).
-            out = normalize_scale_concat(pooled, self.scale, _NORM_EPS)
+            out = normalize_scale_concat(pooled, self.scale, NORM_EPS)
         else:
             out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
             if self.scale is not None:
@@ -392,7 +363,7 @@ class IONSkipPooler(nn.Module):
         channels = [feature.shape[1] for feature in x]
         size = self.output_size
         concat = x[0].new_empty(num, size, size, sum(channels))
-        eps = _NORM_EPS
+        eps = NORM_EPS
         start = 0
         for pooler, feature, width in zip(self.poolers, x, channels):
             end = start + width
