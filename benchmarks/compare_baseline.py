@@ -100,13 +100,16 @@ def main():
         context_classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("context_classes", [])
         rows[label] = summarise(results["bbox"], context_classes)
         rows[label].update({k: v for k, v in results["bbox"].items() if k.startswith("AP-")})
+        pairs = results.get("context_pairs", {})
+        rows[label].update({f"% {k}": v for k, v in pairs.items() if not k.endswith("objects")})
 
     base, ion = (rows[m[0]] for m in MODELS)
     keys = ["AP", "AP50", "APs", "AP context classes"]
     keys += sorted(k for k in ion if k.startswith("AP-"))
-    lines = [f"{'':<22}" + "".join(f"{k:>20}" for k in ("baseline", "ION", "ION - baseline"))]
+    keys += [k for k in ion if k.startswith("% ")]  # ContextPairEvaluator's, per pair
+    lines = [f"{'':<26}" + "".join(f"{k:>18}" for k in ("baseline", "ION", "ION - baseline"))]
     for k in keys:
-        lines.append(f"{k:<22}{base[k]:>20.2f}{ion[k]:>20.2f}{ion[k] - base[k]:>+20.2f}")
+        lines.append(f"{k:<26}{base[k]:>18.2f}{ion[k]:>18.2f}{ion[k] - base[k]:>+18.2f}")
     table = "\n".join(lines)
     json_name = "compare.json" if args.proposals == "rpn" else f"compare_{args.proposals}.json"
     with open(os.path.join(args.output_dir, json_name), "w") as f:

@@ -72,6 +72,16 @@ def format_ap_table(bbox: dict) -> str:
     return "\n".join(lines)
 
 
+def format_pair_table(pairs: dict) -> str:
+    """ContextPairEvaluator's results, one line per pair."""
+    names = [k[: -len(" objects")] for k in pairs if k.endswith(" objects")]
+    return "\n".join(
+        f"{n}: {pairs[n + ' objects']:.0f} objects, {pairs[n + ' found']:.1f} % found, "
+        f"{pairs[n + ' right class']:.1f} % of those given the right class of the pair"
+        for n in names
+    )
+
+
 def plot_losses(metrics_file: str, out_file: str) -> None:
     records = []
     with open(metrics_file) as f:
@@ -217,6 +227,9 @@ def main():
     )
     print(f"\nCOCO bbox AP on {test_name} ({len(test_dicts)} images):")
     print(format_ap_table(bbox))
+    if "context_pairs" in results:
+        print("\nContext pairs (ContextPairEvaluator: found at IoU >= 0.5 by either class):")
+        print(format_pair_table(results["context_pairs"]))
     print("=" * 78)
 
 

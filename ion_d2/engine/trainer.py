@@ -12,7 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -22,7 +22,7 @@ from ..config import check_ion_config
 from ..data.dataset_check import check_test_datasets, check_train_datasets, input_stride
 from ..data.loader import IONTrainLoader, build_ion_train_loader, load_train_dicts, seeded_rngs
 from ..data.mapper import IONDatasetMapper
-from ..evaluation import PascalVOCBySizeEvaluator, PascalVOCComp4Writer
+from ..evaluation import ContextPairEvaluator, PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
 from .launch import create_ddp_model_any_device, unwrap_ddp
@@ -100,6 +100,18 @@ class IONTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """
+        The stock evaluator of the dataset's ``evaluator_type`` and, for a dataset whose
+        metadata names ``context_pairs`` (the bundled data), :class:`ContextPairEvaluator`
+        beside it: per pair, the objects found and the share given the right class.
+        """
+        evaluator = cls._stock_evaluator(cfg, dataset_name, output_folder)
+        if MetadataCatalog.get(dataset_name).get("context_pairs", None):
+            return DatasetEvaluators([evaluator, ContextPairEvaluator(dataset_name)])
+        return evaluator
+
+    @classmethod
+    def _stock_evaluator(cls, cfg, dataset_name, output_folder):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)

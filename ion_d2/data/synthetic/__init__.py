@@ -7,6 +7,7 @@ docs/DATASET.md): constants and palette (:mod:`.meta`), the pure renderer (:mod:
 from .generate import generate_synthetic_dataset, register_ion_synthetic, split_dir_name
 from .meta import (
     CONTEXT_CLASSES,
+    CONTEXT_PAIRS,
     SEM_SEG_CLASSES,
     THING_CLASSES,
     TRAIN_DATASET_NAME,
@@ -16,6 +17,7 @@ from .render import render_sample
 
 __all__ = [
     "CONTEXT_CLASSES",
+    "CONTEXT_PAIRS",
     "SEM_SEG_CLASSES",
     "THING_CLASSES",
     "TRAIN_DATASET_NAME",

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from . import render
 from .meta import (
     CONTEXT_CLASSES,
+    CONTEXT_PAIRS,
     DEFAULT_NUM_TRAIN,
     DEFAULT_NUM_VAL,
     DEFAULT_SEED,
@@ -360,6 +361,7 @@ def _metadata(paths: Dict[str, str], params: Dict[str, Any]) -> Dict[str, Any]:
         stuff_colors=[list(c) for c in SEM_SEG_COLORS],
         num_sem_seg_classes=len(SEM_SEG_CLASSES),
         context_classes=list(CONTEXT_CLASSES),
+        context_pairs=[list(p) for p in CONTEXT_PAIRS],
         json_file=paths["json_file"],
         image_root=paths["image_root"],
         sem_seg_root=paths["sem_seg_root"],

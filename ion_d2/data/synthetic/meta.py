@@ -9,6 +9,7 @@ __all__ = [
     "THING_CLASSES",
     "THING_COLORS",
     "CONTEXT_CLASSES",
+    "CONTEXT_PAIRS",
     "CLASS_GLYPHS",
     "GLYPHS",
     "SCENE_CLASSES",
@@ -63,6 +64,12 @@ GLYPHS = ("vehicle", "orb", "sign", "ring")
 
 #: Scene ("stuff") classes of the label maps, after background and the thing classes.
 SCENE_CLASSES = ("road", "water", "moon")
+#: The pairs of context classes drawn with one glyph (pixel-identical in their boxes), told
+#: apart only by context: (("car", "boat"), ("lamp", "ball")). ContextPairEvaluator reports them.
+CONTEXT_PAIRS = tuple(
+    tuple(c for c in CONTEXT_CLASSES if CLASS_GLYPHS[c] == glyph)
+    for glyph in dict.fromkeys(CLASS_GLYPHS[c] for c in CONTEXT_CLASSES)
+)
 #: Semantic classes of the label maps, index = pixel value: 0 = background (clutter),
 #: 1..6 = thing classes, 7 = road, 8 = water, 9 = moon.
 SEM_SEG_CLASSES = ("background",) + THING_CLASSES + SCENE_CLASSES
