@@ -102,3 +102,21 @@ def test_the_bundled_pairs_and_the_trainers_evaluators(tmp_path):
     assert isinstance(evaluator, DatasetEvaluators)
     kinds = [type(e) for e in evaluator._evaluators]
     assert kinds == [COCOEvaluator, ContextPairEvaluator]
+
+
+def test_demo_prints_one_line_per_pair():
+    from model_utils import load_script
+
+    demo = load_script("tools/run_demo.py")
+    pairs = {
+        "car/boat objects": 317.0,
+        "car/boat found": 76.0252,
+        "car/boat right class": 99.5851,
+        "lamp/ball objects": 212.0,
+        "lamp/ball found": 79.717,
+        "lamp/ball right class": 55.6213,
+    }
+    assert demo.format_pair_table(pairs).splitlines() == [
+        "car/boat: 317 objects, 76.0 % found, 99.6 % of those given the right class of the pair",
+        "lamp/ball: 212 objects, 79.7 % found, 55.6 % of those given the right class of the pair",
+    ]
