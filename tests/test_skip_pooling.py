@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes
 from torchvision.ops import roi_pool
 
-from ion_d2.modeling.normalize_concat import l2_normalize_rois
+from ion_d2.modeling.l2_normalize import l2_normalize_rois
 from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX, IONSkipPooler
 
 SHAPES = [
@@ -252,49 +252,3 @@ def test_a_pending_scale_refuses_to_run_in_training_too():
             pooler(_features(), _boxes())
     pooler.set_scale(7.0)
     assert pooler(_features(), _boxes()).shape == (3, 512, 7, 7)
-
-
-@pytest.mark.parametrize("scale_grad", [True, False])
-def test_fused_normalize_scale_concat_equals_autograd(scale_grad):
-    """normalize_scale_concat against the plain computation (l2_normalize_rois, cat, * scale):
-    values, and the gradients of the pooled features and the scale, a ROI with a zero norm
-    (clamped at eps) included."""
-    from ion_d2.modeling.normalize_concat import normalize_scale_concat
-
-    g = torch.Generator().manual_seed(1)
-    widths = (3, 5, 4)
-    pooled = [torch.randn(6, c, 7, 7, generator=g, dtype=torch.float64) for c in widths]
-    pooled[1][2] = 0.0  # norm below eps
-    scale = (1.0 + torch.rand(sum(widths), generator=g, dtype=torch.float64)) * 10
-    grad = torch.randn(6, sum(widths), 7, 7, generator=g, dtype=torch.float64)
-
-    def run(fused):
-        leaves = [p.clone().requires_grad_(True) for p in pooled]
-        s = scale.clone().requires_grad_(scale_grad)
-        if fused:
-            out = normalize_scale_concat(leaves, s, 1e-12)
-        else:
-            out = torch.cat([l2_normalize_rois(p, "roi") for p in leaves], dim=1) * s[:, None, None]
-        out.backward(grad)
-        return out.detach(), [p.grad for p in leaves], s.grad
-
-    out, grads, grad_scale = run(True)
-    ref, ref_grads, ref_grad_scale = run(False)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert float(grads[1][2].abs().sum()) > 0  # a / eps where the norm is clamped
-    if scale_grad:
-        torch.testing.assert_close(grad_scale, ref_grad_scale, rtol=1e-10, atol=1e-10)
-    else:
-        assert grad_scale is None
-    # And a double-precision gradcheck of the whole function on a small case.
-    small = [
-        torch.randn(2, c, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
-        for c in (2, 3)
-    ]
-    s = torch.rand(5, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda s, a, b: normalize_scale_concat([a, b], s, 1e-12), (s, *small)
-    )

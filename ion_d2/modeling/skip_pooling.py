@@ -11,7 +11,7 @@ from detectron2.structures import Boxes
 from torch import nn
 
 from .feature_order import decode_feature_order, encode_feature_order
-from .normalize_concat import NORM_EPS, NORM_MODES, l2_normalize_rois, normalize_scale_concat
+from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
 
@@ -329,13 +329,9 @@ class IONSkipPooler(nn.Module):
             self._pool(pooler, feature, box_lists, image_sizes)
             for pooler, feature in zip(self.poolers, x)
         ]
-        if self.norm == "roi" and self.scale is not None and not torch.jit.is_tracing():
-            # The same computation in fewer passes (a Python function a trace cannot keep).
-            out = normalize_scale_concat(pooled, self.scale, NORM_EPS)
-        else:
-            out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
-            if self.scale is not None:
-                out = out * self.scale[None, :, None, None]
+        out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
+        if self.scale is not None:
+            out = out * self.scale[None, :, None, None]
         out = self.dropout(out)
         if self.reduce is not None:
             out = self.reduce(out)
