@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.structures import Boxes, BoxMode, Instances
-from model_utils import load_cfg
+from model_utils import load_cfg, synthetic_slice
 
-from ion_d2.data.synthetic import CONTEXT_PAIRS, THING_CLASSES, VAL_DATASET_NAME
+from ion_d2.data.synthetic import CONTEXT_PAIRS, THING_CLASSES
 from ion_d2.engine import IONTrainer
 from ion_d2.evaluation import ContextPairEvaluator
 from ion_d2.evaluation.context_pairs import count_pair_objects
@@ -93,15 +94,25 @@ def test_refuses_datasets_without_or_with_bad_pairs(registered):
         ContextPairEvaluator(registered("ctx_iou", record, context_pairs=[["0", "1"]]), iou=0)
 
 
-def test_the_bundled_pairs_and_the_trainers_evaluators(tmp_path):
+@pytest.mark.parametrize("variant", ["base", "local"])
+def test_the_bundled_pairs_and_the_trainers_evaluators(tmp_path, variant):
     assert CONTEXT_PAIRS == (("car", "boat"), ("lamp", "ball"))
     assert list(THING_CLASSES) == CLASSES
     cfg = load_cfg("configs/ION_VGG16_tiny_cpu.yaml")
     cfg.OUTPUT_DIR = str(tmp_path)
-    evaluator = IONTrainer.build_evaluator(cfg, VAL_DATASET_NAME)
-    assert isinstance(evaluator, DatasetEvaluators)
-    kinds = [type(e) for e in evaluator._evaluators]
-    assert kinds == [COCOEvaluator, ContextPairEvaluator]
+    # A slice of the bundled data under tmp_path, generated (as the trainer's test loader does
+    # before it builds the evaluators, which read its json).
+    prefix = f"ctx_pairs_{variant}"
+    with synthetic_slice(
+        str(tmp_path), num_train=1, num_val=3, name_prefix=prefix, variant=variant
+    ):
+        DatasetCatalog.get(f"{prefix}_val")
+        evaluator = IONTrainer.build_evaluator(cfg, f"{prefix}_val")
+        assert isinstance(evaluator, DatasetEvaluators)
+        kinds = [type(e) for e in evaluator._evaluators]
+        assert kinds == [COCOEvaluator, ContextPairEvaluator]
+        pairs = evaluator._evaluators[1]._names
+    assert pairs == ["car/boat", "lamp/ball"] + (["kite/bird"] if variant == "local" else [])
 
 
 def test_demo_prints_one_line_per_pair():

@@ -8,16 +8,23 @@ from .generate import generate_synthetic_dataset, register_ion_synthetic, split_
 from .meta import (
     CONTEXT_CLASSES,
     CONTEXT_PAIRS,
+    LOCAL_CLASSES,
+    LOCAL_TRAIN_DATASET_NAME,
+    LOCAL_VAL_DATASET_NAME,
     SEM_SEG_CLASSES,
     THING_CLASSES,
     TRAIN_DATASET_NAME,
     VAL_DATASET_NAME,
+    variant_spec,
 )
 from .render import render_sample
 
 __all__ = [
     "CONTEXT_CLASSES",
     "CONTEXT_PAIRS",
+    "LOCAL_CLASSES",
+    "LOCAL_TRAIN_DATASET_NAME",
+    "LOCAL_VAL_DATASET_NAME",
     "SEM_SEG_CLASSES",
     "THING_CLASSES",
     "TRAIN_DATASET_NAME",
@@ -26,4 +33,5 @@ __all__ = [
     "register_ion_synthetic",
     "render_sample",
     "split_dir_name",
+    "variant_spec",
 ]

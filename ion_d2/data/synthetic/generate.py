@@ -15,6 +15,11 @@ classes and the rules' parameters are in :mod:`ion_d2.data.synthetic.meta`.
   most others "medium", a few "large"; objects partially occlude each other and lie among
   clutter.
 * ``sign`` and ``ring`` are told apart by their own shape and colour.
+* Context just outside the box (the "local" variant, registered as
+  :data:`LOCAL_TRAIN_DATASET_NAME` / :data:`LOCAL_VAL_DATASET_NAME` under
+  ``<root>/ion_synth_local``): the same images plus ``kite`` and ``bird``, one glyph, told
+  apart only by a 2-px string from a kite's box outwards, with free strings elsewhere
+  (:mod:`ion_d2.data.synthetic.local`).
 
 docs/DATASET.md states the rules in plain words, with measured statistics.
 
@@ -51,17 +56,13 @@ from tqdm import tqdm
 
 from . import render
 from .meta import (
-    CONTEXT_CLASSES,
-    CONTEXT_PAIRS,
     DEFAULT_NUM_TRAIN,
     DEFAULT_NUM_VAL,
     DEFAULT_SEED,
     GENERATOR_VERSION,
     IGNORE_LABEL,
-    SEM_SEG_CLASSES,
-    SEM_SEG_COLORS,
-    THING_CLASSES,
-    THING_COLORS,
+    VariantSpec,
+    variant_spec,
 )
 from .render import SyntheticSample
 
@@ -92,8 +93,8 @@ def split_dir_name(split: str, num_images: int, seed: int) -> str:
     return f"{split}_n{num_images}_seed{seed}"
 
 
-def _paths(root: str, split: str) -> Dict[str, str]:
-    base = os.path.join(root, "ion_synth")
+def _paths(root: str, split: str, spec: VariantSpec) -> Dict[str, str]:
+    base = os.path.join(root, spec.directory)
     return {
         "image_root": os.path.join(base, split, "images"),
         "sem_seg_root": os.path.join(base, split, "sem_seg"),
@@ -102,13 +103,16 @@ def _paths(root: str, split: str) -> Dict[str, str]:
     }
 
 
-def _marker_content(split: str, num_images: int, seed: int) -> Dict[str, Any]:
-    return {
+def _marker_content(split: str, num_images: int, seed: int, spec: VariantSpec) -> Dict[str, Any]:
+    content = {
         "generator_version": GENERATOR_VERSION,
         "split": split,
         "num_images": num_images,
         "seed": seed,
     }
+    if spec.name != "base":  # the base dataset's marker predates variants
+        content["variant"] = spec.name
+    return content
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -149,7 +153,9 @@ def _validate(split: str, num_images: int, seed: int) -> None:
         raise ValueError(f"seed={seed!r} must be an int >= 0.")
 
 
-def generate_synthetic_dataset(root: str, *, split: str, num_images: int, seed: int) -> str:
+def generate_synthetic_dataset(
+    root: str, *, split: str, num_images: int, seed: int, variant: str = "base"
+) -> str:
     """
     Generate one split of the synthetic dataset (see the module docstring for the layout), or do
     nothing if ``<root>/ion_synth/<split>/COMPLETE.json`` records the same generator version,
@@ -164,18 +170,24 @@ def generate_synthetic_dataset(root: str, *, split: str, num_images: int, seed: 
         split (str): split directory name, e.g. "train" or "val"; it also seeds the images.
         num_images (int): number of images (>= 1).
         seed (int): generator seed (>= 0).
+        variant (str): "base" (under ``<root>/ion_synth``) or "local" (the base images plus the
+            kite/bird pair, under ``<root>/ion_synth_local``); see
+            :func:`ion_d2.data.synthetic.meta.variant_spec`.
 
     Returns:
         str: path of the COCO instances json.
     """
+    spec = variant_spec(variant)
     _validate(split, num_images, seed)
-    paths = _paths(root, split)
+    paths = _paths(root, split, spec)
     with _split_lock(paths):
-        return _generate_locked(paths, root, split, num_images, seed)
+        return _generate_locked(paths, root, split, num_images, seed, spec)
 
 
-def _generate_locked(paths: Dict[str, str], root: str, split: str, num_images: int, seed: int):
-    expected = _marker_content(split, num_images, seed)
+def _generate_locked(
+    paths: Dict[str, str], root: str, split: str, num_images: int, seed: int, spec: VariantSpec
+):
+    expected = _marker_content(split, num_images, seed, spec)
     previous = _read_json(paths["marker"])
     if previous == expected and os.path.isfile(paths["json_file"]):
         logger.debug(f"ion_synth split {split!r} under {root!r} is complete; skipping.")
@@ -196,14 +208,14 @@ def _generate_locked(paths: Dict[str, str], root: str, split: str, num_images: i
     )
     images, annotations = [], []
     for index in tqdm(range(num_images), desc=f"ion_synth {split}", unit="img"):
-        sample = render.render_sample(split, seed, index)
+        sample = render.render_sample(split, seed, index, variant=spec.name)
         file_name = f"{index:06d}.png"
         _save_png(os.path.join(paths["image_root"], file_name), sample.image)
         _save_png(os.path.join(paths["sem_seg_root"], file_name), sample.label)
         height, width = sample.label.shape
         images.append({"id": index + 1, "file_name": file_name, "height": height, "width": width})
         annotations += _coco_annotations(sample, image_id=index + 1, first_id=len(annotations) + 1)
-    coco = _coco_dict(split, seed, images, annotations)
+    coco = _coco_dict(split, seed, images, annotations, spec)
     with open(paths["json_file"], "w") as f:
         json.dump(coco, f)
     # Written last: a split without it (e.g. an interrupted one) is drawn again.
@@ -235,7 +247,11 @@ def _coco_annotations(
 
 
 def _coco_dict(
-    split: str, seed: int, images: List[Dict[str, Any]], annotations: List[Dict[str, Any]]
+    split: str,
+    seed: int,
+    images: List[Dict[str, Any]],
+    annotations: List[Dict[str, Any]],
+    spec: VariantSpec,
 ) -> Dict[str, Any]:
     return {
         "info": {
@@ -251,19 +267,21 @@ def _coco_dict(
             {
                 "id": i + 1,
                 "name": name,
-                "supercategory": "context" if name in CONTEXT_CLASSES else "appearance",
+                "supercategory": "context" if name in spec.context_classes else "appearance",
             }
-            for i, name in enumerate(THING_CLASSES)
+            for i, name in enumerate(spec.thing_classes)
         ],
     }
 
 
 def _load_split(
-    dataset_name: str, root: str, split: str, num_images: int, seed: int
+    dataset_name: str, root: str, split: str, num_images: int, seed: int, variant: str
 ) -> List[Dict[str, Any]]:
     """Generate the split if needed, then load it as detectron2 dataset dicts."""
-    json_file = generate_synthetic_dataset(root, split=split, num_images=num_images, seed=seed)
-    paths = _paths(root, split)
+    json_file = generate_synthetic_dataset(
+        root, split=split, num_images=num_images, seed=seed, variant=variant
+    )
+    paths = _paths(root, split, variant_spec(variant))
     dicts = load_coco_json(json_file, paths["image_root"], dataset_name=dataset_name)
     for d in dicts:
         d["sem_seg_file_name"] = os.path.join(
@@ -283,11 +301,13 @@ def register_ion_synthetic(
     num_train: int = DEFAULT_NUM_TRAIN,
     num_val: int = DEFAULT_NUM_VAL,
     seed: int = DEFAULT_SEED,
-    name_prefix: str = "ion_synth",
+    name_prefix: Optional[str] = None,
+    variant: str = "base",
 ) -> Tuple[str, str]:
     """
     Register the train and val splits as ``<name_prefix>_train`` and ``<name_prefix>_val``
-    (by default :data:`TRAIN_DATASET_NAME` and :data:`VAL_DATASET_NAME`).
+    (by default :data:`TRAIN_DATASET_NAME` and :data:`VAL_DATASET_NAME`, or for the "local"
+    variant :data:`LOCAL_TRAIN_DATASET_NAME` and :data:`LOCAL_VAL_DATASET_NAME`).
 
     Registration is lazy: the data is generated (:func:`generate_synthetic_dataset`, into
     :func:`split_dir_name`'s directory) the first time ``DatasetCatalog.get`` is called, then
@@ -304,11 +324,15 @@ def register_ion_synthetic(
         num_val (int): number of validation images.
         seed (int): generator seed of both splits (their images differ: the split name is part
             of each image's seed).
-        name_prefix (str): prefix of the registered names.
+        name_prefix (str or None): prefix of the registered names; None: the variant's
+            directory name ("ion_synth" or "ion_synth_local").
+        variant (str): "base" or "local" (see :func:`generate_synthetic_dataset`).
 
     Returns:
         tuple[str, str]: the registered train and val dataset names.
     """
+    spec = variant_spec(variant)
+    name_prefix = spec.directory if name_prefix is None else name_prefix
     root = _default_root() if root is None else root
     # Check both names before registering either, so that an error leaves nothing half done.
     to_register = []
@@ -316,14 +340,15 @@ def register_ion_synthetic(
         name = f"{name_prefix}_{split}"
         directory = split_dir_name(split, num_images, seed)
         _validate(directory, num_images, seed)
-        params = {"root": root, **_marker_content(directory, num_images, seed)}
+        params = {"root": root, **_marker_content(directory, num_images, seed, spec)}
         if not _is_registered(name, params):
             to_register.append((name, directory, num_images, params))
     for name, directory, num_images, params in to_register:
         DatasetCatalog.register(
-            name, functools.partial(_load_split, name, root, directory, num_images, seed)
+            name,
+            functools.partial(_load_split, name, root, directory, num_images, seed, spec.name),
         )
-        MetadataCatalog.get(name).set(**_metadata(_paths(root, directory), params))
+        MetadataCatalog.get(name).set(**_metadata(_paths(root, directory, spec), params, spec))
     return f"{name_prefix}_train", f"{name_prefix}_val"
 
 
@@ -352,16 +377,16 @@ def _is_registered(name: str, params: Dict[str, Any]) -> bool:
     return False
 
 
-def _metadata(paths: Dict[str, str], params: Dict[str, Any]) -> Dict[str, Any]:
+def _metadata(paths: Dict[str, str], params: Dict[str, Any], spec: VariantSpec) -> Dict[str, Any]:
     return dict(
-        thing_classes=list(THING_CLASSES),
-        thing_colors=[list(c) for c in THING_COLORS],
-        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(THING_CLASSES))},
-        stuff_classes=list(SEM_SEG_CLASSES),
-        stuff_colors=[list(c) for c in SEM_SEG_COLORS],
-        num_sem_seg_classes=len(SEM_SEG_CLASSES),
-        context_classes=list(CONTEXT_CLASSES),
-        context_pairs=[list(p) for p in CONTEXT_PAIRS],
+        thing_classes=list(spec.thing_classes),
+        thing_colors=[list(c) for c in spec.thing_colors],
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.thing_classes))},
+        stuff_classes=list(spec.sem_seg_classes),
+        stuff_colors=[list(c) for c in spec.sem_seg_colors],
+        num_sem_seg_classes=len(spec.sem_seg_classes),
+        context_classes=list(spec.context_classes),
+        context_pairs=[list(p) for p in spec.context_pairs],
         json_file=paths["json_file"],
         image_root=paths["image_root"],
         sem_seg_root=paths["sem_seg_root"],

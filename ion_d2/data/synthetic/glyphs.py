@@ -7,7 +7,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .meta import GLYPHS, PALETTE
+from .meta import GLYPHS, LOCAL_GLYPH, PALETTE
 
 __all__ = ["render_glyph"]
 
@@ -81,11 +81,20 @@ def _paint_ring(rgb: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _paint_flyer(rgb: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # The tile with a chevron ("V"): the kite/bird pair's glyph (the local variant).
+    mask = _paint_tile(rgb)
+    chevron = (np.abs(v - 0.3 - 0.8 * np.abs(u - 0.5)) <= 0.13) & (np.abs(u - 0.5) <= 0.4)
+    _paint(rgb, chevron, PALETTE["flyer"])
+    return mask
+
+
 _GLYPH_PAINTERS = {
     "vehicle": _paint_vehicle,
     "orb": _paint_orb,
     "sign": _paint_sign,
     "ring": _paint_ring,
+    LOCAL_GLYPH: _paint_flyer,
 }
 
 
@@ -94,12 +103,12 @@ def render_glyph(glyph: str, width: int, height: int) -> Tuple[np.ndarray, np.nd
     Draw one object glyph filling a ``height x width`` box.
 
     The result depends on ``(glyph, width, height)`` only, which is what makes the two classes
-    that share a glyph (see :data:`CLASS_GLYPHS`) pixel-identical inside their boxes. "vehicle"
-    and "orb" are drawn on an opaque tile that fills the whole box, so no scene pixel shows
-    inside their box; "sign" (an octagon) and "ring" (an annulus) let the scene show through.
+    that share a glyph (see :data:`CLASS_GLYPHS`) pixel-identical inside their boxes. "vehicle",
+    "orb" and "flyer" are drawn on an opaque tile that fills the whole box, so no scene pixel
+    shows inside their box; "sign" (an octagon) and "ring" (an annulus) let the scene show through.
 
     Args:
-        glyph (str): one of :data:`GLYPHS`.
+        glyph (str): one of :data:`GLYPHS` or :data:`LOCAL_GLYPH`.
         width (int): box width in pixels (>= 1).
         height (int): box height in pixels (>= 1).
 
@@ -107,8 +116,8 @@ def render_glyph(glyph: str, width: int, height: int) -> Tuple[np.ndarray, np.nd
         tuple[np.ndarray, np.ndarray]: ``rgb`` (uint8, ``(height, width, 3)``; zero outside the
         mask) and ``mask`` (bool, ``(height, width)``): the object's pixels.
     """
-    if glyph not in GLYPHS:
-        raise ValueError(f"glyph={glyph!r} is not one of {GLYPHS}.")
+    if glyph not in _GLYPH_PAINTERS:
+        raise ValueError(f"glyph={glyph!r} is not one of {GLYPHS + (LOCAL_GLYPH,)}.")
     if width < 1 or height < 1:
         raise ValueError(f"width={width}, height={height}: both must be >= 1.")
     # Pixel centres in box-normalised coordinates (u right, v down).

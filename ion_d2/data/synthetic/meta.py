@@ -4,6 +4,9 @@ palette. The renderer (:mod:`ion_d2.data.synthetic.render`) draws with them; gen
 registration (:mod:`ion_d2.data.synthetic`) publish them as dataset metadata.
 """
 
+from dataclasses import dataclass
+from typing import Tuple
+
 __all__ = [
     "GENERATOR_VERSION",
     "THING_CLASSES",
@@ -31,7 +34,20 @@ __all__ = [
     "CONTEXT_MIN_VISIBLE",
     "MOON_MIN_GAP",
     "PALETTE",
+    "VARIANTS",
+    "LOCAL_CLASSES",
+    "LOCAL_GLYPH",
+    "LOCAL_TRAIN_DATASET_NAME",
+    "LOCAL_VAL_DATASET_NAME",
+    "FLYERS_PER_IMAGE",
+    "FLYER_SIDE_RANGE",
+    "STRING_HALF_WIDTH",
+    "STRING_LENGTH_RANGE",
+    "DISTRACTOR_STRINGS_PER_IMAGE",
+    "VariantSpec",
+    "variant_spec",
 ]
+
 
 #: Bumped whenever a change alters the generated files; part of the completion marker, so a
 #: dataset written by another version is generated again.
@@ -58,8 +74,11 @@ CLASS_GLYPHS = {
     "ball": "orb",
     "sign": "sign",
     "ring": "ring",
+    "kite": "flyer",
+    "bird": "flyer",
 }
-#: Glyphs that :func:`ion_d2.data.synthetic.glyphs.render_glyph` draws.
+#: Glyphs the base dataset draws its objects with (:func:`ion_d2.data.synthetic.glyphs.render_glyph`
+#: also draws the local variant's LOCAL_GLYPH).
 GLYPHS = ("vehicle", "orb", "sign", "ring")
 
 #: Scene ("stuff") classes of the label maps, after background and the thing classes.
@@ -119,4 +138,81 @@ PALETTE = {
     "ring": (40, 170, 60),
     "moon": (235, 235, 255),
     "lane": (230, 215, 120),
+    "flyer": (20, 110, 120),
+    "string": (25, 25, 30),
 }
+
+# ------------------------------------------------------------------------------------------
+# The "local" variant (issue 26): the base dataset plus a pair decided by a thin structure just
+# outside the box. Registered as "ion_synth_local_train" / "ion_synth_local_val".
+# ------------------------------------------------------------------------------------------
+#: Dataset variants: "base" (the demo's and the gate's) and "local".
+VARIANTS = ("base", "local")
+#: The local variant's extra pair, one glyph: a kite has a string (a line 2 px wide) from the
+#: middle of its box's bottom edge outwards, a bird has none. No other string comes within one
+#: box side of either's box, so the string alone tells them apart.
+LOCAL_CLASSES = ("kite", "bird")
+#: The glyph of the kite/bird pair: an opaque tile filling its box, as "vehicle" and "orb".
+LOCAL_GLYPH = "flyer"
+LOCAL_TRAIN_DATASET_NAME = "ion_synth_local_train"
+LOCAL_VAL_DATASET_NAME = "ion_synth_local_val"
+#: Flyers drawn per image (closed range), after the base objects.
+FLYERS_PER_IMAGE = (1, 3)
+#: The shorter side of a flyer's box, in pixels (closed range); the longer is up to 1.4x it.
+FLYER_SIDE_RANGE = (12, 36)
+#: A string is the pixels whose centres lie within this distance of its segment: 2 px wide.
+STRING_HALF_WIDTH = 1.0
+#: A kite's string is this fraction of its box's longer side long (half-open range): it ends
+#: within one box side of the box.
+STRING_LENGTH_RANGE = (0.6, 1.0)
+#: Free strings drawn elsewhere in each image (closed range): a string alone is no kite.
+DISTRACTOR_STRINGS_PER_IMAGE = (2, 5)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a dataset variant publishes: its classes, pairs and names."""
+
+    name: str
+    directory: str  # under the datasets root
+    thing_classes: Tuple[str, ...]
+    thing_colors: Tuple[Tuple[int, int, int], ...]
+    sem_seg_classes: Tuple[str, ...]
+    sem_seg_colors: Tuple[Tuple[int, int, int], ...]
+    context_classes: Tuple[str, ...]
+    context_pairs: Tuple[Tuple[str, str], ...]
+    train_name: str
+    val_name: str
+
+
+def variant_spec(variant: str) -> VariantSpec:
+    """The :class:`VariantSpec` of ``variant``, one of :data:`VARIANTS`."""
+    if variant == "base":
+        return VariantSpec(
+            name="base",
+            directory="ion_synth",
+            thing_classes=THING_CLASSES,
+            thing_colors=THING_COLORS,
+            sem_seg_classes=SEM_SEG_CLASSES,
+            sem_seg_colors=SEM_SEG_COLORS,
+            context_classes=CONTEXT_CLASSES,
+            context_pairs=CONTEXT_PAIRS,
+            train_name=TRAIN_DATASET_NAME,
+            val_name=VAL_DATASET_NAME,
+        )
+    if variant == "local":
+        # The pair's classes come after the base ones in both lists, so every base id keeps
+        # its value: category ids 7 and 8, label ids 10 and 11.
+        return VariantSpec(
+            name="local",
+            directory="ion_synth_local",
+            thing_classes=THING_CLASSES + LOCAL_CLASSES,
+            thing_colors=THING_COLORS + ((20, 160, 170), (120, 60, 170)),
+            sem_seg_classes=SEM_SEG_CLASSES + LOCAL_CLASSES,
+            sem_seg_colors=SEM_SEG_COLORS + ((20, 160, 170), (120, 60, 170)),
+            context_classes=CONTEXT_CLASSES + LOCAL_CLASSES,
+            context_pairs=CONTEXT_PAIRS + (LOCAL_CLASSES,),
+            train_name=LOCAL_TRAIN_DATASET_NAME,
+            val_name=LOCAL_VAL_DATASET_NAME,
+        )
+    raise ValueError(f"variant={variant!r} is not a dataset variant; expected one of {VARIANTS}.")
