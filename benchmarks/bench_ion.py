@@ -127,6 +127,17 @@ VARIANTS: Dict[str, Variant] = {
         },
         inference_only=True,
     ),
+    # Context just outside the box (issue 26; not a paper setting): configs/
+    # ION_VGG16_synthetic_local.yaml's option on the full model.
+    "ion_whh_learned_enlarged": Variant(
+        "enlarged",
+        True,
+        "ION, Whh learned, conv3 and conv4 also pooled over each box enlarged 3x (ENLARGED)",
+        {
+            "MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES": ["conv3", "conv4"],
+            "MODEL.ION.SKIP_POOL.ENLARGED.FACTOR": 3.0,
+        },
+    ),
     "ion_conv3x3": Variant(
         "conv 3x3",
         True,
@@ -847,6 +858,13 @@ INFERENCE_TARGETS = [
         "voting_added",
         0.25,
     ),
+    # Issue 26: what pooling conv3 and conv4 over enlarged boxes adds to ION's inference.
+    (
+        "enlarged boxes' added time / ION Whh learned",
+        "ion_whh_learned_enlarged",
+        "added_over_ion",
+        0.10,
+    ),
     # The same with truncated SVD in both (approximate: Fast R-CNN reports -0.3 mAP).
     (
         "box voting's added time / baseline, both with SVD",
@@ -879,6 +897,11 @@ def _target_value(res: Dict, name: str, quantity: str) -> Optional[float]:
         return res[name]["ratio_to_baseline"]
     if quantity == "context_share":
         return res[name]["context_share_of_trunk"]
+    if quantity == "added_over_ion":
+        if "ion_whh_learned" not in res:
+            return None
+        ion = res["ion_whh_learned"]["total"]
+        return (res[name]["total"] - ion) / ion
     reference = "ion_whh_removed_svd" if quantity == "voting_added_svd" else "ion_whh_removed"
     if reference not in res:
         return None

@@ -163,6 +163,17 @@ def add_ion_config(cfg: CN) -> None:
     # Dropout after the concat (section 3.2 item 2: p = 0.25); 0 removes it (the "D" setting of
     # Tables 1-3).
     _C.MODEL.ION.SKIP_POOL.CONCAT_DROPOUT = 0.25
+    # Context just outside the box (beyond the paper, which pools every feature over the box
+    # only): each ROI is also pooled from each feature in IN_FEATURES over its box enlarged
+    # FACTOR times around its centre, as MR-CNN's contextual regions (Gidaris and Komodakis,
+    # ICCV 2015), and that descriptor is L2-normalised, scaled and concatenated after the
+    # others, before the 1x1 conv (docs/BENCHMARKS.md, "Context just outside the box").
+    # [] (off): the paper. configs/ION_VGG16_synthetic_local.yaml sets it.
+    _C.MODEL.ION.SKIP_POOL.ENLARGED = CN()
+    _C.MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES = []
+    # > 1 when IN_FEATURES is set; 3: one box width left and right, one box height above and
+    # below.
+    _C.MODEL.ION.SKIP_POOL.ENLARGED.FACTOR = 3.0
 
     # Dropout after fc6 and fc7 of "IONFCHead" (Fast R-CNN's VGG16 uses 0.5); 0 removes it
     # (the "D" setting of Tables 1-3). fc sizes come from MODEL.ROI_BOX_HEAD.NUM_FC / FC_DIM.

@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 
-from .roi_heads import build_ion_skip_pooler
+from .roi_heads import build_ion_skip_pooler, skip_pool_inputs
 
 __all__ = ["IONRes5ROIHeads"]
 
@@ -29,7 +29,6 @@ class IONRes5ROIHeads(Res5ROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         # Res5ROIHeads.from_config pools one feature; it builds res5 and the predictor from the
         # config, so it is given one (any) and its pooler replaced.
         one = cfg.clone()
@@ -37,8 +36,6 @@ class IONRes5ROIHeads(Res5ROIHeads):
         one.MODEL.ROI_HEADS.IN_FEATURES = [next(iter(input_shape))]
         ret = super().from_config(one, input_shape)
         res5_in_channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 4
-        ret["in_features"] = in_features
-        ret["pooler"] = build_ion_skip_pooler(
-            cfg, input_shape, in_features, out_channels=res5_in_channels
-        )
+        ret["in_features"] = skip_pool_inputs(cfg)[0]
+        ret["pooler"] = build_ion_skip_pooler(cfg, input_shape, out_channels=res5_in_channels)
         return ret

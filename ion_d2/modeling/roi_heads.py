@@ -11,33 +11,54 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
 from .box_voting import box_voting_inference
+from .enlarged_boxes import enlarged_feature_name
 from .skip_pooling import IONSkipPooler
 
-__all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler"]
+__all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler", "skip_pool_inputs"]
 
 
 # Which regressed boxes the second round of box voting scores (MODEL.ION.BOX_VOTING.RESCORE).
 RESCORE_MODES = ("top_class", "per_class")
 
 
+def skip_pool_inputs(cfg) -> Tuple[List[str], List[float]]:
+    """
+    The features the skip pooler reads, in order: ``MODEL.ROI_HEADS.IN_FEATURES`` over the
+    boxes, then ``MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES`` over the boxes enlarged
+    ``ENLARGED.FACTOR`` times (context just outside the box); and each one's box factor.
+    """
+    in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    enlarged = cfg.MODEL.ION.SKIP_POOL.ENLARGED
+    extra = list(enlarged.IN_FEATURES)
+    if extra and not enlarged.FACTOR > 1.0:
+        raise ValueError(
+            f"MODEL.ION.SKIP_POOL.ENLARGED.FACTOR={enlarged.FACTOR} must be > 1 when "
+            f"ENLARGED.IN_FEATURES is set ({extra}): the boxes are enlarged that many times "
+            "around their centres (3: one box side on every side)."
+        )
+    return in_features + extra, [1.0] * len(in_features) + [float(enlarged.FACTOR)] * len(extra)
+
+
 def build_ion_skip_pooler(
-    cfg, input_shape: Dict[str, ShapeSpec], in_features: List[str], out_channels: int = None
+    cfg, input_shape: Dict[str, ShapeSpec], out_channels: int = None
 ) -> IONSkipPooler:
     """
     The :class:`IONSkipPooler` of ``MODEL.ION.SKIP_POOL`` and ``MODEL.ROI_BOX_HEAD``'s pooler
-    keys over ``in_features``; ``out_channels`` (default ``SKIP_POOL.REDUCE_DIM``) for heads
-    whose input width is fixed (res5 in :class:`IONRes5ROIHeads`).
+    keys over :func:`skip_pool_inputs`; ``out_channels`` (default ``SKIP_POOL.REDUCE_DIM``) for
+    heads whose input width is fixed (res5 in :class:`IONRes5ROIHeads`).
     """
-    missing = [f for f in in_features if f not in input_shape]
+    features, factors = skip_pool_inputs(cfg)
+    missing = [f for f in features if f not in input_shape]
     if missing:
         raise ValueError(
-            f"MODEL.ROI_HEADS.IN_FEATURES names {missing}, which the model does not produce; "
-            f'available features: {sorted(input_shape)} ("context" needs '
-            "MODEL.META_ARCHITECTURE 'IONRCNN' with MODEL.ION.CONTEXT.NAME set)."
+            f"MODEL.ROI_HEADS.IN_FEATURES or MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES name "
+            f"{missing}, which the model does not produce; available features: "
+            f"{sorted(input_shape)} (\"context\" needs MODEL.META_ARCHITECTURE 'IONRCNN' with "
+            "MODEL.ION.CONTEXT.NAME set)."
         )
     skip = cfg.MODEL.ION.SKIP_POOL
     return IONSkipPooler(
-        input_shapes=[input_shape[f] for f in in_features],
+        input_shapes=[input_shape[f] for f in features],
         output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
         sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
         pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
@@ -46,8 +67,11 @@ def build_ion_skip_pooler(
         scale_init=skip.SCALE_INIT,
         out_channels=skip.REDUCE_DIM if out_channels is None else out_channels,
         dropout=skip.CONCAT_DROPOUT,
-        feature_names=in_features,
+        feature_names=[
+            f if k == 1.0 else enlarged_feature_name(f, k) for f, k in zip(features, factors)
+        ],
         scale_reference=cfg.MODEL.ION.CONTEXT.IN_FEATURE,
+        box_factors=factors,
     )
 
 
@@ -127,16 +151,15 @@ class IONROIHeads(StandardROIHeads):
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
-        box_pooler = build_ion_skip_pooler(cfg, input_shape, in_features)
+        box_pooler = build_ion_skip_pooler(cfg, input_shape)
         box_head = build_box_head(
             cfg,
             ShapeSpec(channels=box_pooler.out_channels, height=resolution, width=resolution),
         )
         box_predictor = FastRCNNOutputLayers(cfg, box_head.output_shape)
         return {
-            "box_in_features": in_features,
+            "box_in_features": skip_pool_inputs(cfg)[0],
             "box_pooler": box_pooler,
             "box_head": box_head,
             "box_predictor": box_predictor,

@@ -10,7 +10,12 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-from .feature_order import decode_feature_order, encode_feature_order
+from .enlarged_boxes import check_box_factors, enlarge_boxes
+from .feature_order import (
+    check_stored_feature_order,
+    decode_feature_order,
+    encode_feature_order,
+)
 from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
@@ -100,6 +105,7 @@ class IONSkipPooler(nn.Module):
         dropout: float = 0.25,
         feature_names: Optional[List[str]] = None,
         scale_reference: Optional[str] = None,
+        box_factors: Optional[Sequence[float]] = None,
     ):
         """
         Args:
@@ -127,6 +133,8 @@ class IONSkipPooler(nn.Module):
             scale_reference (str or None): the feature of ``feature_names`` whose mean pooled
                 norm a measured scale takes (``MODEL.ION.CONTEXT.IN_FEATURE``, conv5). Required
                 with ``scale_init`` -1 (unless ``norm`` is "none"); unused otherwise.
+            box_factors (list[float] or None): per input shape, the factor (>= 1) its boxes are
+                enlarged by around their centres (:mod:`.enlarged_boxes`); None: 1 (the paper).
         """
         super().__init__()
         if not input_shapes:
@@ -158,6 +166,7 @@ class IONSkipPooler(nn.Module):
                     f"feature_names (MODEL.ROI_HEADS.IN_FEATURES) are {feature_names}. Pool it, "
                     "or set scale_init to a value > 0."
                 )
+        self.box_factors = check_box_factors(box_factors, len(input_shapes))
         self.scale_init = float(scale_init)
         self.scale_reference = scale_reference
         self.feature_names = list(feature_names) if feature_names is not None else None
@@ -251,9 +260,9 @@ class IONSkipPooler(nn.Module):
         location = torch.zeros_like(roi)
         for i, boxes in enumerate(box_lists):
             for start in range(0, len(boxes), chunk):
-                part = [boxes[start : start + chunk]]
+                parts = self._enlarged([boxes[start : start + chunk]])
                 size = None if image_sizes is None else [image_sizes[i]]
-                for k, (pooler, feature) in enumerate(zip(self.poolers, x)):
+                for k, (pooler, feature, part) in enumerate(zip(self.poolers, x, parts)):
                     pooled = self._pool(pooler, feature[i : i + 1], part, size).double()
                     roi[k] += pooled.flatten(1).norm(dim=1).sum()
                     location[k] += pooled.norm(dim=1).mean(dim=(1, 2)).sum()
@@ -262,28 +271,8 @@ class IONSkipPooler(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        key = prefix + "feature_order"
         if self.feature_names is not None:
-            if key in state_dict:
-                stored = decode_feature_order(state_dict[key])
-                if stored != self.feature_names:
-                    raise ValueError(
-                        f"The weights of {prefix[:-1] or 'the skip pooler'} were trained pooling "
-                        f"the features {stored} in this order, but this model pools "
-                        f"{self.feature_names} (MODEL.ROI_HEADS.IN_FEATURES). The 1x1 "
-                        "reduction's input channels follow that order: set IN_FEATURES to "
-                        f"{stored}."
-                    )
-            elif any(k.startswith(prefix) for k in state_dict):
-                # This pooler's weights without their order (e.g. converted ImageNet weights
-                # hold no pooler at all, and need no warning).
-                logger.warning(
-                    f"The checkpoint stores no feature order for {prefix[:-1] or 'the skip pooler'}"
-                    " (written before ion_d2 recorded it), so it cannot be checked: make sure "
-                    f"MODEL.ROI_HEADS.IN_FEATURES is in the order it was trained with; this model "
-                    f"pools {self.feature_names}."
-                )
-                state_dict[key] = self.feature_order
+            check_stored_feature_order(state_dict, prefix, self.feature_names, self.feature_order)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -326,8 +315,8 @@ class IONSkipPooler(nn.Module):
         if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
             return self._fused_inference(x, box_lists, image_sizes)
         pooled = [
-            self._pool(pooler, feature, box_lists, image_sizes)
-            for pooler, feature in zip(self.poolers, x)
+            self._pool(pooler, feature, boxes, image_sizes)
+            for pooler, feature, boxes in zip(self.poolers, x, self._enlarged(box_lists))
         ]
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
         if self.scale is not None:
@@ -336,6 +325,10 @@ class IONSkipPooler(nn.Module):
         if self.reduce is not None:
             out = self.reduce(out)
         return out
+
+    def _enlarged(self, box_lists: List[Boxes]) -> List[List[Boxes]]:
+        """Per pooler, ``box_lists`` with its boxes enlarged by that pooler's factor."""
+        return [box_lists if f == 1.0 else enlarge_boxes(box_lists, f) for f in self.box_factors]
 
     @staticmethod
     def _pool(pooler: nn.Module, feature: torch.Tensor, box_lists, image_sizes) -> torch.Tensor:
@@ -361,13 +354,15 @@ class IONSkipPooler(nn.Module):
         concat = x[0].new_empty(num, size, size, sum(channels))
         eps = NORM_EPS
         start = 0
-        for pooler, feature, width in zip(self.poolers, x, channels):
+        for pooler, feature, width, boxes in zip(
+            self.poolers, x, channels, self._enlarged(box_lists)
+        ):
             end = start + width
             target = concat[..., start:end]
             if isinstance(pooler, IONROIPool):
-                pooler([feature], box_lists, out=target, image_sizes=image_sizes)
+                pooler([feature], boxes, out=target, image_sizes=image_sizes)
             else:
-                target.copy_(pooler([feature], box_lists).permute(0, 2, 3, 1))
+                target.copy_(pooler([feature], boxes).permute(0, 2, 3, 1))
             scale = None if self.scale is None else self.scale[start:end]
             if self.norm == "roi":
                 # Per cell, then per ROI: a norm over the strided (1, 2, 3) dims at once is
