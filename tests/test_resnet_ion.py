@@ -202,3 +202,23 @@ def test_scale_init_zero_on_resnet_is_refused():
     cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", lines)
     with pytest.raises(ValueError, match=r"SCALE_INIT\) is 0.*the backbone is FPN"):
         build_model(cfg)
+
+
+def test_options_the_c4_heads_would_ignore_are_refused():
+    # Issue 25: box voting on C4 was silently ignored (IONRes5ROIHeads has no second round).
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", C4_LINES)
+    cfg.MODEL.ION.BOX_VOTING.ENABLED = True
+    with pytest.raises(TypeError, match=r"BOX_VOTING.ENABLED is True.*IONRes5ROIHeads"):
+        build_model(cfg)
+    # Enlarged boxes act on C4 (its skip pooler reads them) ...
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", C4_LINES)
+    cfg.MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES = ["res3"]
+    heads = _step_and_infer(cfg).roi_heads
+    assert heads.in_features[-1] == "res3" and heads.pooler.box_factors[-1] == 3.0
+    # ... but not with Detectron2's own heads, which never pool with ION's skip pooler.
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", FPN_LINES)
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES = ["p2"]
+    with pytest.raises(TypeError, match=r"ENLARGED.IN_FEATURES is \['p2'\].*StandardROIHeads"):
+        build_model(cfg)

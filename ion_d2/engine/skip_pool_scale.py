@@ -149,7 +149,9 @@ def measure_pooled_norms(model: nn.Module, batches: Iterable[List[dict]]) -> Poo
         )
     # The features the heads pool, in the pooler's order: StandardROIHeads' or Res5ROIHeads'.
     heads = model.roi_heads
-    names = list(pooler.feature_names or getattr(heads, "box_in_features", heads.in_features))
+    inputs = list(getattr(heads, "box_in_features", None) or heads.in_features)
+    # Reported as the pooler names them (an enlarged-box descriptor as "<feature>@x<factor>").
+    names = list(pooler.feature_names or inputs)
     roi = torch.zeros(len(names), dtype=torch.float64, device=model.device)
     location = torch.zeros_like(roi)
     num_rois = num_images = 0
@@ -161,7 +163,7 @@ def measure_pooled_norms(model: nn.Module, batches: Iterable[List[dict]]) -> Poo
                 _, features, proposals, _ = model.features_and_proposals(batch)
                 boxes = [p.proposal_boxes for p in proposals]
                 sums = pooler.pooled_norm_sums(
-                    [features[n] for n in names],
+                    [features[n] for n in inputs],
                     boxes,
                     _ROI_CHUNK,
                     image_sizes=[p.image_size for p in proposals],

@@ -38,7 +38,7 @@ from torch import nn
 from ..config import check_proposals
 from .context import build_ion_context, check_context_outputs_read
 from .padding import backbone_per_size, proposals_per_size
-from .skip_pooling import check_scale_init
+from .skip_pooling import check_scale_init, find_skip_pooler
 
 __all__ = ["IONRCNN", "build_ion_heads"]
 
@@ -240,6 +240,7 @@ def _from_config(cfg) -> Dict[str, Any]:
         proposal_generator=lambda shapes: build_proposal_generator(cfg, shapes),
         roi_heads=lambda shapes: build_roi_heads(cfg, shapes),
     )
+    _check_head_options(cfg, heads["roi_heads"])
     return {
         "backbone": backbone,
         **heads,
@@ -272,6 +273,28 @@ def _check_box_voting_heads(roi_heads: nn.Module) -> None:
         raise TypeError(
             f"Box voting needs MODEL.ROI_HEADS.NAME 'IONROIHeads'; this model has "
             f"{type(roi_heads).__name__}."
+        )
+
+
+def _check_head_options(cfg, roi_heads: nn.Module) -> None:
+    """
+    Refuse ION options the ROI heads would ignore: box voting on heads without its second round
+    (e.g. C4's IONRes5ROIHeads), enlarged boxes on heads without ION's skip pooler.
+    """
+    name = type(roi_heads).__name__
+    if cfg.MODEL.ION.BOX_VOTING.ENABLED and not hasattr(roi_heads, "box_voting_candidates"):
+        raise TypeError(
+            f"MODEL.ION.BOX_VOTING.ENABLED is True, but the ROI heads ({name}, "
+            f"MODEL.ROI_HEADS.NAME) have no second round of box regression to vote with; box "
+            "voting needs 'IONROIHeads' (VGG16 and FPN models). Set it False for this model."
+        )
+    pooler = find_skip_pooler(roi_heads)
+    enlarged = list(cfg.MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES)
+    if enlarged and (pooler is None or max(pooler.box_factors) == 1.0):
+        raise TypeError(
+            f"MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES is {enlarged}, but the ROI heads ({name}, "
+            "MODEL.ROI_HEADS.NAME) do not pool with ION's skip pooler; it needs 'IONROIHeads' "
+            "or 'IONRes5ROIHeads'. Set it to [] for this model."
         )
 
 
