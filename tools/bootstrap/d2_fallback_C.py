@@ -21,7 +21,7 @@ _HOW_TO_FIX = (
     "This detectron2 was installed by ion_d2's setup from the Python-only v0.6 sources, without "
     "its compiled extension (detectron2._C). Install a full detectron2 build into the same "
     "environment, e.g. `ION_D2_DETECTRON2=/path/to/detectron2-source-or-wheel make setup` "
-    "(see README.md, 'Using your own detectron2 build')."
+    "(see README.md, 'Installing on a GPU machine, with your own detectron2')."
 )
 
 
@@ -43,8 +43,9 @@ def _unavailable(op_name, hint=""):
 _ROTATED = "Rotated boxes are not used by ION. "
 _DEFORM = "Deformable convolution is not used by ION. "
 _COCO_FAST = (
-    "It backs COCOEvaluator's fast AP implementation: pass `use_fast_impl=False` to COCOEvaluator "
-    "to evaluate with the official pycocotools code instead (ion_d2's train_net.py does). "
+    "It backs COCOEvaluator's fast AP implementation, which ion_d2's setup replaces with the "
+    "official pycocotools code in this install (detectron2/evaluation/fast_eval_api.py); pass "
+    "`use_fast_impl=False` to COCOEvaluator to select that code explicitly. "
 )
 
 box_iou_rotated = _unavailable("box_iou_rotated", _ROTATED)

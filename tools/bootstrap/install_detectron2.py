@@ -72,6 +72,33 @@ def _replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
+# Appended to detectron2/evaluation/fast_eval_api.py of the Python-only install: COCOEvaluator's
+# default use_fast_impl=True would call the compiled AP code, which this install lacks
+# (Detectron2's own tools/train_net.py builds it so).
+FAST_EVAL_PATCH = """
+
+# Added by ion_d2's Python-only detectron2 install (tools/bootstrap/install_detectron2.py): this
+# detectron2 has no compiled extension, so COCOeval_opt's C++ evaluate/accumulate cannot run.
+# COCOEvaluator(use_fast_impl=True), its default, evaluates with the official pycocotools code
+# instead, which use_fast_impl=False selects: the same AP, more slowly.
+COCOeval_opt = COCOeval
+"""
+
+
+def fast_eval_file(package_dir: Path) -> Path:
+    return package_dir / "evaluation" / "fast_eval_api.py"
+
+
+def patch_fast_eval(package_dir: Path) -> bool:
+    """Append :data:`FAST_EVAL_PATCH` once; returns whether the file changed."""
+    path = fast_eval_file(package_dir)
+    text = path.read_text()
+    if FAST_EVAL_PATCH in text:
+        return False
+    path.write_text(text + FAST_EVAL_PATCH)
+    return True
+
+
 def install_python_only(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     dl = work / "sdist"
@@ -101,6 +128,7 @@ def install_python_only(work: Path) -> None:
     text = _replace_once(text, '"future",  # used by caffe2', "")
     setup_py.write_text(text)
     shutil.copyfile(FALLBACK, src / "detectron2" / "_C.py")
+    patch_fast_eval(src / "detectron2")
     # Dependencies are installed by setup_env.sh in versions that work together.
     _pip("install", "--no-deps", "--no-build-isolation", "--force-reinstall", src)
 
@@ -133,6 +161,8 @@ def main() -> None:
         print("detectron2: a compiled detectron2 is already installed; keeping it")
         return
     if state == "fallback" and c_module.read_bytes() == FALLBACK.read_bytes():
+        if patch_fast_eval(c_module.parent):
+            print("detectron2: COCOEvaluator's fast AP now falls back to pycocotools' code")
         print("detectron2: Python-only v0.6 with ion_d2's _C fallback is already installed")
         return
     install_python_only(Path(args.work_dir))
