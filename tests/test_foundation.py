@@ -170,4 +170,4 @@ def test_coco_evaluator_on_tiny_dataset(tmp_path):
     # Shifting every box by 6 px keeps some IoUs above 0.5 but loses the strict thresholds.
     assert 0.0 < shifted["AP"] < perfect["AP"]
     assert shifted["AP75"] < 100.0
-    assert default == pytest.approx(shifted, abs=0.01)
+    assert default == pytest.approx(shifted, abs=0.01, nan_ok=True)  # APl: no large boxes

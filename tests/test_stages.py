@@ -149,7 +149,9 @@ def test_train_net_and_train_and_evaluate_follow_one_rule_on_a_resumed_two_stage
             assert torch.equal(w1["backbone.conv2_2.weight"], w2["backbone.conv2_2.weight"])
             assert not torch.equal(w1["backbone.conv4_1.weight"], w2["backbone.conv4_1.weight"])
             seen[name] = ([sorted(r or {}) for r in results], w2)
-        # Both returned the same results each time (with TTA), and trained the same weights.
-        assert seen["train_net"][0] == seen["api"][0] == [["bbox", "bbox_TTA"]] * 2
+        # Both returned the same results each time (with TTA: COCO's and, the bundled data naming
+        # context pairs, ContextPairEvaluator's), and trained the same weights.
+        tasks = ["bbox", "bbox_TTA", "context_pairs", "context_pairs_TTA"]
+        assert seen["train_net"][0] == seen["api"][0] == [tasks] * 2
         a, b = seen["train_net"][1], seen["api"][1]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
