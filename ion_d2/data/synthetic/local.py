@@ -96,6 +96,7 @@ def _object_zones(canvas: Canvas) -> List[Box]:
 def _draw_free_strings(rng: np.random.Generator, canvas: Canvas, strings: np.ndarray) -> None:
     height, width = canvas.label.shape
     lo, hi = DISTRACTOR_STRINGS_PER_IMAGE
+    zones = _object_zones(canvas)  # no object is drawn meanwhile
     for _ in range(int(rng.integers(lo, hi + 1))):
         for _ in range(PLACEMENT_TRIES):
             length = int(rng.integers(_FREE_STRING_LENGTH[0], _FREE_STRING_LENGTH[1] + 1))
@@ -103,7 +104,7 @@ def _draw_free_strings(rng: np.random.Generator, canvas: Canvas, strings: np.nda
             dx = int(rng.integers(-dy, dy + 1))
             start = (float(rng.integers(0, width)), float(rng.integers(0, height)))
             pixels = string_pixels(start, (dx, dy), height, width)
-            if pixels is not None and _on_free_scene(pixels, canvas, _object_zones(canvas)):
+            if pixels is not None and _on_free_scene(pixels, canvas, zones):
                 _draw_string(pixels, canvas, strings)
                 break
 
@@ -120,10 +121,7 @@ def _kite_string(rng: np.random.Generator, box: Box, height: int, width: int):
     dy = max(2, int(length))
     dx = int(rng.integers(-(dy // 2), dy // 2 + 1))
     # From the bottom edge's middle; pixel rows from y1 on: none inside the box.
-    pixels = string_pixels(
-        (0.5 * (x0 + x1), float(y1) + STRING_HALF_WIDTH), (dx, dy), height, width
-    )
-    return pixels
+    return string_pixels((0.5 * (x0 + x1), float(y1) + STRING_HALF_WIDTH), (dx, dy), height, width)
 
 
 def _place_flyer(
