@@ -117,3 +117,23 @@ def test_quick_defaults_give_way_to_explicit_options(bench):
     assert (full.height, full.width, full.proposals, full.repeats) == (600, 1000, [1000, 2000], 3)
     assert full.variants == list(bench.VARIANTS) and full.train_proposals == 2000
     assert bench.parse_args(["--quick", "--proposals", "7", "--repeats", "2"]).proposals == [7]
+
+
+@pytest.mark.parametrize("proposals", [1000, 2000])
+def test_min_score_variant_runs_round_2_on_its_measured_share(bench, proposals):
+    """ "vote >=.001" times round 2 on the share of proposals RESCORE_MIN_SCORE 0.001 kept on the
+    demo's model (random weights would pass all): RESCORE_TOPK is that share of each setting's
+    proposals; the other voting variants keep theirs."""
+    args = bench.parse_args(["--tiny"])
+    name = "ion_whh_removed_box_voting_min_score"
+    cfg = bench.build_cfg(name, "rpn", proposals, args)
+    share = bench.VARIANTS[name].rescore_share
+    assert 0.40 < share < 0.41
+    assert cfg.MODEL.ION.BOX_VOTING.ENABLED
+    assert cfg.MODEL.ION.BOX_VOTING.RESCORE_TOPK == round(share * proposals)
+    assert (
+        bench.build_cfg(
+            "ion_whh_removed_box_voting", "rpn", proposals, args
+        ).MODEL.ION.BOX_VOTING.RESCORE_TOPK
+        == 0
+    )

@@ -284,12 +284,13 @@ def test_box_voting_with_zero_score_weights_keeps_the_box():
     assert any(torch.equal(result.pred_boxes.tensor[0], b) for b in boxes)
 
 
-def _voting_heads(rescore, agnostic=False, topk=0):
+def _voting_heads(rescore, agnostic=False, topk=0, min_score=0.0):
     torch.manual_seed(0)
     cfg = _cfg()
     cfg.MODEL.ION.BOX_VOTING.ENABLED = True
     cfg.MODEL.ION.BOX_VOTING.RESCORE = rescore
     cfg.MODEL.ION.BOX_VOTING.RESCORE_TOPK = topk
+    cfg.MODEL.ION.BOX_VOTING.RESCORE_MIN_SCORE = min_score
     cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = agnostic
     heads = build_roi_heads(cfg, _shapes())
     heads.eval()
@@ -418,6 +419,47 @@ def test_rescore_topk_scores_again_only_the_top_k_proposals(rescore):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("rescore", ["top_class", "per_class"])
+def test_rescore_min_score_scores_again_only_proposals_at_or_above_it(rescore):
+    """RESCORE_MIN_SCORE m: round 1 as before; round 2's rows are the full round 2's rows of
+    the proposals whose best round-1 class score is at least m, in proposal order; with
+    RESCORE_TOPK k, the k highest of those; above every score, round 2 scores nothing and the
+    detections vote among round 1's candidates alone."""
+    features, proposals = _features(), _proposals()
+    full = _voting_heads(rescore)
+    with torch.no_grad():
+        boxes, scores = full.box_voting_candidates(features, proposals)
+    best = [s[: len(p), :-1].max(dim=1).values for s, p in zip(scores, proposals)]
+    # A threshold between the scores, so that some proposals pass and some do not.
+    threshold = float(torch.cat(best).median())
+    for topk in (0, 1):
+        heads = _voting_heads(rescore, topk=topk, min_score=threshold)
+        heads.load_state_dict(full.state_dict())
+        with torch.no_grad():
+            got_boxes, got_scores = heads.box_voting_candidates(features, proposals)
+        for i, p in enumerate(proposals):
+            num = len(p)
+            picked = (best[i] >= threshold).nonzero().flatten()
+            assert 0 < len(picked) < num
+            if topk:
+                picked = picked[best[i][picked].argmax()][None]
+            assert got_boxes[i].shape[0] == got_scores[i].shape[0] == num + len(picked)
+            assert torch.equal(got_boxes[i][:num], boxes[i][:num])
+            assert torch.allclose(got_boxes[i][num:], boxes[i][num + picked], atol=1e-4)
+            assert torch.allclose(got_scores[i][num:], scores[i][num + picked], atol=1e-6)
+    none = _voting_heads(rescore, min_score=1.0)
+    none.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        none_boxes, none_scores = none.box_voting_candidates(features, proposals)
+        results, _ = none(_images(), features, proposals, None)
+    for i, p in enumerate(proposals):
+        assert torch.equal(none_boxes[i], boxes[i][: len(p)])
+    expected = _voted(none, none_boxes, none_scores)
+    for got, want in zip(results, expected):
+        assert len(got) > 0
+        assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
+
+
 @pytest.mark.parametrize(
     "key,value,match",
     [
@@ -425,6 +467,9 @@ def test_rescore_topk_scores_again_only_the_top_k_proposals(rescore):
         ("IOU_THRESH", 1.5, r"IOU_THRESH=1.5"),
         ("RESCORE_TOPK", -1, r"RESCORE_TOPK=-1 is invalid; expected an int >= 0"),
         ("RESCORE_TOPK", 100, r"RESCORE_TOPK=100 only acts with.*ENABLED True"),
+        ("RESCORE_MIN_SCORE", 1.5, r"RESCORE_MIN_SCORE=1.5 is not a class score.*\[0, 1\]"),
+        ("RESCORE_MIN_SCORE", -0.1, r"RESCORE_MIN_SCORE=-0.1 is not a class score"),
+        ("RESCORE_MIN_SCORE", 0.001, r"RESCORE_MIN_SCORE=0.001 only acts with.*ENABLED True"),
     ],
 )
 def test_bad_box_voting_settings_raise(key, value, match):

@@ -96,6 +96,7 @@ class IONROIHeads(StandardROIHeads):
         box_voting_iou: float = 0.5,
         box_voting_rescore: str = "top_class",
         box_voting_rescore_topk: int = 0,
+        box_voting_rescore_min_score: float = 0.0,
         **kwargs,
     ):
         """
@@ -107,6 +108,9 @@ class IONROIHeads(StandardROIHeads):
                 :data:`RESCORE_MODES` (see :meth:`box_voting_candidates`).
             box_voting_rescore_topk (int): the second round scores only the k proposals per
                 image with the highest first-round class score; 0: all of them (the paper).
+            box_voting_rescore_min_score (float): the second round scores only the proposals
+                whose best first-round class score is at least this; 0: all of them (the
+                paper). With ``box_voting_rescore_topk``, the top k of those.
             kwargs: see :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
@@ -134,8 +138,21 @@ class IONROIHeads(StandardROIHeads):
                 f"MODEL.ION.BOX_VOTING.RESCORE_TOPK={box_voting_rescore_topk} only acts with box "
                 "voting's second round; set MODEL.ION.BOX_VOTING.ENABLED True, or RESCORE_TOPK 0."
             )
+        if not 0.0 <= box_voting_rescore_min_score <= 1.0:
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.RESCORE_MIN_SCORE={box_voting_rescore_min_score!r} is not "
+                "a class score; expected a value in [0, 1] (0: the second round scores every "
+                "proposal, the paper)."
+            )
+        if box_voting_rescore_min_score and not box_voting:
+            raise ValueError(
+                f"MODEL.ION.BOX_VOTING.RESCORE_MIN_SCORE={box_voting_rescore_min_score} only acts "
+                "with box voting's second round; set MODEL.ION.BOX_VOTING.ENABLED True, or "
+                "RESCORE_MIN_SCORE 0."
+            )
         self.box_voting = box_voting
         self.box_voting_rescore_topk = box_voting_rescore_topk
+        self.box_voting_rescore_min_score = float(box_voting_rescore_min_score)
         self.box_voting_iou = box_voting_iou
         self.box_voting_rescore = box_voting_rescore
 
@@ -147,6 +164,7 @@ class IONROIHeads(StandardROIHeads):
         ret["box_voting_iou"] = voting.IOU_THRESH
         ret["box_voting_rescore"] = voting.RESCORE
         ret["box_voting_rescore_topk"] = voting.RESCORE_TOPK
+        ret["box_voting_rescore_min_score"] = voting.RESCORE_MIN_SCORE
         return ret
 
     @classmethod
@@ -205,10 +223,10 @@ class IONROIHeads(StandardROIHeads):
         """
         Section 4.2's two rounds of box regression, before NMS: the proposals are scored and
         regressed (round 1), the regressed boxes are clipped to the image and scored and
-        regressed again (round 2). Round 2 takes every proposal, or with
-        ``box_voting_rescore_topk`` k > 0 only the k per image whose best round-1 class score
-        (background excluded) is highest. Which of their regressed boxes it scores is
-        ``box_voting_rescore``:
+        regressed again (round 2). Round 2 takes every proposal, or only those whose best
+        round-1 class score (background excluded) is at least ``box_voting_rescore_min_score``
+        and, with ``box_voting_rescore_topk`` k > 0, of those the k per image where it is
+        highest. Which of their regressed boxes it scores is ``box_voting_rescore``:
 
         * "top_class": each proposal's box for its top-scoring class, with that pass's scores
           and regressions for every class (R boxes per image).
@@ -223,7 +241,7 @@ class IONROIHeads(StandardROIHeads):
         Returns:
             tuple[list[Tensor], list[Tensor]]: per image, the boxes (R + R2, K * 4) or
             (R + R2, 4) and softmax scores (R + R2, K + 1) of round 1 (first R rows) and round 2
-            (R2 = R, or min(k, R) with ``box_voting_rescore_topk``), in the input
+            (R2 = R, or fewer, see above), in the input
             image's coordinates. In "per_class" mode round 2's background column is 0 (each of
             its scores comes from a different box).
         """
@@ -247,16 +265,21 @@ class IONROIHeads(StandardROIHeads):
         )
 
     def _rescored(self, scores1: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Per image, the indices of the proposals round 2 scores (all, or the top k)."""
+        """
+        Per image, the indices of the proposals round 2 scores, in proposal order (so that
+        round 2's rows keep round 1's relative order): all, those whose best class score is at
+        least the minimum, and the top k of those.
+        """
         k = self.box_voting_rescore_topk
         picked = []
         for scores in scores1:
-            if k == 0 or k >= len(scores):
-                picked.append(torch.arange(len(scores), device=scores.device))
-            else:
-                # In proposal order, so that round 2's rows keep round 1's relative order.
-                top = scores[:, :-1].max(dim=1).values.topk(k).indices
-                picked.append(top.sort().values)
+            best = scores[:, :-1].max(dim=1).values
+            index = torch.arange(len(scores), device=scores.device)
+            if self.box_voting_rescore_min_score > 0:
+                index = index[best >= self.box_voting_rescore_min_score]
+            if 0 < k < len(index):
+                index = index[best[index].topk(k).indices].sort().values
+            picked.append(index)
         return picked
 
     def _run_box_head(self, features: List[torch.Tensor], proposals: List[Instances]):
