@@ -208,3 +208,41 @@ def test_image_sizes_limit_each_box_to_its_images_valid_cells(grad):
         assert torch.equal(x.grad[0, :, :5, :7], cut.grad[0])
         assert float(x.grad[0, :, 5:, :].abs().sum()) == 0.0
         assert float(x.grad[0, :, :, 7:].abs().sum()) == 0.0
+
+
+def test_bins_in_the_padding_are_zero_with_no_gradient_in_training():
+    """With a gradient (torchvision's op) and ``image_sizes``, a bin that covers only the
+    batch's padding is 0, as the sparse table gives it, and gets no gradient: output and
+    gradient equal, bit for bit, the plain computation (padding at -inf, then every bin at
+    -FLT_MAX set to 0 out of place)."""
+    g = torch.Generator().manual_seed(9)
+    stride = 8
+    sizes = [(40, 48), (64, 64)]  # valid cells (5, 6) and (8, 8) of an 8 x 8 map
+    feature = torch.randn(2, 4, 8, 8, generator=g)
+    boxes = [
+        # Reaching into the padding (its lower and right bins are empty), inside, and wholly in
+        # the padding (every bin empty).
+        Boxes(torch.tensor([[8.0, 8.0, 63.0, 63.0], [0.0, 0.0, 30.0, 20.0], [50.0, 44, 63, 63]])),
+        Boxes(torch.tensor([[4.0, 4.0, 60.0, 60.0]])),
+    ]
+    pool = IONROIPool(7, 1.0 / stride)
+    leaf = feature.clone().requires_grad_(True)
+    out = pool([leaf], boxes, image_sizes=sizes)
+    grad_out = torch.randn(out.shape, generator=g)
+    out.backward(grad_out)
+
+    ref_leaf = feature.clone().requires_grad_(True)
+    valid = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    valid[0, :, :5, :6] = True
+    valid[1] = True
+    rois = torch.cat([torch.tensor([[0.0], [0.0], [0.0], [1.0]]), Boxes.cat(boxes).tensor], dim=1)
+    ref = roi_pool(ref_leaf.masked_fill(~valid, float("-inf")), rois, (7, 7), 1.0 / stride)
+    ref = ref.masked_fill(ref <= torch.finfo(ref.dtype).min, 0.0)
+    ref.backward(grad_out)
+    assert torch.equal(out.detach(), ref.detach())
+    assert torch.equal(leaf.grad, ref_leaf.grad)
+    assert torch.equal(out[2].detach(), torch.zeros(4, 7, 7))
+    assert bool((out[0].detach()[:, -1] == 0).all())
+    assert float(leaf.grad[0, :, 5:].abs().sum() + leaf.grad[0, :, :, 6:].abs().sum()) == 0.0
+    with torch.no_grad():
+        assert torch.equal(pool([feature], boxes, image_sizes=sizes), out.detach())

@@ -252,3 +252,96 @@ def test_a_pending_scale_refuses_to_run_in_training_too():
             pooler(_features(), _boxes())
     pooler.set_scale(7.0)
     assert pooler(_features(), _boxes()).shape == (3, 512, 7, 7)
+
+
+@pytest.mark.parametrize(
+    "norm,scale,bias",
+    [
+        ("roi", "learned", True),
+        ("roi", "fixed", False),
+        ("location", "learned", True),
+        ("none", "", True),
+    ],
+)
+def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(norm, scale, bias):
+    """Training without concat dropout reduces each feature on its own
+    (``b + sum_i (W_i * s_i) p_i / n_i``): in float64 its output and the gradients of the
+    features, the scale, the conv's weight and bias equal the concatenation's (normalise,
+    concatenate, scale, 1x1 conv), computed here by hand."""
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm=norm,
+        scale=scale or "learned",
+        scale_init=0.0 if norm == "none" else 3.0,
+        out_channels=6,
+        dropout=0.0,
+    ).double()
+    if not bias:
+        pooler.reduce.bias = None
+    if pooler.scale is not None:
+        with torch.no_grad():
+            pooler.scale.copy_(torch.linspace(0.5, 5.0, len(pooler.scale)))
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(2, s.channels, 16, 16, generator=g).double() for s in SHAPES]
+    boxes = [
+        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0], [-9.0, 0, -1, 5]])),
+        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0], [0.0, 0.0, 255.0, 255.0]])),
+    ]
+    grad_out = torch.randn(5, 6, 7, 7, generator=g).double()
+    params = [p for p in (pooler.scale, pooler.reduce.weight, pooler.reduce.bias) if p is not None]
+    params = [p for p in params if p.requires_grad]
+
+    def run(forward):
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        for p in params:
+            p.grad = None
+        out = forward(leaves)
+        out.backward(grad_out)
+        return out.detach(), [f.grad for f in leaves], [p.grad.clone() for p in params]
+
+    def by_hand(leaves):
+        rois = _rois(boxes).double()
+        pooled = [
+            l2_normalize_rois(roi_pool(f, rois, 7, 1.0 / s.stride), norm)
+            for f, s in zip(leaves, SHAPES)
+        ]
+        concat = torch.cat(pooled, dim=1)
+        if pooler.scale is not None:
+            concat = concat * pooler.scale[None, :, None, None]
+        return F.conv2d(concat, pooler.reduce.weight, pooler.reduce.bias)
+
+    pooler.train()
+    got = run(lambda leaves: pooler(leaves, boxes))
+    want = run(by_hand)
+    assert len(got[2]) == len(params) >= 1 + bias
+    for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    assert float(got[0].abs().max()) > 0
+
+
+def test_concat_dropout_keeps_the_concatenation(monkeypatch):
+    """With dropout after the concatenation (section 3.2's 0.25) training keeps the
+    concatenated path, whose mask covers every feature's channels; in eval mode (no dropout),
+    and in training without dropout, the per-feature reduction runs and gives the same output."""
+    kwargs = dict(input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool")
+    feats, boxes = _features(), _boxes()
+    torch.manual_seed(0)
+    dropped = IONSkipPooler(**kwargs, out_channels=6, dropout=0.5, scale_init=3.0)
+    plain = IONSkipPooler(**kwargs, out_channels=6, dropout=0.0, scale_init=3.0)
+    plain.load_state_dict(dropped.state_dict())
+    calls = []
+    reduce_each = IONSkipPooler._reduce_each
+    monkeypatch.setattr(
+        IONSkipPooler, "_reduce_each", lambda self, p: calls.append(self) or reduce_each(self, p)
+    )
+    with torch.enable_grad():
+        eval_out = dropped.eval()(feats, boxes)
+        assert calls == [dropped]
+        assert torch.allclose(eval_out, plain.train()(feats, boxes), atol=1e-5)
+        assert calls == [dropped, plain]
+        train_out = dropped.train()(feats, boxes)
+        assert calls == [dropped, plain]
+    assert not torch.allclose(train_out, eval_out, atol=1e-3)

@@ -23,7 +23,12 @@ from torchvision.ops import roi_pool as tv_roi_pool
 
 from .padding import valid_cell_counts, valid_cell_mask
 
-__all__ = ["IONROIPool", "release_scratch", "roi_pool_bins", "sparse_table_roi_pool"]
+__all__ = [
+    "IONROIPool",
+    "release_scratch",
+    "roi_pool_bins",
+    "sparse_table_roi_pool",
+]
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -72,6 +77,11 @@ def roi_pool_bins(
     hstart, hend = axis(corners[:, 1], corners[:, 3], pooled_h, height)
     wstart, wend = axis(corners[:, 0], corners[:, 2], pooled_w, width)
     return hstart, hend, wstart, wend
+
+
+def _empty_bins(hstart: Tensor, hend: Tensor, wstart: Tensor, wend: Tensor) -> Tensor:
+    """(R, PH, PW) bool: the bins of :func:`roi_pool_bins` that cover no cell."""
+    return (hend <= hstart)[:, :, None] | (wend <= wstart)[:, None, :]
 
 
 def _floor_log2(n: Tensor) -> Tensor:
@@ -165,7 +175,7 @@ def _bin_windows(
     pooled_w = wstart.shape[1]
     bin_h = (hend - hstart)[:, :, None].expand(num, pooled_h, pooled_w)
     bin_w = (wend - wstart)[:, None, :].expand(num, pooled_h, pooled_w)
-    empty = (bin_h <= 0) | (bin_w <= 0)
+    empty = _empty_bins(hstart, hend, wstart, wend)
     level_h = _floor_log2(bin_h.clamp(min=1))
     level_w = _floor_log2(bin_w.clamp(min=1))
     levels_w = int(level_w.max()) + 1
@@ -349,7 +359,22 @@ class IONROIPool(nn.Module):
         """
         if len(x) != 1:
             raise ValueError(f"IONROIPool pools one feature map; got {len(x)}.")
-        feature = x[0]
+        feature, rois, counts, limits = self._inputs(x[0], box_lists, image_sizes)
+        if self.use_sparse_table(feature):
+            return sparse_table_roi_pool(
+                feature, rois, self.spatial_scale, self.output_size, out=out, limits=limits
+            )
+        feature = self._mask_padding(feature, counts)
+        pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+        pooled = self._zero_empty_bins(pooled, rois, counts, limits)
+        if out is None:
+            return pooled
+        out.copy_(pooled.permute(0, 2, 3, 1))
+        return out.permute(0, 3, 1, 2)
+
+    def _inputs(self, feature: Tensor, box_lists: List[Boxes], image_sizes):
+        """The feature, its ROIs (R, 5), each image's valid cells (:meth:`_valid_counts`) and
+        each ROI's (R, 2; None while tracing or when every cell is valid)."""
         if len(box_lists) != feature.shape[0]:
             raise ValueError(
                 f"IONROIPool got {len(box_lists)} box lists for a batch of {feature.shape[0]} "
@@ -357,28 +382,40 @@ class IONROIPool(nn.Module):
             )
         rois = convert_boxes_to_pooler_format(box_lists)
         counts = self._valid_counts(feature, image_sizes)
-        if self.use_sparse_table(feature):
-            limits = None
-            if counts is not None:
-                limits = counts.cpu().repeat_interleave(
-                    torch.tensor([len(b) for b in box_lists]), 0
-                )
-            return sparse_table_roi_pool(
-                feature, rois, self.spatial_scale, self.output_size, out=out, limits=limits
+        limits = None
+        if counts is not None and not torch.jit.is_tracing():
+            limits = counts.cpu().repeat_interleave(torch.tensor([len(b) for b in box_lists]), 0)
+        return feature, rois, counts, limits
+
+    @staticmethod
+    def _mask_padding(feature: Tensor, counts: Optional[Tensor]) -> Tensor:
+        """For torchvision's kernel: the padding at -inf, so that it cannot win a max."""
+        if counts is None:
+            return feature
+        valid = valid_cell_mask(counts, feature.shape[2], feature.shape[3])
+        return feature.masked_fill(~valid, float("-inf"))
+
+    def _zero_empty_bins(
+        self, pooled: Tensor, rois: Tensor, counts: Optional[Tensor], limits: Optional[Tensor]
+    ) -> Tensor:
+        """
+        torchvision's output of a masked feature with each bin that holds no valid cell at 0,
+        as one clipped away (its kernel starts each max at -FLT_MAX, and gives it no gradient).
+        """
+        if limits is not None:
+            # Those bins from the boxes alone (no pass over the output), set in place: their
+            # argmax is -1, so the backward pass gives them no gradient either way, and an
+            # out-of-place fill would copy the output forward and its gradient backward.
+            bins = roi_pool_bins(
+                rois[:, 1:].cpu(), self.spatial_scale, self.output_size, limits[:, 0], limits[:, 1]
             )
-        if counts is not None:
-            # The padding cannot win a max; a bin that holds nothing else is empty (0), as one
-            # clipped away. torchvision's kernel starts each max at -FLT_MAX, so such a bin
-            # gives -FLT_MAX (and no gradient).
-            valid = valid_cell_mask(counts, feature.shape[2], feature.shape[3])
-            feature = feature.masked_fill(~valid, float("-inf"))
-        pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
-        if counts is not None:
+            empty = _empty_bins(*bins).to(pooled.device)
+            if bool(empty.any()):
+                with torch.no_grad():
+                    pooled.masked_fill_(empty[:, None], 0.0)
+        elif counts is not None:  # tracing: the sizes vary, so a pass over the output
             pooled = pooled.masked_fill(pooled <= torch.finfo(pooled.dtype).min, 0.0)
-        if out is None:
-            return pooled
-        out.copy_(pooled.permute(0, 2, 3, 1))
-        return out.permute(0, 3, 1, 2)
+        return pooled
 
     def _valid_counts(
         self, feature: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]]

@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
+import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, cat
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
@@ -16,7 +17,7 @@ from .feature_order import (
     decode_feature_order,
     encode_feature_order,
 )
-from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois
+from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois, l2_norms
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
 
@@ -318,12 +319,45 @@ class IONSkipPooler(nn.Module):
             self._pool(pooler, feature, boxes, image_sizes)
             for pooler, feature, boxes in zip(self.poolers, x, self._enlarged(box_lists))
         ]
+        if self.reduce is not None and not (self.training and isinstance(self.dropout, nn.Dropout)):
+            return self._reduce_each(pooled)
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
         if self.scale is not None:
             out = out * self.scale[None, :, None, None]
         out = self.dropout(out)
         if self.reduce is not None:
             out = self.reduce(out)
+        return out
+
+    def _reduce_each(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        """
+        :meth:`forward`'s normalisation, concatenation, scale and 1x1 conv without building
+        the concatenation. The conv is linear and each descriptor's norm is one number per ROI
+        (per cell with "location"), so ``reduce(cat_i(s_i * p_i / n_i))`` is
+        ``b + sum_i ((W_i * s_i) p_i) / n_i``, ``W_i`` and ``s_i`` being the conv's input
+        channels and the scale of feature i: the element-wise passes of the normalisation and
+        the scale, forward and backward, then run over the conv's output channels once per
+        feature instead of over the concatenation's channels (docs/BENCHMARKS.md, "A training
+        step on the bundled data"). Equal to the concatenation's computation up to float
+        rounding, values and gradients (tests/test_skip_pooling.py). Not with dropout after the
+        concatenation, whose mask covers it.
+        """
+        weight = self.reduce.weight.flatten(1)
+        if self.scale is not None:
+            weight = weight * self.scale[None, :]
+        bias = self.reduce.bias
+        out = None if bias is None else bias[None, :, None, None]
+        start = 0
+        for p in pooled:
+            end = start + p.shape[1]
+            part = F.conv2d(p, weight[:, start:end, None, None])
+            norms = l2_norms(p, self.norm)
+            if norms is None:
+                out = part if out is None else out + part
+            else:
+                inv = norms.reciprocal()
+                out = part * inv if out is None else torch.addcmul(out, part, inv)
+            start = end
         return out
 
     def _enlarged(self, box_lists: List[Boxes]) -> List[List[Boxes]]:
