@@ -172,6 +172,33 @@ def test_bad_arguments_raise(kwargs, match):
         IONSkipPooler(**args)
 
 
+def _spread_scale_pooler(norm, scale, out_channels, *, dropout):
+    """A pooler of SHAPES whose scale (when it has one) differs channel by channel."""
+    pooler = IONSkipPooler(
+        input_shapes=SHAPES,
+        output_size=7,
+        sampling_ratio=0,
+        pooler_type="ROIPool",
+        norm=norm,
+        scale=scale or "learned",
+        scale_init=0.0 if norm == "none" else 3.0,
+        out_channels=out_channels,
+        dropout=dropout,
+    )
+    if pooler.scale is not None:
+        with torch.no_grad():
+            pooler.scale.copy_(torch.linspace(0.5, 5.0, len(pooler.scale)))
+    return pooler
+
+
+def _mixed_boxes():
+    """Boxes inside the 64x64 images, one off them, one larger than them."""
+    return [
+        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0], [-9.0, 0, -1, 5]])),
+        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0], [0.0, 0.0, 255.0, 255.0]])),
+    ]
+
+
 @pytest.mark.parametrize(
     "norm,scale,out_channels",
     [
@@ -186,27 +213,11 @@ def test_bad_arguments_raise(kwargs, match):
 def test_inference_path_equals_training_path(norm, scale, out_channels):
     """Eval without autograd (sparse-table pooling, fused normalisation and channels-last 1x1
     conv) gives the training path's output (eval mode with autograd on), up to float rounding."""
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
-        norm=norm,
-        scale=scale or "learned",
-        scale_init=0.0 if norm == "none" else 3.0,
-        out_channels=out_channels,
-        dropout=0.25,
-    ).eval()
-    if pooler.scale is not None:
-        with torch.no_grad():
-            pooler.scale.copy_(torch.linspace(0.5, 5.0, len(pooler.scale)))
+    pooler = _spread_scale_pooler(norm, scale, out_channels, dropout=0.25).eval()
     g = torch.Generator().manual_seed(1)
     feats = [torch.relu(torch.randn(2, s.channels, 16, 16, generator=g)) for s in SHAPES]
     feats = [f.requires_grad_(True) for f in feats]
-    boxes = [
-        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0], [-9.0, 0, -1, 5]])),
-        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0], [0.0, 0.0, 255.0, 255.0]])),
-    ]
+    boxes = _mixed_boxes()
     reference = pooler(feats, boxes)  # autograd on: torchvision pooling, unfused path
     assert reference.requires_grad
     with torch.no_grad():
@@ -268,28 +279,12 @@ def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(nor
     (``b + sum_i (W_i * s_i) p_i / n_i``): in float64 its output and the gradients of the
     features, the scale, the conv's weight and bias equal the concatenation's (normalise,
     concatenate, scale, 1x1 conv), computed here by hand."""
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
-        norm=norm,
-        scale=scale or "learned",
-        scale_init=0.0 if norm == "none" else 3.0,
-        out_channels=6,
-        dropout=0.0,
-    ).double()
+    pooler = _spread_scale_pooler(norm, scale, 6, dropout=0.0).double()
     if not bias:
         pooler.reduce.bias = None
-    if pooler.scale is not None:
-        with torch.no_grad():
-            pooler.scale.copy_(torch.linspace(0.5, 5.0, len(pooler.scale)))
     g = torch.Generator().manual_seed(2)
     feats = [torch.randn(2, s.channels, 16, 16, generator=g).double() for s in SHAPES]
-    boxes = [
-        Boxes(torch.tensor([[0.0, 0.0, 40.0, 30.0], [10.0, 12.0, 63.0, 60.0], [-9.0, 0, -1, 5]])),
-        Boxes(torch.tensor([[5.0, 5.0, 20.0, 50.0], [0.0, 0.0, 255.0, 255.0]])),
-    ]
+    boxes = _mixed_boxes()
     grad_out = torch.randn(5, 6, 7, 7, generator=g).double()
     params = [p for p in (pooler.scale, pooler.reduce.weight, pooler.reduce.bias) if p is not None]
     params = [p for p in params if p.requires_grad]
