@@ -19,6 +19,19 @@ SHAPES = [
 ]
 
 
+def _skip_pooler(**kwargs):
+    """An IONSkipPooler max-pooling SHAPES to 7x7 bins; ``kwargs`` set or override the rest."""
+    return IONSkipPooler(
+        **{
+            "input_shapes": SHAPES,
+            "output_size": 7,
+            "sampling_ratio": 0,
+            "pooler_type": "ROIPool",
+            **kwargs,
+        }
+    )
+
+
 def _features(n=2, size=64):
     g = torch.Generator().manual_seed(0)
     return [
@@ -59,11 +72,7 @@ def test_l2_normalize_modes_by_hand():
 
 @pytest.mark.parametrize("norm,default_scale", [("roi", 1000.0), ("location", 130.0)])
 def test_matches_reference_computation(norm, default_scale):
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
+    pooler = _skip_pooler(
         norm=norm,
         scale="learned",
         out_channels=6,
@@ -95,11 +104,7 @@ def test_matches_reference_computation(norm, default_scale):
 
 
 def test_fixed_scale_no_reduce_and_no_norm():
-    fixed = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
+    fixed = _skip_pooler(
         norm="roi",
         scale="fixed",
         scale_init=50.0,
@@ -113,11 +118,8 @@ def test_fixed_scale_no_reduce_and_no_norm():
     norms = out[:, :3].flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, 50.0), rtol=1e-4)
 
-    plain = IONSkipPooler(
+    plain = _skip_pooler(
         input_shapes=SHAPES[:1],
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
         norm="none",
         out_channels=0,
         dropout=0.0,
@@ -128,10 +130,7 @@ def test_fixed_scale_no_reduce_and_no_norm():
 
 
 def test_dropout_after_concat_and_empty_boxes():
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
+    pooler = _skip_pooler(
         pooler_type="ROIAlignV2",
         norm="roi",
         out_channels=0,
@@ -166,19 +165,13 @@ def test_dropout_after_concat_and_empty_boxes():
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
-    args = dict(input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool")
-    args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        IONSkipPooler(**args)
+        _skip_pooler(**kwargs)
 
 
 def _spread_scale_pooler(norm, scale, out_channels, *, dropout):
     """A pooler of SHAPES whose scale (when it has one) differs channel by channel."""
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
+    pooler = _skip_pooler(
         norm=norm,
         scale=scale or "learned",
         scale_init=0.0 if norm == "none" else 3.0,
@@ -230,11 +223,7 @@ def test_inference_path_equals_training_path(norm, scale, out_channels):
 
 @pytest.mark.parametrize("norm", ["roi", "location", "none"])
 def test_inference_path_without_boxes(norm):
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
+    pooler = _skip_pooler(
         norm=norm,
         scale_init=5.0,
         out_channels=4,
@@ -247,11 +236,7 @@ def test_inference_path_without_boxes(norm):
 def test_a_pending_scale_refuses_to_run_in_training_too():
     # Section 5.2's scale is measured before the first step (SkipPoolScaleHook), never by a
     # training batch: until then the pooler stops, naming the line that adds the measurement.
-    pooler = IONSkipPooler(
-        input_shapes=SHAPES,
-        output_size=7,
-        sampling_ratio=0,
-        pooler_type="ROIPool",
+    pooler = _skip_pooler(
         scale_init=-1.0,
         feature_names=["a", "b", "c"],
         scale_reference="c",
@@ -321,11 +306,10 @@ def test_concat_dropout_keeps_the_concatenation(monkeypatch):
     """With dropout after the concatenation (section 3.2's 0.25) training keeps the
     concatenated path, whose mask covers every feature's channels; in eval mode (no dropout),
     and in training without dropout, the per-feature reduction runs and gives the same output."""
-    kwargs = dict(input_shapes=SHAPES, output_size=7, sampling_ratio=0, pooler_type="ROIPool")
     feats, boxes = _features(), _boxes()
     torch.manual_seed(0)
-    dropped = IONSkipPooler(**kwargs, out_channels=6, dropout=0.5, scale_init=3.0)
-    plain = IONSkipPooler(**kwargs, out_channels=6, dropout=0.0, scale_init=3.0)
+    dropped = _skip_pooler(out_channels=6, dropout=0.5, scale_init=3.0)
+    plain = _skip_pooler(out_channels=6, dropout=0.0, scale_init=3.0)
     plain.load_state_dict(dropped.state_dict())
     calls = []
     reduce_each = IONSkipPooler._reduce_each
