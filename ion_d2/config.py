@@ -242,11 +242,12 @@ def add_ion_config(cfg: CN) -> None:
     _C.MODEL.ION.BOX_VOTING.RESCORE_TOPK = 0
     # Which of each image's proposals the second round scores, by score: those whose best
     # first-round class score (background excluded) is at least this. 0: every proposal, as the
-    # paper (section 4.2). Not a paper setting: a proposal every class scores below the test
-    # threshold (MODEL.ROI_HEADS.SCORE_THRESH_TEST, section 4.1's 0.05) gives no detection in
-    # round 1, and its box is seldom one in round 2; skipping those makes the second round's
-    # cost follow the objects in the image, not the proposals. With RESCORE_TOPK, the top k of
-    # those that pass. docs/BENCHMARKS.md measures its AP and time on the demo's model.
+    # paper (section 4.2). Not a paper setting: the second round's cost then follows the
+    # objects in the image, not the proposals. Keep it far below the test threshold
+    # (MODEL.ROI_HEADS.SCORE_THRESH_TEST, section 4.1's 0.05): a proposal round 1 scores low is
+    # often regressed onto an object and scored high in round 2. On the demo's model 0.001
+    # re-scores 40 % of the proposals with no AP loss, 0.05 loses 2.3 AP (docs/BENCHMARKS.md,
+    # "Box voting's second round on fewer boxes"). With RESCORE_TOPK, the top k of those.
     _C.MODEL.ION.BOX_VOTING.RESCORE_MIN_SCORE = 0.0
 
     # ---------------------------------------------------------------------------------------

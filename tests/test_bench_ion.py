@@ -131,9 +131,5 @@ def test_min_score_variant_runs_round_2_on_its_measured_share(bench, proposals):
     assert 0.40 < share < 0.41
     assert cfg.MODEL.ION.BOX_VOTING.ENABLED
     assert cfg.MODEL.ION.BOX_VOTING.RESCORE_TOPK == round(share * proposals)
-    assert (
-        bench.build_cfg(
-            "ion_whh_removed_box_voting", "rpn", proposals, args
-        ).MODEL.ION.BOX_VOTING.RESCORE_TOPK
-        == 0
-    )
+    every = bench.build_cfg("ion_whh_removed_box_voting", "rpn", proposals, args)
+    assert every.MODEL.ION.BOX_VOTING.RESCORE_TOPK == 0

@@ -23,12 +23,7 @@ from torchvision.ops import roi_pool as tv_roi_pool
 
 from .padding import valid_cell_counts, valid_cell_mask
 
-__all__ = [
-    "IONROIPool",
-    "release_scratch",
-    "roi_pool_bins",
-    "sparse_table_roi_pool",
-]
+__all__ = ["IONROIPool", "release_scratch", "roi_pool_bins", "sparse_table_roi_pool"]
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -359,22 +354,7 @@ class IONROIPool(nn.Module):
         """
         if len(x) != 1:
             raise ValueError(f"IONROIPool pools one feature map; got {len(x)}.")
-        feature, rois, counts, limits = self._inputs(x[0], box_lists, image_sizes)
-        if self.use_sparse_table(feature):
-            return sparse_table_roi_pool(
-                feature, rois, self.spatial_scale, self.output_size, out=out, limits=limits
-            )
-        feature = self._mask_padding(feature, counts)
-        pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
-        pooled = self._zero_empty_bins(pooled, rois, counts, limits)
-        if out is None:
-            return pooled
-        out.copy_(pooled.permute(0, 2, 3, 1))
-        return out.permute(0, 3, 1, 2)
-
-    def _inputs(self, feature: Tensor, box_lists: List[Boxes], image_sizes):
-        """The feature, its ROIs (R, 5), each image's valid cells (:meth:`_valid_counts`) and
-        each ROI's (R, 2; None while tracing or when every cell is valid)."""
+        feature = x[0]
         if len(box_lists) != feature.shape[0]:
             raise ValueError(
                 f"IONROIPool got {len(box_lists)} box lists for a batch of {feature.shape[0]} "
@@ -382,18 +362,26 @@ class IONROIPool(nn.Module):
             )
         rois = convert_boxes_to_pooler_format(box_lists)
         counts = self._valid_counts(feature, image_sizes)
+        # Each ROI's valid rows and columns; None while tracing (no sparse table then, and
+        # _zero_empty_bins finds empty bins by value).
         limits = None
         if counts is not None and not torch.jit.is_tracing():
             limits = counts.cpu().repeat_interleave(torch.tensor([len(b) for b in box_lists]), 0)
-        return feature, rois, counts, limits
-
-    @staticmethod
-    def _mask_padding(feature: Tensor, counts: Optional[Tensor]) -> Tensor:
-        """For torchvision's kernel: the padding at -inf, so that it cannot win a max."""
-        if counts is None:
-            return feature
-        valid = valid_cell_mask(counts, feature.shape[2], feature.shape[3])
-        return feature.masked_fill(~valid, float("-inf"))
+        if self.use_sparse_table(feature):
+            return sparse_table_roi_pool(
+                feature, rois, self.spatial_scale, self.output_size, out=out, limits=limits
+            )
+        if counts is not None:
+            # The padding cannot win a max; a bin that holds nothing else is empty (0), as one
+            # clipped away (_zero_empty_bins).
+            valid = valid_cell_mask(counts, feature.shape[2], feature.shape[3])
+            feature = feature.masked_fill(~valid, float("-inf"))
+        pooled = tv_roi_pool(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale)
+        pooled = self._zero_empty_bins(pooled, rois, counts, limits)
+        if out is None:
+            return pooled
+        out.copy_(pooled.permute(0, 2, 3, 1))
+        return out.permute(0, 3, 1, 2)
 
     def _zero_empty_bins(
         self, pooled: Tensor, rois: Tensor, counts: Optional[Tensor], limits: Optional[Tensor]
