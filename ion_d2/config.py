@@ -72,6 +72,12 @@ def add_ion_config(cfg: CN) -> None:
     # The backbone feature the context module reads (section 3.2: conv5; "res4"/"p5" for
     # ResNet-C4/FPN backbones).
     _C.MODEL.ION.CONTEXT.IN_FEATURE = "conv5"
+    # Beyond the paper (issue 25): features the context is also added into (a 1x1 conv, a
+    # per-cell layer norm whose scale starts at 0, nearest upsampling), before the proposal
+    # generator and the ROI heads read them: a feature pyramid's levels, e.g. ["p2", "p3",
+    # "p4", "p5"] (ion_d2/modeling/context/into_levels.py). [] (the paper): the context only
+    # reaches the ROI heads that pool it.
+    _C.MODEL.ION.CONTEXT.ADD_TO_FEATURES = []
 
     _C.MODEL.ION.CONTEXT.IRNN = CN()
     # Hidden units per direction (Table 9 varies 128/512/1024; the paper uses 512).

@@ -60,7 +60,13 @@ def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Option
             f"cfg.MODEL.ION.CONTEXT.NAME={name!r} is not in the ION_CONTEXT registry; "
             f'registered names: {registered} (or "" for no context module).'
         )
-    return ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
+    context = ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
+    targets = list(cfg.MODEL.ION.CONTEXT.ADD_TO_FEATURES)
+    if targets:
+        from .into_levels import IONContextIntoLevels
+
+        context = IONContextIntoLevels(context, input_shape=input_shape, targets=targets)
+    return context
 
 
 def check_context_outputs_read(
@@ -85,6 +91,7 @@ def check_context_outputs_read(
         ValueError: naming the unread outputs and the settings that could read them.
     """
     read = {feature for features in readers.values() for feature in features}
+    read |= set(getattr(context, "features_read_by_self", ()))
     unread = [feature for feature in context.output_shape() if feature not in read]
     if unread:
         listed = ", ".join(f"{key} = {list(features)}" for key, features in readers.items())
