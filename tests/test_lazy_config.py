@@ -247,6 +247,23 @@ def test_lazy_optimizer_clips_as_yaml(name):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
 
 
+def test_context_into_levels_builds_from_a_lazy_config():
+    from detectron2.config import LazyCall as L
+
+    from ion_d2.modeling.context.into_levels import IONContextIntoLevels
+
+    cfg = load("ION_R50_FPN_1x", TINY_R50 + [o for o in TINY_HEADS if "sem_seg" not in o])
+    levels = ["p2", "p3", "p4", "p5"]
+    cfg.model.heads.context = L(IONContextIntoLevels)(
+        context=cfg.model.heads.context, targets=levels
+    )
+    model = instantiate(cfg.model)
+    assert isinstance(model.context, IONContextIntoLevels)
+    assert model.context.targets == levels
+    assert model.context.proj.out_channels == 32  # the FPN's width, inferred
+    assert model.context.context.in_feature == "p5"
+
+
 def test_inferred_shape_written_differently_is_refused():
     cfg = load("ION_VGG16_synthetic", ["model.backbone.width_mult=0.125"] + TINY_HEADS)
     cfg.model.heads.context.in_channels = 7

@@ -67,6 +67,13 @@ def _build(node, shapes: Dict[str, ShapeSpec], where: str, **inferred):
     return instantiate({"_target_": target, **kwargs, **inferred})
 
 
+def _context_in_feature(node) -> Optional[str]:
+    """The feature a context module's LazyCall reads, through wrappers of another ("context")."""
+    while node is not None and "in_feature" not in node and is_lazy_call(node.get("context")):
+        node = node["context"]
+    return None if node is None else node.get("in_feature")
+
+
 def _feature(shapes: Dict[str, ShapeSpec], name: str, where: str) -> ShapeSpec:
     if name not in shapes:
         raise ValueError(
@@ -191,10 +198,15 @@ def build_ion_rcnn(
         raise ValueError(f"{where}.roi_heads is required (e.g. L(IONROIHeads)(...)).")
     context = heads.get("context")
     sem_seg_head = heads.get("sem_seg_head")
-    reference = context.get("in_feature") if context is not None else None
+    reference = _context_in_feature(context)
 
     def build_context(shapes):
-        return None if context is None else _build(context, shapes, f"{where}.context")
+        if context is None:
+            return None
+        # A wrapper such as IONContextIntoLevels reads the shapes of every feature.
+        takes_shapes = "input_shape" in inspect.signature(locate_target(context)).parameters
+        inferred = {"input_shape": dict(shapes)} if takes_shapes else {}
+        return _build(context, shapes, f"{where}.context", **inferred)
 
     def build_sem_seg_head(shapes):
         if sem_seg_head is None:
