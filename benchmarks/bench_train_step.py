@@ -57,6 +57,12 @@ PAIRS = {name: models for name, models in _gate_pairs().items() if name in ("vgg
 TARGETS = {"vgg16": {"training": 1.35}, "r50_fpn": {"training": 1.3, "inference": 1.2}}
 
 
+def _timed_pair(args) -> Dict[str, tuple]:
+    """``--pair``'s models (config file, overrides), the ION model with ``args.opts`` added."""
+    config, opts = PAIRS[args.pair]["ion"]
+    return {**PAIRS[args.pair], "ion": (config, list(opts) + list(args.opts))}
+
+
 def _cfg(model: tuple, seed: int):
     config_name, opts = model
     cfg = get_ion_cfg(os.path.join(REPO, "configs", config_name), list(opts) + ["SEED", seed])
@@ -104,10 +110,7 @@ def measure(args) -> Dict[str, Dict[str, List[float]]]:
     """Per mode ("training", and "inference" with ``--inference``), per model, seconds per
     step (per image at inference) of each round."""
     torch.set_num_threads(args.threads)
-    pair = PAIRS[args.pair]
-    config, opts = pair["ion"]
-    pair = {**pair, "ion": (config, list(opts) + list(args.opts))}
-    cfgs = {name: _cfg(model, args.seed) for name, model in pair.items()}
+    cfgs = {name: _cfg(model, args.seed) for name, model in _timed_pair(args).items()}
     batches = _batches(cfgs["ion"], args.batches)
     models = {}
     for name, cfg in cfgs.items():
@@ -215,8 +218,7 @@ def main(argv=None) -> int:
 
         print(json.dumps({"seconds": seconds, "ion_d2": os.path.dirname(ion_d2.__file__)}))
         return 0
-    config, opts = PAIRS[args.pair]["ion"]
-    pair = {**PAIRS[args.pair], "ion": (config, list(opts) + list(args.opts))}
+    pair = _timed_pair(args)
     print(
         f"Training step on the bundled data (benchmarks/bench_train_step.py): "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "

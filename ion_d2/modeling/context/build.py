@@ -8,6 +8,7 @@ from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
 from ..padding import valid_cell_counts_of
+from .into_levels import IONContextIntoLevels
 
 __all__ = [
     "ION_CONTEXT_REGISTRY",
@@ -63,8 +64,6 @@ def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Option
     context = ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
     targets = list(cfg.MODEL.ION.CONTEXT.ADD_TO_FEATURES)
     if targets:
-        from .into_levels import IONContextIntoLevels
-
         context = IONContextIntoLevels(context, input_shape=input_shape, targets=targets)
     return context
 

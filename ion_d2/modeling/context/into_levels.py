@@ -11,9 +11,11 @@ do on FPN detectors (GCNet, Cao et al., 2019: a context transform added to every
 with one 1x1 conv shared by the levels and a layer norm over each cell's channels (GCNet's
 transform normalises the same way; per cell, so no statistic mixes an image with the batch's
 padding). The norm's scale and shift start at 0, so the model starts as the plain pyramid: the
-stock detector's heads, pooling and training, plus the context module and its segmentation
-loss. Without the norm, the IRNN's unbounded output added to every level made the R50-FPN
-recipe diverge within 60 iterations. ``MODEL.ION.CONTEXT.ADD_TO_FEATURES`` lists the levels.
+stock detector's heads, pooling and training, plus the context module (and its segmentation
+loss, if on). On the bundled R50-FPN recipe, which clips no gradients, the seg loss made training
+diverge: at iteration ~56 with a zero-initialised 1x1 conv instead of the norm, at ~105 with it;
+without the seg loss it trains (docs/BENCHMARKS.md, "The context added into the levels").
+``MODEL.ION.CONTEXT.ADD_TO_FEATURES`` lists the levels.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -79,7 +81,6 @@ class IONContextIntoLevels(nn.Module):
         self.context = context
         self.targets = list(targets)
         self.context_stride = shape.stride
-        self.strides = {t: input_shape[t].stride for t in targets}
         self._shapes = {t: input_shape[t] for t in targets}
         out_channels = channels.pop()
         self.proj = Conv2d(shape.channels, out_channels, kernel_size=1)
@@ -106,7 +107,8 @@ class IONContextIntoLevels(nn.Module):
         added = self.norm(self.proj(out["context"]).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         for name in self.targets:
             feature = features[name]
-            factor = self.context_stride // self.strides[name]
+            stride = self._shapes[name].stride
+            factor = self.context_stride // stride
             up = added
             if factor > 1:
                 up = up.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
@@ -114,7 +116,7 @@ class IONContextIntoLevels(nn.Module):
             if up.shape[-2] < height or up.shape[-1] < width:
                 up = nn.functional.pad(up, (0, width - up.shape[-1], 0, height - up.shape[-2]))
             up = up[..., :height, :width]
-            counts = valid_cell_counts_of(image_sizes, self.strides[name], feature)
+            counts = valid_cell_counts_of(image_sizes, stride, feature)
             out[name] = feature + zero_outside_valid_cells(up, counts)
         return out
 
