@@ -12,7 +12,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from model_utils import ion_cfg, load_cfg, random_inputs, synthetic_slice
+from model_utils import ion_cfg, load_cfg, narrow_resnet, random_inputs, synthetic_slice
 
 import ion_d2
 from ion_d2 import IONRes5ROIHeads
@@ -29,21 +29,8 @@ class StockTrainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
-def _narrow(cfg):
-    # R50's depth at toy widths (multiples of 32 for GroupNorm; seconds per step on a CPU).
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 32
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    if cfg.MODEL.ION.SKIP_POOL.REDUCE_DIM == 256:
-        cfg.MODEL.ION.SKIP_POOL.REDUCE_DIM = 32
-    return cfg
-
-
 def _tiny(cfg, output_dir, train_name):
-    _narrow(cfg)
+    narrow_resnet(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 16
@@ -104,7 +91,7 @@ def _swap(zoo_config, lines):
     cfg.MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM = 16
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
-    return _narrow(cfg)
+    return narrow_resnet(cfg)
 
 
 def _step_and_infer(cfg):
@@ -178,7 +165,7 @@ def test_swap_section_c4_keeps_res5_as_the_box_head():
     # res5 is the stock C4 model's, parameter for parameter: its ImageNet weights load.
     stock = ion_cfg(path=model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml"))
     stock.MODEL.DEVICE = "cpu"
-    _narrow(stock)
+    narrow_resnet(stock)
     stock_res5 = build_model(stock).roi_heads.res5.state_dict()
     ours = heads.res5.state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in stock_res5.items()}

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import check_proposals
 from .context import build_ion_context, check_context_outputs_read
+from .init_stream import own_init_stream
 from .padding import backbone_per_size, proposals_per_size
 from .skip_pooling import check_scale_init, find_skip_pooler
 
@@ -202,7 +203,9 @@ def build_ion_heads(
     segmentation head, the proposal generator and the ROI heads on the backbone's and the
     context's together. :meth:`IONRCNN.from_config` and the shape-inferring
     :func:`ion_d2.modeling.builder.build_ion_rcnn` both build through this one order, so a seed
-    gives the same initial weights on either.
+    gives the same initial weights on either. The context module and the segmentation head are
+    built in their own random streams (:func:`own_init_stream`), so the proposal generator and
+    the ROI heads start from the weights the stock :class:`GeneralizedRCNN` draws.
 
     Args:
         backbone (nn.Module): the built :class:`Backbone`.
@@ -214,10 +217,14 @@ def build_ion_heads(
         dict[str, nn.Module or None]: :class:`IONRCNN`'s keyword arguments of the same names.
     """
     shapes = dict(backbone.output_shape())
-    built = {"context": context(dict(shapes))}
+    # ION's own heads draw from their own streams: the proposal generator and the ROI heads
+    # start as GeneralizedRCNN's with the same seed (ion_d2/modeling/init_stream.py).
+    with own_init_stream("context"):
+        built = {"context": context(dict(shapes))}
     if built["context"] is not None:
         shapes.update(built["context"].output_shape())
-    built["sem_seg_head"] = sem_seg_head(dict(shapes))
+    with own_init_stream("sem_seg_head"):
+        built["sem_seg_head"] = sem_seg_head(dict(shapes))
     built["proposal_generator"] = proposal_generator(dict(shapes))
     built["roi_heads"] = roi_heads(dict(shapes))
     return built

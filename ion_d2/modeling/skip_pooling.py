@@ -17,6 +17,7 @@ from .feature_order import (
     decode_feature_order,
     encode_feature_order,
 )
+from .init_stream import own_init_stream
 from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois, l2_norms
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
@@ -213,9 +214,11 @@ class IONSkipPooler(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if out_channels > 0:
             # Xavier (Caffe's filler: uniform, fan-in): the more features are concatenated,
-            # the smaller the initial weights (section 3.1).
-            self.reduce = Conv2d(in_channels, out_channels, kernel_size=1)
-            weight_init.c2_xavier_fill(self.reduce)
+            # the smaller the initial weights (section 3.1). Its own random stream: the box head
+            # built after it starts as the stock ROI heads' (ion_d2/modeling/init_stream.py).
+            with own_init_stream("skip_pool_reduce"):
+                self.reduce = Conv2d(in_channels, out_channels, kernel_size=1)
+                weight_init.c2_xavier_fill(self.reduce)
             self.out_channels = out_channels
         else:
             self.reduce = None
