@@ -126,3 +126,19 @@ def test_summary_records_the_machine_and_a_reference_of_another_is_pointed_out(
     monkeypatch.setattr(gate, "machine", lambda: "processor B")
     assert gate.main(common) == 0
     assert "the reference was measured on processor A" in capsys.readouterr().out
+
+
+def test_each_pair_is_gated_against_its_own_reference(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gate, "BENCHMARKS", str(tmp_path))
+    assert gate.reference_path("vgg16") == str(tmp_path / "accuracy_gate_reference.json")
+    resnet = tmp_path / "accuracy_gate_reference_r50_fpn.json"
+    assert gate.reference_path("r50_fpn") == str(resnet)
+    common = ["--output-dir", str(tmp_path), "--pair", "r50_fpn"]
+    _fake_runs(monkeypatch, BASE)
+    assert gate.main(common) == 0  # no reference yet: reported
+    assert "No reference for the pair 'r50_fpn'" in capsys.readouterr().out
+    assert gate.main(common + ["--write-reference"]) == 0 and resnet.exists()
+    assert not (tmp_path / "accuracy_gate_reference.json").exists()
+    _fake_runs(monkeypatch, _shifted("ion", -1.7))
+    assert gate.main(common) == 1
+    assert "GATE FAILED: ion AP" in capsys.readouterr().out
