@@ -78,6 +78,12 @@ def add_ion_config(cfg: CN) -> None:
     # "p4", "p5"] (ion_d2/modeling/context/into_levels.py). [] (the paper): the context only
     # reaches the ROI heads that pool it.
     _C.MODEL.ION.CONTEXT.ADD_TO_FEATURES = []
+    # Beyond the paper (issue 25), with ADD_TO_FEATURES only: the context module reads a
+    # detached copy of IN_FEATURE, so its gradient (and its segmentation loss's) trains the
+    # context module and the added term but not the backbone; the levels it is added to train
+    # as usual. False (the paper's end-to-end training): the context's gradient reaches the
+    # backbone through IN_FEATURE.
+    _C.MODEL.ION.CONTEXT.DETACH_INPUT = False
 
     _C.MODEL.ION.CONTEXT.IRNN = CN()
     # Hidden units per direction (Table 9 varies 128/512/1024; the paper uses 512).

@@ -139,3 +139,33 @@ def test_off_by_default_is_the_plain_context_module():
     cfg = ion_cfg({"MODEL.ION.CONTEXT.IN_FEATURE": "p5", "MODEL.ION.CONTEXT.IRNN.HIDDEN_DIM": 3})
     assert cfg.MODEL.ION.CONTEXT.ADD_TO_FEATURES == []
     assert not isinstance(build_ion_context(cfg, SHAPES), IONContextIntoLevels)
+
+
+def _p5_out_and_grad(detach, features, upstream):
+    torch.manual_seed(0)
+    module = _context(**{"MODEL.ION.CONTEXT.DETACH_INPUT": detach})
+    _randomize_proj(module)
+    p5 = features["p5"].clone().requires_grad_(True)
+    out = module({**features, "p5": p5})["p5"]
+    (out * upstream).sum().backward()
+    trained = any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in module.context.parameters()
+    )
+    return out.detach(), p5.grad, trained
+
+
+def test_detach_input_stops_the_contexts_gradient_into_the_backbone():
+    features = _features()
+    upstream = torch.randn_like(features["p5"])
+    out, grad, trained = _p5_out_and_grad(False, features, upstream)
+    out_detached, grad_detached, trained_detached = _p5_out_and_grad(True, features, upstream)
+    torch.testing.assert_close(out_detached, out)  # the same values
+    # p5, a target, still gets the gradient of its own sum; only the context's path is cut.
+    torch.testing.assert_close(grad_detached, upstream)
+    assert (grad - upstream).abs().max() > 1e-4
+    assert trained and trained_detached  # the context module trains either way
+
+
+def test_detach_input_without_levels_is_refused():
+    with pytest.raises(ValueError, match=r"DETACH_INPUT True.*ADD_TO_FEATURES is \[\]"):
+        _context([], **{"MODEL.ION.CONTEXT.DETACH_INPUT": True})

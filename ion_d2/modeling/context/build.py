@@ -63,8 +63,17 @@ def build_ion_context(cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Option
         )
     context = ION_CONTEXT_REGISTRY.get(name)(cfg, input_shape)
     targets = list(cfg.MODEL.ION.CONTEXT.ADD_TO_FEATURES)
+    detach = cfg.MODEL.ION.CONTEXT.DETACH_INPUT
     if targets:
-        context = IONContextIntoLevels(context, input_shape=input_shape, targets=targets)
+        context = IONContextIntoLevels(
+            context, input_shape=input_shape, targets=targets, detach_input=detach
+        )
+    elif detach:
+        raise ValueError(
+            "MODEL.ION.CONTEXT.DETACH_INPUT True acts only on the context added into levels; "
+            "MODEL.ION.CONTEXT.ADD_TO_FEATURES is []. Name the levels (e.g. ['p2', 'p3', 'p4', "
+            "'p5']) or set DETACH_INPUT False."
+        )
     return context
 
 

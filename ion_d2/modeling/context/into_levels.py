@@ -45,6 +45,7 @@ class IONContextIntoLevels(nn.Module):
         *,
         input_shape: Dict[str, ShapeSpec],
         targets: Sequence[str],
+        detach_input: bool = False,
     ):
         """
         Args:
@@ -52,6 +53,8 @@ class IONContextIntoLevels(nn.Module):
             input_shape (dict[str, ShapeSpec]): the backbone's features.
             targets (list[str]): the features the context is added to; they must share one
                 channel count and have strides dividing the context's.
+            detach_input (bool): the context module reads a detached copy of its input
+                feature: its gradient trains it and the added term, not the backbone.
         """
         super().__init__()
         if not targets:
@@ -80,6 +83,7 @@ class IONContextIntoLevels(nn.Module):
             )
         self.context = context
         self.targets = list(targets)
+        self.detach_input = detach_input
         self.context_stride = shape.stride
         self._shapes = {t: input_shape[t] for t in targets}
         out_channels = channels.pop()
@@ -103,7 +107,11 @@ class IONContextIntoLevels(nn.Module):
         features: Dict[str, Tensor],
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Dict[str, Tensor]:
-        out = dict(self.context(features, image_sizes))
+        inputs = features
+        if self.detach_input:
+            inputs = dict(features)
+            inputs[self.in_feature] = features[self.in_feature].detach()
+        out = dict(self.context(inputs, image_sizes))
         added = self.norm(self.proj(out["context"]).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         for name in self.targets:
             feature = features[name]
