@@ -10,16 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 from model_utils import REPO, load_cfg, random_inputs, synthetic_slice
 
+from ion_d2 import IONROIHeads
 from ion_d2.engine import SkipPoolScaleHook
 from ion_d2.engine.skip_pool_scale import skip_pooler, training_batches
 from ion_d2.engine.solver import build_ion_lr_scheduler, build_ion_optimizer, clipped_optimizer
 from ion_d2.modeling.builder import build_ion_rcnn
+from ion_d2.modeling.context.into_levels import IONContextIntoLevels
+from ion_d2.modeling.skip_pooling import IONSkipPooler
 
 LAZY = os.path.join(REPO, "configs", "lazy")
 VGG16_CONFIGS = ["ION_VGG16_synthetic", "ION_VGG16_VOC0712_stage1", "ION_VGG16_COCO_stage1"]
@@ -35,8 +39,13 @@ TINY_HEADS = [
     "model.heads.roi_heads.box_predictor.test_score_thresh=0.0",
 ]
 TINY_VGG16 = ["model.backbone.width_mult=0.125", "model.backbone.freeze_at=0"]
-# R50's depth at a toy FPN width (its stages' widths are fixed by make_default_stages).
-TINY_R50 = ["model.backbone.out_channels=32"]
+# R50's depth at a toy FPN width (its stages' widths are fixed by make_default_stages), with
+# ION-FPN's context (added into the levels) and the zoo's box branch at tiny widths.
+TINY_R50 = [
+    "model.backbone.out_channels=32",
+    "model.heads.context.context.hidden_dim=16",
+    *(o for o in TINY_HEADS if "context" not in o and "box_pooler" not in o),
+]
 
 
 def load(name, overrides=()):
@@ -127,18 +136,35 @@ def test_vgg16_lazy_config_trains_and_infers(name, synth):
 
 def test_r50_fpn_lazy_config_trains_and_infers(synth):
     _, names = synth
-    overrides = TINY_R50 + [o for o in TINY_HEADS if "sem_seg" not in o]
+    overrides = TINY_R50
     # GroupNorm: untrained FrozenBN layers would let R50's activations grow without bound.
     norms = ["model.backbone.bottom_up.stem.norm=GN", "model.backbone.bottom_up.stages.norm=GN"]
     cfg = load("ION_R50_FPN_1x", overrides + norms)
     tiny_data(cfg, names, sem_seg=False)
     cfg.dataloader.train.mapper.image_format = "BGR"
     model, losses, measured = train_step_and_infer(cfg)
-    # Shapes inferred from the FPN: the RPN head and the IRNN read 32 channels.
+    # Shapes inferred from the FPN: the RPN head, the IRNN and the added term's 1x1 conv read
+    # 32 channels; the zoo's box head takes 32 x 7 x 7.
     assert model.proposal_generator.rpn_head.conv.in_channels == 32
-    assert model.context.layers[0].input_to_hidden.in_channels == 32
-    assert model.roi_heads.box_in_features == ["p2", "p3", "p4", "p5", "context"]
-    assert measured is not None and measured > 0
+    assert isinstance(model.context, IONContextIntoLevels) and model.context.detach_input
+    assert model.context.context.layers[0].input_to_hidden.in_channels == 32
+    assert model.context.proj.out_channels == 32
+    assert model.roi_heads.box_in_features == ["p2", "p3", "p4", "p5"]
+    assert model.roi_heads.box_head.fc1.in_features == 32 * 7 * 7
+    assert measured is None  # no skip pooler, no scale
+
+
+def test_r50_fpn_lazy_model_equals_yaml_preset():
+    """configs/lazy/ION_R50_FPN_1x.py and configs/ION_R50_FPN_1x.yaml: the same parameter names
+    and shapes (checkpoints interchange) and the same context options."""
+    lazy = instantiate(load("ION_R50_FPN_1x").model)
+    preset = os.path.join(REPO, "configs", "ION_R50_FPN_1x.yaml")
+    yaml_model = build_model(load_cfg(preset, {"MODEL.DEVICE": "cpu"}))
+    assert {k: v.shape for k, v in lazy.state_dict().items()} == {
+        k: v.shape for k, v in yaml_model.state_dict().items()
+    }
+    for attribute in ("targets", "detach_input", "context_stride"):
+        assert getattr(lazy.context, attribute) == getattr(yaml_model.context, attribute)
 
 
 def test_synthetic_lazy_model_equals_yaml_preset():
@@ -247,23 +273,6 @@ def test_lazy_optimizer_clips_as_yaml(name):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
 
 
-def test_context_into_levels_builds_from_a_lazy_config():
-    from detectron2.config import LazyCall as L
-
-    from ion_d2.modeling.context.into_levels import IONContextIntoLevels
-
-    cfg = load("ION_R50_FPN_1x", TINY_R50 + [o for o in TINY_HEADS if "sem_seg" not in o])
-    levels = ["p2", "p3", "p4", "p5"]
-    cfg.model.heads.context = L(IONContextIntoLevels)(
-        context=cfg.model.heads.context, targets=levels
-    )
-    model = instantiate(cfg.model)
-    assert isinstance(model.context, IONContextIntoLevels)
-    assert model.context.targets == levels
-    assert model.context.proj.out_channels == 32  # the FPN's width, inferred
-    assert model.context.context.in_feature == "p5"
-
-
 def test_inferred_shape_written_differently_is_refused():
     cfg = load("ION_VGG16_synthetic", ["model.backbone.width_mult=0.125"] + TINY_HEADS)
     cfg.model.heads.context.in_channels = 7
@@ -291,9 +300,15 @@ def test_constructor_checks_refuse_on_both_paths():
     cfg.model.heads.roi_heads.box_in_features = ["conv3", "conv4", "context"]
     with pytest.raises(ValueError, match=r"scale_reference 'conv5' .* does not pool"):
         instantiate(cfg.model)
-    # The paper's constant scale on a backbone it was not measured on.
-    cfg = load("ION_R50_FPN_1x", TINY_R50 + [o for o in TINY_HEADS if "sem_seg" not in o])
-    cfg.model.heads.roi_heads.box_pooler.scale_init = 0.0
+    # The paper's constant scale on a backbone it was not measured on: skip pooling on FPN.
+    cfg = load("ION_R50_FPN_1x", TINY_R50)
+    heads = cfg.model.heads
+    heads.context = heads.context.context
+    heads.roi_heads._target_ = IONROIHeads
+    heads.roi_heads.box_in_features = ["p2", "p3", "p4", "p5", "context"]
+    heads.roi_heads.box_pooler = L(IONSkipPooler)(
+        output_size=7, sampling_ratio=0, pooler_type="ROIAlignV2", scale_init=0.0, out_channels=32
+    )
     with pytest.raises(ValueError, match=r"scale_init .* is 0.* the backbone is FPN"):
         instantiate(cfg.model)
 

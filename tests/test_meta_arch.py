@@ -127,7 +127,8 @@ def test_precomputed_proposals_as_in_the_paper():
 
 def test_swap_ion_heads_into_stock_r50_fpn_config():
     cfg = ion_cfg(path=model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
-    # The exact lines of README.md, "ION's heads in your own config".
+    # The paper's skip pooling on FPN (README.md, "ION's heads in your own config", its second
+    # paragraph): every ROI from every level plus the context.
     cfg.merge_from_list(
         [
             "MODEL.META_ARCHITECTURE",

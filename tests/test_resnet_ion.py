@@ -11,12 +11,21 @@ from detectron2 import model_zoo
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import EventStorage
-from model_utils import ion_cfg, load_cfg, narrow_resnet, random_inputs, synthetic_slice
+from model_utils import (
+    flat_cfg,
+    ion_cfg,
+    load_cfg,
+    narrow_resnet,
+    random_inputs,
+    synthetic_slice,
+)
 
 import ion_d2
 from ion_d2 import IONRes5ROIHeads
 from ion_d2.engine.skip_pool_scale import measure_pooled_norms, measure_skip_pool_scale, skip_pooler
+from ion_d2.modeling.context.into_levels import IONContextIntoLevels
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -74,12 +83,14 @@ def test_resnet_preset_trains_under_detectron2s_stock_trainer(preset, tmp_path, 
         assert trainer.iter == cfg.SOLVER.MAX_ITER == 2  # iterations 0 and 1 ran
         assert math.isfinite(trainer.storage.history("total_loss").latest())
         pooler = skip_pooler(trainer.model)
-        if "ION_" in preset:
+        if "ION_R50_C4" in preset:
             # SCALE_INIT -1 (C4's pooler too), measured before the first step on the training
             # images (SCALE_MEASURE_IMAGES, here all 4): section 5.2's one procedure.
             assert pooler is not None and not pooler.scale_pending
             assert "on 4 training images" in caplog.text and "scale set to" in caplog.text
         else:
+            # The stock model and ION-FPN (the context added into the levels) pool nothing
+            # with ION's skip pooler.
             assert pooler is None and "scale set to" not in caplog.text
 
 
@@ -97,8 +108,9 @@ def _swap(zoo_config, lines):
 def _step_and_infer(cfg):
     model = build_model(cfg)
     inputs = random_inputs(cfg, with_sem_seg=(False,))
-    # SCALE_INIT -1: measured first, as SkipPoolScaleHook does before the first step.
-    measure_skip_pool_scale(model, [inputs])
+    if skip_pooler(model) is not None:
+        # SCALE_INIT -1: measured first, as SkipPoolScaleHook does before the first step.
+        measure_skip_pool_scale(model, [inputs])
     model.train()
     with EventStorage():
         losses = model(inputs)
@@ -149,9 +161,37 @@ def test_doc_lines_are_read():
 
 def test_swap_section_fpn():
     model = _step_and_infer(_swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", FPN_LINES))
-    pooler = model.roi_heads.box_pooler
-    assert pooler.feature_names == ["p2", "p3", "p4", "p5", "context"]
-    assert pooler.reduce.out_channels == 32  # REDUCE_DIM 256 narrowed with FPN.OUT_CHANNELS
+    assert isinstance(model.context, IONContextIntoLevels) and model.context.detach_input
+    assert model.context.targets == ["p2", "p3", "p4", "p5"]
+    assert model.context.proj.out_channels == 32  # the FPN's width (narrowed)
+    assert type(model.roi_heads) is StandardROIHeads  # Detectron2's, untouched
+    assert model.roi_heads.box_in_features == ["p2", "p3", "p4", "p5"]
+
+
+# The keys that decide ION's model on top of the detector it is swapped into.
+ION_MODEL_KEYS = (
+    "MODEL.META_ARCHITECTURE",
+    "MODEL.ION.",
+    "MODEL.ROI_HEADS.",
+    "MODEL.ROI_BOX_HEAD.",
+    "MODEL.SEM_SEG_HEAD.",
+)
+
+
+@pytest.mark.parametrize(
+    "zoo_config, lines, preset",
+    [
+        ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", FPN_LINES, "configs/ION_R50_FPN_1x.yaml"),
+        ("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", C4_LINES, "configs/ION_R50_C4_1x.yaml"),
+    ],
+)
+def test_swap_lines_alone_give_the_presets_model(zoo_config, lines, preset):
+    # Drop-in (issue 25): add_ion_config plus the documented lines, and no other key, give the
+    # preset's (the measured) model.
+    swapped = flat_cfg(ion_d2.get_ion_cfg(model_zoo.get_config_file(zoo_config), lines))
+    shipped = flat_cfg(load_cfg(preset))
+    keys = sorted(k for k in shipped if k.startswith(ION_MODEL_KEYS))
+    assert {k: swapped[k] for k in keys} == {k: shipped[k] for k in keys}
 
 
 def test_swap_section_c4_keeps_res5_as_the_box_head():
@@ -184,9 +224,20 @@ def test_c4_scale_is_found_and_measured_by_the_one_procedure():
     assert torch.equal(pooler.scale, torch.full_like(pooler.scale, value))
 
 
+# The paper's skip pooling on FPN (README.md's second paragraph of the section): every ROI from
+# every level and the context, without the context added into the levels.
+SKIP_POOL_FPN = [
+    "MODEL.META_ARCHITECTURE", "IONRCNN",
+    "MODEL.ION.CONTEXT.IN_FEATURE", "p5",
+    "MODEL.ROI_HEADS.NAME", "IONROIHeads",
+    "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'context']",
+    "MODEL.ION.SKIP_POOL.REDUCE_DIM", "256",
+]  # fmt: skip
+
+
 def test_scale_init_zero_on_resnet_is_refused():
-    lines = FPN_LINES[:4] + FPN_LINES[6:]  # without SCALE_INIT: the default 0
-    cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", lines)
+    # Without SKIP_POOL.SCALE_INIT: the default 0.
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", SKIP_POOL_FPN)
     with pytest.raises(ValueError, match=r"SCALE_INIT\) is 0.*the backbone is FPN"):
         build_model(cfg)
 
@@ -208,4 +259,9 @@ def test_options_the_c4_heads_would_ignore_are_refused():
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
     cfg.MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES = ["p2"]
     with pytest.raises(TypeError, match=r"ENLARGED.IN_FEATURES is \['p2'\].*StandardROIHeads"):
+        build_model(cfg)
+    # Nor a scale to measure (SCALE_INIT -1), which IONTrainer would silently skip.
+    cfg = _swap("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", FPN_LINES)
+    cfg.MODEL.ION.SKIP_POOL.SCALE_INIT = -1.0
+    with pytest.raises(TypeError, match=r"SCALE_INIT is -1 .*StandardROIHeads.*no scale"):
         build_model(cfg)

@@ -39,7 +39,7 @@ from ..config import check_proposals
 from .context import build_ion_context, check_context_outputs_read
 from .init_stream import own_init_stream
 from .padding import backbone_per_size, proposals_per_size
-from .skip_pooling import check_scale_init, find_skip_pooler
+from .skip_pooling import MEASURE_SCALE, check_scale_init, find_skip_pooler
 
 __all__ = ["IONRCNN", "build_ion_heads"]
 
@@ -286,7 +286,8 @@ def _check_box_voting_heads(roi_heads: nn.Module) -> None:
 def _check_head_options(cfg, roi_heads: nn.Module) -> None:
     """
     Refuse ION options the ROI heads would ignore: box voting on heads without its second round
-    (e.g. C4's IONRes5ROIHeads), enlarged boxes on heads without ION's skip pooler.
+    (e.g. C4's IONRes5ROIHeads), enlarged boxes or a scale to measure on heads without ION's
+    skip pooler.
     """
     name = type(roi_heads).__name__
     if cfg.MODEL.ION.BOX_VOTING.ENABLED and not hasattr(roi_heads, "box_voting_candidates"):
@@ -302,6 +303,13 @@ def _check_head_options(cfg, roi_heads: nn.Module) -> None:
             f"MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES is {enlarged}, but the ROI heads ({name}, "
             "MODEL.ROI_HEADS.NAME) do not pool with ION's skip pooler; it needs 'IONROIHeads' "
             "or 'IONRes5ROIHeads'. Set it to [] for this model."
+        )
+    if cfg.MODEL.ION.SKIP_POOL.SCALE_INIT == MEASURE_SCALE and pooler is None:
+        raise TypeError(
+            f"MODEL.ION.SKIP_POOL.SCALE_INIT is -1 (measure the skip-pooling scale), but the ROI "
+            f"heads ({name}, MODEL.ROI_HEADS.NAME) do not pool with ION's skip pooler, so there "
+            "is no scale to measure; it needs 'IONROIHeads' or 'IONRes5ROIHeads'. Leave it at "
+            "its default (0) for this model."
         )
 
 
