@@ -14,7 +14,8 @@ padding). The norm's scale and shift start at 0, so the model starts as the plai
 stock detector's heads, pooling and training, plus the context module (and its segmentation
 loss, if on). On the bundled R50-FPN recipe, which clips no gradients, the seg loss made training
 diverge: at iteration ~56 with a zero-initialised 1x1 conv instead of the norm, at ~105 with it;
-without the seg loss it trains (docs/BENCHMARKS.md, "The context added into the levels").
+without the seg loss, or with the context's input detached (``detach_input``), it trains
+(docs/BENCHMARKS.md, "The context added into the levels", "Where the AP goes").
 ``MODEL.ION.CONTEXT.ADD_TO_FEATURES`` lists the levels.
 """
 
