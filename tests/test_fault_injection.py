@@ -637,6 +637,33 @@ def test_train_net_runs_two_cpu_processes(bundled_datasets, tmp_path):
     assert "GLOO" in log and os.path.isfile(tmp_path / "out" / "model_final.pth")
 
 
+def test_a_rank_leaves_its_gloo_group_when_main_returns(tmp_path):
+    """Torn down by the worker, not at interpreter exit (where GLOO aborted a rank in CI)."""
+    import torch.distributed as dist
+
+    from ion_d2.engine.launch import run_then_leave_group
+
+    def main(value):
+        assert dist.get_world_size() == 1
+        return value * 2
+
+    def broken():
+        raise RuntimeError("main failed")
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    try:
+        dist.init_process_group("gloo", init_method=init, world_size=1, rank=0)
+        assert run_then_leave_group(main, 21) == 42
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"{init}2", world_size=1, rank=0)
+        with pytest.raises(RuntimeError, match="main failed"):
+            run_then_leave_group(broken)
+        assert dist.is_initialized()  # left alone: waiting for peers could hang
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # --- Issue 19: tools/predict.py finishes the folder; config errors; the stock predictor ------
 
 

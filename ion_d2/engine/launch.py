@@ -8,6 +8,7 @@ v0.6's asserts CUDA and always uses NCCL. Both versions' ``create_ddp_model`` pa
 """
 
 import functools
+import gc
 import inspect
 import logging
 from datetime import timedelta
@@ -19,7 +20,13 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["launch", "d2_launch_supports_cpu", "create_ddp_model_any_device", "unwrap_ddp"]
+__all__ = [
+    "launch",
+    "d2_launch_supports_cpu",
+    "create_ddp_model_any_device",
+    "unwrap_ddp",
+    "run_then_leave_group",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         f"No CUDA: starting {num_gpus_per_machine} CPU processes per machine ({world_size} in "
         "all) on the GLOO backend; set MODEL.DEVICE cpu."
     )
+    main_func = functools.partial(run_then_leave_group, main_func)
     if d2_launch_supports_cpu():
         return d2_launch(
             main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args
@@ -78,6 +86,25 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def run_then_leave_group(main_func, *args):
+    """
+    Runs ``main_func(*args)`` in a process of a GLOO group, then has every rank wait for the
+    others and tears the group down before the process exits. Left to interpreter exit, a rank
+    whose peer had already gone could abort with SIGABRT ("terminate called without an active
+    exception") after training had finished. After an exception the group is left as it is
+    (waiting for the other ranks could hang).
+
+    Returns:
+        what ``main_func`` returns.
+    """
+    result = main_func(*args)
+    if dist.is_available() and dist.is_initialized():
+        comm.synchronize()
+        gc.collect()  # frees DistributedDataParallel's reducer, which holds the group
+        dist.destroy_process_group()
+    return result
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
