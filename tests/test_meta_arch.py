@@ -231,9 +231,12 @@ def _strip_gt(inputs):
 
 
 def _same_detections(x, y):
+    # Equal up to float32 rounding: the trunk's kernels may sum in another order for another
+    # batch shape (2 ulps, 1.5e-5 px, on 100-px boxes on an AMD EPYC), so the boxes' tolerance
+    # grows with their size. B's padding reaching A moves them by tens of pixels.
     return (
         len(x) == len(y)
-        and torch.allclose(x.pred_boxes.tensor, y.pred_boxes.tensor, rtol=0, atol=1e-5)
+        and torch.allclose(x.pred_boxes.tensor, y.pred_boxes.tensor, rtol=1e-6, atol=1e-5)
         and torch.allclose(x.scores, y.scores, rtol=0, atol=1e-5)
         and torch.equal(x.pred_classes, y.pred_classes)
     )
