@@ -34,11 +34,17 @@ def _tiny_model(**overrides):
             "MODEL.ION.CONTEXT.IRNN.RECURRENT": "removed",
             "MODEL.ION.CONTEXT.IRNN.FIRST_STEP_BIAS": True,
         },
+        # The local-context branch on the image (issue 26): the image tensor and the valid-cell
+        # masks are traced values.
+        {"MODEL.ION.LOCAL_CONTEXT.IN_FEATURE": "image"},
     ],
-    ids=["irnn_learned", "irnn_identity_first_step_bias"],
+    ids=["irnn_learned", "irnn_identity_first_step_bias", "local_context"],
 )
 def test_traced_model_matches_eager_at_other_sizes(overrides):
     model = _tiny_model(**overrides)
+    branch = getattr(model.roi_heads, "local_context", None)
+    if branch is not None:  # zero-initialised: give it scores that move the detections
+        torch.nn.init.normal_(branch.cls_score.weight, std=0.5)
     traced, adapter = trace_ion_model(model, _image(96, 128))
     # Saved and loaded: no Python calls left in the graph (torch.jit.save refuses them).
     buffer = io.BytesIO()

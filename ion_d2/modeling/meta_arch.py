@@ -38,6 +38,7 @@ from torch import nn
 from ..config import check_proposals
 from .context import build_ion_context, check_context_outputs_read
 from .init_stream import own_init_stream
+from .local_context import IMAGE_FEATURE
 from .padding import backbone_per_size, proposals_per_size
 from .skip_pooling import MEASURE_SCALE, check_scale_init, find_skip_pooler
 
@@ -95,6 +96,9 @@ class IONRCNN(GeneralizedRCNN):
         self.unresized_test_max_size = unresized_test_max_size
         self._warned_uncapped = False
         self._seg_head_takes_image_sizes = _check_seg_head(sem_seg_head, sem_seg_ignore_value)
+        self._roi_heads_read_image = IMAGE_FEATURE in _reader(self.roi_heads, "", "")[1] + [
+            getattr(self.roi_heads, "local_context_in_feature", "")
+        ]
         # Here, not in a config builder, so that every way of building the model checks them.
         _check_context_outputs_read(context, self.roi_heads, sem_seg_head, self.proposal_generator)
         check_scale_init(self.roi_heads, self.backbone)
@@ -122,13 +126,18 @@ class IONRCNN(GeneralizedRCNN):
         return images, features, _precomputed_proposals(batched_inputs, self.device), {}
 
     def extract_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        """``self.backbone(images.tensor)`` of :class:`GeneralizedRCNN`, plus the context's."""
+        """
+        ``self.backbone(images.tensor)`` of :class:`GeneralizedRCNN`, plus the context's, and the
+        normalised batch itself as :data:`IMAGE_FEATURE` where the ROI heads read it.
+        """
         per_size = self.backbone_per_image_train if self.training else self.backbone_per_image
         features = (
             backbone_per_size(self.backbone, images) if per_size else self.backbone(images.tensor)
         )
         if self.context is not None:
             features.update(self.context(features, images.image_sizes))
+        if self._roi_heads_read_image:
+            features[IMAGE_FEATURE] = images.tensor
         return features
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
@@ -197,6 +206,7 @@ def build_ion_heads(
     sem_seg_head: HeadBuilder,
     proposal_generator: HeadBuilder,
     roi_heads: HeadBuilder,
+    image_channels: int = 3,
 ) -> Dict[str, Optional[nn.Module]]:
     """
     Build :class:`IONRCNN`'s heads: the context module on the backbone's features, then the
@@ -212,6 +222,8 @@ def build_ion_heads(
         context, sem_seg_head, proposal_generator, roi_heads (callable): each builds that head
             from the shapes of the features it may read (dict[str, ShapeSpec]), or returns None
             for a model without it ("roi_heads" is required).
+        image_channels (int): channels of the input image, which the ROI heads may also read
+            as :data:`IMAGE_FEATURE` (stride 1).
 
     Returns:
         dict[str, nn.Module or None]: :class:`IONRCNN`'s keyword arguments of the same names.
@@ -226,7 +238,9 @@ def build_ion_heads(
     with own_init_stream("sem_seg_head"):
         built["sem_seg_head"] = sem_seg_head(dict(shapes))
     built["proposal_generator"] = proposal_generator(dict(shapes))
-    built["roi_heads"] = roi_heads(dict(shapes))
+    built["roi_heads"] = roi_heads(
+        {**shapes, IMAGE_FEATURE: ShapeSpec(channels=image_channels, stride=1)}
+    )
     return built
 
 
@@ -246,6 +260,7 @@ def _from_config(cfg) -> Dict[str, Any]:
         sem_seg_head=lambda shapes: build_sem_seg_head(cfg, shapes) if seg_on else None,
         proposal_generator=lambda shapes: build_proposal_generator(cfg, shapes),
         roi_heads=lambda shapes: build_roi_heads(cfg, shapes),
+        image_channels=len(cfg.MODEL.PIXEL_MEAN),
     )
     _check_head_options(cfg, heads["roi_heads"])
     return {
@@ -287,7 +302,7 @@ def _check_head_options(cfg, roi_heads: nn.Module) -> None:
     """
     Refuse ION options the ROI heads would ignore: box voting on heads without its second round
     (e.g. C4's IONRes5ROIHeads), enlarged boxes or a scale to measure on heads without ION's
-    skip pooler.
+    skip pooler, a local-context branch on heads that do not add its scores.
     """
     name = type(roi_heads).__name__
     if cfg.MODEL.ION.BOX_VOTING.ENABLED and not hasattr(roi_heads, "box_voting_candidates"):
@@ -303,6 +318,13 @@ def _check_head_options(cfg, roi_heads: nn.Module) -> None:
             f"MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES is {enlarged}, but the ROI heads ({name}, "
             "MODEL.ROI_HEADS.NAME) do not pool with ION's skip pooler; it needs 'IONROIHeads' "
             "or 'IONRes5ROIHeads'. Set it to [] for this model."
+        )
+    local = cfg.MODEL.ION.LOCAL_CONTEXT.IN_FEATURE
+    if local and getattr(roi_heads, "local_context", None) is None:
+        raise TypeError(
+            f"MODEL.ION.LOCAL_CONTEXT.IN_FEATURE is {local!r}, but the ROI heads ({name}, "
+            "MODEL.ROI_HEADS.NAME) have no local-context branch to add its scores to; it needs "
+            "'IONROIHeads'. Set it to \"\" for this model."
         )
     if cfg.MODEL.ION.SKIP_POOL.SCALE_INIT == MEASURE_SCALE and pooler is None:
         raise TypeError(

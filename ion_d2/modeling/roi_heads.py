@@ -1,6 +1,6 @@
 """ION's ROI heads: skip pooling from several layers plus the context features (section 3.1)."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -9,9 +9,11 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads import build_box_head
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from .box_voting import box_voting_inference
 from .enlarged_boxes import enlarged_feature_name
+from .local_context import build_ion_local_context, local_context_loss, matched_objects
 from .skip_pooling import IONSkipPooler
 
 __all__ = ["IONROIHeads", "RESCORE_MODES", "build_ion_skip_pooler", "skip_pool_inputs"]
@@ -85,7 +87,9 @@ class IONROIHeads(StandardROIHeads):
     :class:`FastRCNNOutputLayers`. Works with VGG16, ResNet-C4 or FPN features.
 
     At inference it can add two rounds of box regression and weighted box voting
-    (``MODEL.ION.BOX_VOTING``, section 4.2).
+    (``MODEL.ION.BOX_VOTING``, section 4.2). With ``MODEL.ION.LOCAL_CONTEXT`` (beyond the
+    paper), the scores of :class:`IONLocalContextHead` on a fine feature are added to the class
+    scores.
     """
 
     @configurable
@@ -97,6 +101,9 @@ class IONROIHeads(StandardROIHeads):
         box_voting_rescore: str = "top_class",
         box_voting_rescore_topk: int = 0,
         box_voting_rescore_min_score: float = 0.0,
+        local_context: Optional[nn.Module] = None,
+        local_context_in_feature: str = "",
+        local_context_loss_weight: float = 0.0,
         **kwargs,
     ):
         """
@@ -111,6 +118,12 @@ class IONROIHeads(StandardROIHeads):
             box_voting_rescore_min_score (float): the second round scores only the proposals
                 whose best first-round class score is at least this; 0: all of them (the
                 paper). With ``box_voting_rescore_topk``, the top k of those.
+            local_context (nn.Module or None): called as ``local_context(feature, boxes,
+                image_sizes)`` on ``local_context_in_feature``, it returns scores added to the
+                class scores (:class:`IONLocalContextHead`); None: nothing added (the paper).
+            local_context_in_feature (str): the feature ``local_context`` reads.
+            local_context_loss_weight (float): weight of ``local_context``'s own loss in
+                training, :func:`local_context_loss` of its scores alone (>= 0; 0: none).
             kwargs: see :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
@@ -155,6 +168,15 @@ class IONROIHeads(StandardROIHeads):
         self.box_voting_rescore_min_score = float(box_voting_rescore_min_score)
         self.box_voting_iou = box_voting_iou
         self.box_voting_rescore = box_voting_rescore
+        if local_context is not None and not local_context_in_feature:
+            raise ValueError("local_context needs local_context_in_feature, the feature it reads.")
+        self.local_context = local_context
+        self.local_context_in_feature = local_context_in_feature
+        if not local_context_loss_weight >= 0.0:
+            raise ValueError(
+                f"MODEL.ION.LOCAL_CONTEXT.LOSS_WEIGHT={local_context_loss_weight} must be >= 0."
+            )
+        self.local_context_loss_weight = float(local_context_loss_weight)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -165,6 +187,11 @@ class IONROIHeads(StandardROIHeads):
         ret["box_voting_rescore"] = voting.RESCORE
         ret["box_voting_rescore_topk"] = voting.RESCORE_TOPK
         ret["box_voting_rescore_min_score"] = voting.RESCORE_MIN_SCORE
+        local_context = build_ion_local_context(cfg, input_shape)
+        if local_context is not None:
+            ret["local_context"] = local_context
+            ret["local_context_in_feature"] = cfg.MODEL.ION.LOCAL_CONTEXT.IN_FEATURE
+            ret["local_context_loss_weight"] = cfg.MODEL.ION.LOCAL_CONTEXT.LOSS_WEIGHT
         return ret
 
     @classmethod
@@ -205,10 +232,16 @@ class IONROIHeads(StandardROIHeads):
 
     def _forward_box_standard(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """:meth:`StandardROIHeads._forward_box` with each image's size given to the pooler."""
-        predictions = self._run_box_head([features[f] for f in self.box_in_features], proposals)
+        predictions, local_scores = self._box_predictions(
+            self._box_head_inputs(features), proposals
+        )
         if not self.training:
             return self.box_predictor.inference(predictions, proposals)[0]
         losses = self.box_predictor.losses(predictions, proposals)
+        if local_scores is not None and self.local_context_loss_weight > 0:
+            losses["loss_local_context"] = self.local_context_loss_weight * local_context_loss(
+                local_scores, cat([p.gt_classes for p in proposals]), matched_objects(proposals)
+            )
         # proposals is modified in place below, so the losses are computed first.
         if self.train_on_pred_boxes:
             with torch.no_grad():
@@ -245,7 +278,7 @@ class IONROIHeads(StandardROIHeads):
             image's coordinates. In "per_class" mode round 2's background column is 0 (each of
             its scores comes from a different box).
         """
-        features = [features[f] for f in self.box_in_features]
+        features = self._box_head_inputs(features)
         predictor = self.box_predictor
         predictions = self._run_box_head(features, proposals)
         boxes1 = predictor.predict_boxes(predictions, proposals)
@@ -282,17 +315,33 @@ class IONROIHeads(StandardROIHeads):
             picked.append(index)
         return picked
 
+    def _box_head_inputs(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The features :meth:`_run_box_head` takes: the pooled ones, then the local-context one."""
+        names = list(self.box_in_features)
+        if self.local_context is not None:
+            names.append(self.local_context_in_feature)
+        return [features[f] for f in names]
+
     def _run_box_head(self, features: List[torch.Tensor], proposals: List[Instances]):
         """
         The box branch of :meth:`StandardROIHeads._forward_box`, up to the predictions; the
-        pooler reads only each image's valid cells (:meth:`IONSkipPooler.forward`).
+        pooler reads only each image's valid cells (:meth:`IONSkipPooler.forward`). ``features``
+        are :meth:`_box_head_inputs`: with a local-context branch, its scores (on the last
+        feature) are added to the class scores.
         """
-        box_features = self.box_pooler(
-            features,
-            [p.proposal_boxes for p in proposals],
-            image_sizes=[p.image_size for p in proposals],
-        )
-        return self.box_predictor(self.box_head(box_features))
+        return self._box_predictions(features, proposals)[0]
+
+    def _box_predictions(self, features: List[torch.Tensor], proposals: List[Instances]):
+        """:meth:`_run_box_head`'s predictions and the local-context branch's scores (or None)."""
+        boxes = [p.proposal_boxes for p in proposals]
+        image_sizes = [p.image_size for p in proposals]
+        num_pooled = len(self.box_in_features)
+        box_features = self.box_pooler(features[:num_pooled], boxes, image_sizes=image_sizes)
+        scores, deltas = self.box_predictor(self.box_head(box_features))
+        if self.local_context is None:
+            return (scores, deltas), None
+        local_scores = self.local_context(features[num_pooled], boxes, image_sizes)
+        return (scores + local_scores, deltas), local_scores
 
     @staticmethod
     def _create_proposals_from_boxes(
