@@ -31,8 +31,8 @@ BENCHMARKS = os.path.join(REPO, "benchmarks")
 # The pairs of configs it trains (``--pair``), each model a config file with overrides: the
 # gate's (VGG16, compared with the reference); the ResNet comparison of the README (stock
 # R50-FPN Faster R-CNN vs ION-R50-FPN, one from-scratch recipe); and context just outside the
-# box (the local preset with MODEL.ION.SKIP_POOL.ENLARGED off as "baseline" and on as "ion", on
-# the local-context data). A pair with a reference file (reference_path) is gated against it
+# box (the local preset with MODEL.ION.LOCAL_CONTEXT off as "baseline" and on as "ion", on the
+# local-context data). A pair with a reference file (reference_path) is gated against it
 # (`make gate GATE_ARGS="--pair r50_fpn"` for the ResNet pair); one without is reported.
 PAIRS = {
     "vgg16": {
@@ -46,7 +46,7 @@ PAIRS = {
     "local": {
         "baseline": (
             "ION_VGG16_synthetic_local.yaml",
-            ["MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES", "[]"],
+            ["MODEL.ION.LOCAL_CONTEXT.IN_FEATURE", ""],
         ),
         "ion": ("ION_VGG16_synthetic_local.yaml", []),
     },

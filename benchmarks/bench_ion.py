@@ -143,8 +143,8 @@ VARIANTS: Dict[str, Variant] = {
         },
         inference_only=True,
     ),
-    # Context just outside the box (issue 26; not a paper setting): configs/
-    # ION_VGG16_synthetic_local.yaml's option on the full model.
+    # Context just outside the box (issue 26; not a paper setting): conv3 and conv4 also pooled
+    # over enlarged boxes (MODEL.ION.SKIP_POOL.ENLARGED), the first candidate, on the full model.
     "ion_whh_learned_enlarged": Variant(
         "enlarged",
         True,
@@ -153,6 +153,15 @@ VARIANTS: Dict[str, Variant] = {
             "MODEL.ION.SKIP_POOL.ENLARGED.IN_FEATURES": ["conv3", "conv4"],
             "MODEL.ION.SKIP_POOL.ENLARGED.FACTOR": 3.0,
         },
+    ),
+    # The same issue's learned branch (MODEL.ION.LOCAL_CONTEXT) as the local preset sets it:
+    # scores from the image over each box enlarged 2x, added to the class scores.
+    "ion_whh_learned_local": Variant(
+        "local ctx",
+        True,
+        "ION, Whh learned, the local-context branch on the image over each box enlarged 2x "
+        "(LOCAL_CONTEXT)",
+        {"MODEL.ION.LOCAL_CONTEXT.IN_FEATURE": "image"},
     ),
     "ion_conv3x3": Variant(
         "conv 3x3",
@@ -889,6 +898,13 @@ INFERENCE_TARGETS = [
     (
         "enlarged boxes' added time / ION Whh learned",
         "ion_whh_learned_enlarged",
+        "added_over_ion",
+        0.10,
+    ),
+    # Issue 26: what the local-context branch on conv2 adds to ION's inference.
+    (
+        "local-context branch's added time / ION Whh learned",
+        "ion_whh_learned_local",
         "added_over_ion",
         0.10,
     ),

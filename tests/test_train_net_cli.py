@@ -152,6 +152,8 @@ def test_local_context_preset_trains_and_evaluates_its_pairs(tmp_path):
         cmd + tiny + ["DATASETS.TEST", "()"], env=env, capture_output=True, text=True, timeout=600
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    # The preset's local-context branch trains (its own loss is logged).
+    assert "loss_local_context" in train.stdout + train.stderr
     evaluate = subprocess.run(
         cmd + ["--eval-only"] + tiny + ["MODEL.WEIGHTS", str(out / "model_final.pth")],
         env=env,
