@@ -297,3 +297,21 @@ def test_each_object_weighs_once_in_its_loss():
     second.gt_boxes = Boxes(torch.tensor([[0.0, 0, 4, 4]]))
     ids = matched_objects([first, second]).tolist()
     assert ids[0] == ids[2] and len({ids[0], ids[1], ids[3]}) == 3
+
+
+def test_its_max_pooling_without_autograd_equals_the_kernel():
+    pool = IONLocalContextHead(
+        input_shape=ShapeSpec(channels=3, stride=1),
+        num_classes=2,
+        factor=2.0,
+        resolution=8,
+        reduce_dim=4,
+        conv_dims=[4, 4],
+    ).convs[1]
+    for shape in [(5, 4, 24, 24), (3, 2, 7, 9)]:
+        x = torch.randn(shape)
+        x[0, 0, :2, :2] = 0.0  # ties
+        with torch.no_grad():
+            got = pool(x)
+        want = F.max_pool2d(x, 2, stride=2, ceil_mode=True)
+        assert torch.equal(got, want)

@@ -42,6 +42,22 @@ __all__ = [
 IMAGE_FEATURE = "image"
 
 
+class _MaxPool2x2(nn.MaxPool2d):
+    """
+    2x2/2 max pooling (ceil mode). Without autograd and on even sizes it takes one reshape and
+    max, which gives the same values and, at 1000 ROIs, a fraction of the CPU kernel's time.
+    """
+
+    def __init__(self):
+        super().__init__(kernel_size=2, stride=2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if (torch.is_grad_enabled() and x.requires_grad) or height % 2 or width % 2:
+            return super().forward(x)
+        return x.reshape(-1, x.shape[1], height // 2, 2, width // 2, 2).amax(dim=(3, 5))
+
+
 class IONLocalContextHead(nn.Module):
     """
     Per-class scores from a fine feature over each box enlarged around its centre (see the
@@ -109,7 +125,7 @@ class IONLocalContextHead(nn.Module):
         in_dim = reduce_dim
         for k, dim in enumerate(conv_dims):
             if k > 0:
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+                layers.append(_MaxPool2x2())
             layers.append(
                 Conv2d(
                     in_dim,
