@@ -98,6 +98,8 @@ def test_config_trains_and_predicts(variant):
         expected |= {"loss_rpn_cls", "loss_rpn_loc"}
     if cfg.MODEL.ION.SEG_LOSS_ON:
         expected.add("loss_sem_seg")
+    if cfg.MODEL.ION.LOCAL_CONTEXT.IN_FEATURE and cfg.MODEL.ION.LOCAL_CONTEXT.LOSS_WEIGHT > 0:
+        expected.add("loss_local_context")
     assert set(losses) == expected
     total = sum(losses.values())
     assert torch.isfinite(total)

@@ -21,11 +21,12 @@ from .skip_pooling import IONSkipPooler
 
 __all__ = ["build_ion_rcnn", "is_lazy_call", "locate_target"]
 
-# The heads build_ion_rcnn takes: build_ion_heads' keyword arguments.
+# The heads build_ion_rcnn takes: build_ion_heads' keyword arguments without a default (its
+# image_channels is not a head).
 _HEADS = [
     p.name
     for p in inspect.signature(build_ion_heads).parameters.values()
-    if p.kind is p.KEYWORD_ONLY
+    if p.kind is p.KEYWORD_ONLY and p.default is p.empty
 ]
 
 
