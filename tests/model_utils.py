@@ -176,3 +176,23 @@ def check_cfg(train: str, test=()) -> CfgNode:
     cfg.MODEL.ION.SEG_LOSS_ON = False
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 128
     return cfg
+
+
+def ref_dropout_mask(shape, p: float, dtype=torch.float32) -> torch.Tensor:
+    """
+    ion_d2's dropout mask (ion_d2/modeling/dropout.py) written out from its rule: the default
+    generator's 64-bit integers, uniform over all 2**64 values, are cut into four signed 16-bit
+    draws each, lowest bits first; element i takes draw i and is kept (scaled by
+    ``1 / (1 - q)``, ``q = round(p * 2**16) / 2**16``) when the draw is at least
+    ``-2**15 + q * 2**16``.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    lanes = torch.stack([(words >> (16 * j)) & 0xFFFF for j in range(4)], dim=1).flatten()
+    draws = lanes[:numel]
+    draws = torch.where(draws >= 2**15, draws - 2**16, draws)
+    dropped = round(p * 2**16)
+    keep = draws >= dropped - 2**15
+    return (keep.to(torch.float64) * (2**16 / (2**16 - dropped))).to(dtype).view(tuple(shape))

@@ -14,6 +14,7 @@ from ion_d2.modeling.context import (
     build_ion_context,
 )
 from ion_d2.modeling.context.irnn_scan import _irnn_scan, _irnn_scan_identity
+from ion_d2.modeling.dropout import IONDropout
 
 C, HIDDEN, H, W = 4, 3, 5, 6
 DIRECTIONS = ("right", "left", "down", "up")
@@ -558,7 +559,7 @@ def test_concat_dropout_in_training_only():
     torch.testing.assert_close(dropped[active][kept], clean[active][kept] / (1 - p))
 
     model = build_ion_context(_cfg(CONCAT_DROPOUT=0.0), INPUT_SHAPE).train()
-    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert not any(isinstance(m, (torch.nn.Dropout, IONDropout)) for m in model.modules())
     assert torch.equal(model({"conv5": x})["context"], model.eval()({"conv5": x})["context"])
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
-from model_utils import ion_cfg
+from model_utils import ion_cfg, ref_dropout_mask
 
 from ion_d2.modeling.context import build_ion_context
 from ion_d2.modeling.context.irnn_scan import (
@@ -121,6 +121,13 @@ def ref_concat(layer, x, directions, shared, hidden_dim, valid_counts):
     return torch.cat(states, dim=1)
 
 
+def _ref_dropout(x, p, training):
+    """ion_d2's dropout, its mask written out by hand (model_utils.ref_dropout_mask)."""
+    if not training or p == 0:
+        return x
+    return x * ref_dropout_mask(x.shape, p, dtype=x.dtype)
+
+
 def ref_irnn(module, irnn, dropout, features, image_sizes=None):
     """
     The IRNN context module of ``irnn`` (its MODEL.ION.CONTEXT.IRNN keys; HIDDEN_DIM: HIDDEN
@@ -140,15 +147,15 @@ def ref_irnn(module, irnn, dropout, features, image_sizes=None):
     outputs = []
     for k, layer in enumerate(module.layers):
         if paper and k > 0:
-            x = F.dropout(x, dropout, module.training)
+            x = _ref_dropout(x, dropout, module.training)
         x = ref_concat(layer, x, ref_directions(mode, k), shared, hidden_dim, valid_counts)
         if not paper:
-            x = F.dropout(x, dropout, module.training)
+            x = _ref_dropout(x, dropout, module.training)
             conv = layer.hidden_to_output
             x = F.relu(ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_counts))
         outputs.append(x)
     if paper:
-        x = F.dropout(x, dropout, module.training)
+        x = _ref_dropout(x, dropout, module.training)
         conv = module.hidden_to_output
         outputs[-1] = ref_outside_to_zero(F.conv2d(x, conv.weight, conv.bias), valid_counts)
     names = [f"context_{k}" for k in range(1, len(outputs))] + ["context"]

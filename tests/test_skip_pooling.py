@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes
+from model_utils import ref_dropout_mask
 from torchvision.ops import roi_pool
 
 from ion_d2.modeling.l2_normalize import l2_normalize_rois
@@ -251,20 +252,25 @@ def test_a_pending_scale_refuses_to_run_in_training_too():
 
 
 @pytest.mark.parametrize(
-    "norm,scale,bias",
+    "norm,scale,bias,dropout",
     [
-        ("roi", "learned", True),
-        ("roi", "fixed", False),
-        ("location", "learned", True),
-        ("none", "", True),
+        ("roi", "learned", True, 0.0),
+        ("roi", "fixed", False, 0.0),
+        ("location", "learned", True, 0.0),
+        ("none", "", True, 0.0),
+        ("roi", "learned", True, 0.25),
+        ("location", "fixed", True, 0.5),
     ],
 )
-def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(norm, scale, bias):
-    """Training without concat dropout reduces each feature on its own
-    (``b + sum_i (W_i * s_i) p_i / n_i``): in float64 its output and the gradients of the
-    features, the scale, the conv's weight and bias equal the concatenation's (normalise,
-    concatenate, scale, 1x1 conv), computed here by hand."""
-    pooler = _spread_scale_pooler(norm, scale, 6, dropout=0.0).double()
+def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(
+    norm, scale, bias, dropout
+):
+    """Training reduces each feature on its own (``b + sum_i (W_i * s_i) (m_i p_i) / n_i``):
+    in float64 its output and the gradients of the features, the scale, the conv's weight and
+    bias equal the concatenation's (normalise, concatenate, scale, dropout, 1x1 conv), computed
+    here by hand, the dropout mask of the concatenation being the features' masks (the rule
+    written out, model_utils.ref_dropout_mask) drawn one after the other."""
+    pooler = _spread_scale_pooler(norm, scale, 6, dropout=dropout).double()
     if not bias:
         pooler.reduce.bias = None
     g = torch.Generator().manual_seed(2)
@@ -278,19 +284,20 @@ def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(nor
         leaves = [f.clone().requires_grad_(True) for f in feats]
         for p in params:
             p.grad = None
+        torch.manual_seed(11)
         out = forward(leaves)
         out.backward(grad_out)
         return out.detach(), [f.grad for f in leaves], [p.grad.clone() for p in params]
 
     def by_hand(leaves):
         rois = _rois(boxes).double()
-        pooled = [
-            l2_normalize_rois(roi_pool(f, rois, 7, 1.0 / s.stride), norm)
-            for f, s in zip(leaves, SHAPES)
-        ]
-        concat = torch.cat(pooled, dim=1)
+        pooled = [roi_pool(f, rois, 7, 1.0 / s.stride) for f, s in zip(leaves, SHAPES)]
+        masks = [ref_dropout_mask(p.shape, dropout, torch.float64) for p in pooled if dropout]
+        concat = torch.cat([l2_normalize_rois(p, norm) for p in pooled], dim=1)
         if pooler.scale is not None:
             concat = concat * pooler.scale[None, :, None, None]
+        if dropout:
+            concat = concat * torch.cat(masks, dim=1)
         return F.conv2d(concat, pooler.reduce.weight, pooler.reduce.bias)
 
     pooler.train()
@@ -300,27 +307,30 @@ def test_per_feature_reduction_equals_the_concatenation_values_and_gradients(nor
     for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
     assert float(got[0].abs().max()) > 0
+    if dropout:
+        pooler.eval()
+        with torch.enable_grad():
+            assert not torch.allclose(pooler(feats, boxes), got[0], atol=1e-3)
 
 
-def test_concat_dropout_keeps_the_concatenation(monkeypatch):
-    """With dropout after the concatenation (section 3.2's 0.25) training keeps the
-    concatenated path, whose mask covers every feature's channels; in eval mode (no dropout),
-    and in training without dropout, the per-feature reduction runs and gives the same output."""
-    feats, boxes = _features(), _boxes()
-    torch.manual_seed(0)
-    dropped = _skip_pooler(out_channels=6, dropout=0.5, scale_init=3.0)
-    plain = _skip_pooler(out_channels=6, dropout=0.0, scale_init=3.0)
-    plain.load_state_dict(dropped.state_dict())
-    calls = []
-    reduce_each = IONSkipPooler._reduce_each
-    monkeypatch.setattr(
-        IONSkipPooler, "_reduce_each", lambda self, p: calls.append(self) or reduce_each(self, p)
-    )
-    with torch.enable_grad():
-        eval_out = dropped.eval()(feats, boxes)
-        assert calls == [dropped]
-        assert torch.allclose(eval_out, plain.train()(feats, boxes), atol=1e-5)
-        assert calls == [dropped, plain]
-        train_out = dropped.train()(feats, boxes)
-        assert calls == [dropped, plain]
-    assert not torch.allclose(train_out, eval_out, atol=1e-3)
+def test_dropout_on_frozen_features_needs_no_input_gradient():
+    """With dropout, a feature that needs no gradient (a frozen trunk's) gets none, and the
+    others' gradients and the output are those of all features requiring one."""
+    pooler = _spread_scale_pooler("roi", "learned", 6, dropout=0.25).double().train()
+    g = torch.Generator().manual_seed(4)
+    feats = [torch.randn(2, s.channels, 16, 16, generator=g).double() for s in SHAPES]
+    boxes = _mixed_boxes()
+
+    def run(trainable):
+        leaves = [f.clone().requires_grad_(i in trainable) for i, f in enumerate(feats)]
+        pooler.zero_grad()
+        torch.manual_seed(3)
+        out = pooler(leaves, boxes)
+        out.square().sum().backward()
+        return out.detach(), [f.grad for f in leaves], pooler.scale.grad.clone()
+
+    frozen, everything = run({2}), run({0, 1, 2})
+    assert frozen[1][0] is None and frozen[1][1] is None
+    assert torch.allclose(frozen[0], everything[0], rtol=1e-12)
+    assert torch.allclose(frozen[1][2], everything[1][2], rtol=1e-10)
+    assert torch.allclose(frozen[2], everything[2], rtol=1e-10)

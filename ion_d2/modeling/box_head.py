@@ -10,6 +10,7 @@ from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from torch import nn
 
+from .dropout import ion_dropout
 from .fc_svd import FC_SVD_RANKS_KEY, IONFactoredLinear, check_fc_svd_ranks
 
 __all__ = ["IONFCHead"]
@@ -115,5 +116,5 @@ class IONFCHead(FastRCNNConvFCHead):
         for fc in self.fcs:
             x = F.relu(fc(x))
             if self.dropout > 0:
-                x = F.dropout(x, p=self.dropout, training=self.training)
+                x = ion_dropout(x, self.dropout, self.training)
         return x

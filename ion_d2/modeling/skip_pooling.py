@@ -11,6 +11,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
+from .dropout import IONDropout, dropout_keep_mask
 from .enlarged_boxes import check_box_factors, enlarge_boxes
 from .feature_order import (
     check_stored_feature_order,
@@ -211,7 +212,7 @@ class IONSkipPooler(nn.Module):
                 self.scale = nn.Parameter(values)
             else:
                 self.register_buffer("scale", values)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = IONDropout(dropout) if dropout > 0 else nn.Identity()
         if out_channels > 0:
             # Xavier (Caffe's filler: uniform, fan-in): the more features are concatenated,
             # the smaller the initial weights (section 3.1). Its own random stream: the box head
@@ -322,15 +323,12 @@ class IONSkipPooler(nn.Module):
             self._pool(pooler, feature, boxes, image_sizes)
             for pooler, feature, boxes in zip(self.poolers, x, self._enlarged(box_lists))
         ]
-        if self.reduce is not None and not (self.training and isinstance(self.dropout, nn.Dropout)):
+        if self.reduce is not None:
             return self._reduce_each(pooled)
         out = cat([l2_normalize_rois(p, self.norm) for p in pooled], dim=1)
         if self.scale is not None:
             out = out * self.scale[None, :, None, None]
-        out = self.dropout(out)
-        if self.reduce is not None:
-            out = self.reduce(out)
-        return out
+        return self.dropout(out)
 
     def _reduce_each(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         """
@@ -342,9 +340,15 @@ class IONSkipPooler(nn.Module):
         the scale, forward and backward, then run over the conv's output channels once per
         feature instead of over the concatenation's channels (docs/BENCHMARKS.md, "A training
         step on the bundled data"). Equal to the concatenation's computation up to float
-        rounding, values and gradients (tests/test_skip_pooling.py). Not with dropout after the
-        concatenation, whose mask covers it.
+        rounding, values and gradients (tests/test_skip_pooling.py).
+
+        Dropout after the concatenation (in training) multiplies each feature's part of it by
+        that part's own mask (:func:`dropout_keep_mask`, drawn feature by feature), which is
+        where the conv reads it: ``(W_i * s_i) (m_i p_i) / n_i``, ``n_i`` being the norm of the
+        undropped descriptor as before. A feature that needs no gradient (a frozen trunk's)
+        then needs none of the conv's input gradients either.
         """
+        drop = self.training and isinstance(self.dropout, IONDropout)
         weight = self.reduce.weight.flatten(1)
         if self.scale is not None:
             weight = weight * self.scale[None, :]
@@ -353,8 +357,10 @@ class IONSkipPooler(nn.Module):
         start = 0
         for p in pooled:
             end = start + p.shape[1]
-            part = F.conv2d(p, weight[:, start:end, None, None])
             norms = l2_norms(p, self.norm)
+            if drop:
+                p = p * dropout_keep_mask(p.shape, self.dropout.p, dtype=p.dtype, device=p.device)
+            part = F.conv2d(p, weight[:, start:end, None, None])
             if norms is None:
                 out = part if out is None else out + part
             else:

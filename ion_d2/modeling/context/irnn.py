@@ -33,6 +33,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..dropout import IONDropout
 from ..padding import zero_outside_valid_cells
 from .build import ION_CONTEXT_REGISTRY, IONContextModule, context_input_shape
 from .irnn_layer import IRNNLayer, concat_dropout, in_contiguous_memory
@@ -182,7 +183,7 @@ class IRNN(IONContextModule):
         else:
             self.hidden_to_output = nn.Conv2d(layer_in, in_channels, kernel_size=1)
             weight_init.c2_xavier_fill(self.hidden_to_output)
-            self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
+            self.dropout = IONDropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> Dict:

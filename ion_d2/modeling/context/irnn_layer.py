@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dropout import IONDropout, dropout_keep_mask
 from ..padding import zero_outside_valid_cells
 from .irnn_scan import irnn_scans
 
@@ -53,7 +54,7 @@ class IRNNLayer(nn.Module):
         )
         self.concat_channels = num_dirs * hidden_dim
         if out_channels is not None:
-            self.dropout = nn.Dropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
+            self.dropout = IONDropout(concat_dropout) if concat_dropout > 0 else nn.Identity()
             self.hidden_to_output = nn.Conv2d(self.concat_channels, out_channels, kernel_size=1)
         else:
             self.dropout = nn.Identity()
@@ -146,12 +147,14 @@ class IRNNLayer(nn.Module):
 
 
 def concat_dropout(dropout: nn.Module, concat: Tensor, training: bool) -> Tensor:
-    """``dropout`` on a channels_last ``concat``, drawing the mask a contiguous map would get."""
-    if training and not isinstance(dropout, nn.Identity):
-        # Dropout draws its mask in its input's memory order: drawn on a contiguous map, a seed
-        # gives the mask a contiguous concatenation got. (concat * keep stays channels_last: a
-        # product takes its first operand's memory format.)
-        concat = concat * dropout(concat.new_ones(concat.shape))
+    """``dropout`` (an :class:`IONDropout` or ``nn.Identity``) on a channels_last ``concat``,
+    with the mask a contiguous map would get."""
+    if training and isinstance(dropout, IONDropout):
+        # The mask follows the contiguous element order, so a seed gives the mask a contiguous
+        # concatenation got. (concat * keep stays channels_last: a product takes its first
+        # operand's memory format.)
+        keep = dropout_keep_mask(concat.shape, dropout.p, dtype=concat.dtype, device=concat.device)
+        concat = concat * keep
     return concat
 
 
