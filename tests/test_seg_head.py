@@ -320,3 +320,27 @@ def test_logits_of_an_image_do_not_depend_on_the_batch():
     alone, _ = head({"context": feature_a}, torch.zeros(1, 44, 60, dtype=torch.long), [SIZE_A])
     together, _ = head({"context": batch}, torch.zeros(2, 80, 96, dtype=torch.long), sizes)
     torch.testing.assert_close(together[:1, :, :44, :60], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("feat_hw,img_hw", [((4, 5), (64, 80)), ((3, 4), (37, 50))])
+def test_crop_within_the_deconvolution_equals_the_crop_of_its_output(feat_hw, img_hw):
+    """Where the image fits within h * s by w * s, the deconvolution's padding crops: its
+    values and the scores' gradients are those of cropping the whole deconvolution's output
+    (FCN's crop layer), bit for bit; the learned kernel's gradient agrees up to rounding."""
+    torch.manual_seed(3)
+    head = make_head(learn_upsampling=True)
+    scores = torch.randn(2, 4, *feat_hw, requires_grad=True)
+    grad = torch.randn(2, 4, *img_hw)
+
+    def crop_of_output():
+        full = head.upsample(scores)
+        return full[:, :, 8 : 8 + img_hw[0], 8 : 8 + img_hw[1]]
+
+    results = []
+    for upsample in (lambda: head.upsample_and_crop(scores, *img_hw), crop_of_output):
+        out = upsample()
+        results.append((out, *torch.autograd.grad(out, (scores, head.upsample.weight), grad)))
+    (got, got_scores, got_kernel), (want, want_scores, want_kernel) = results
+    assert got.shape == (2, 4, *img_hw)
+    assert torch.equal(got, want) and torch.equal(got_scores, want_scores)
+    torch.testing.assert_close(got_kernel, want_kernel, rtol=1e-5, atol=1e-5)
