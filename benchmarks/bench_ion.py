@@ -21,6 +21,8 @@ and everything is written as JSON.
     python benchmarks/bench_ion.py                    # everything, at the paper's scale
     python benchmarks/bench_ion.py --quick            # 300x500, 100 proposals, 4 variants
     python benchmarks/bench_ion.py --device cuda --variants fast_rcnn ion_whh_removed
+    # the training step of this checkout against another's, alternated process by process:
+    python benchmarks/bench_ion.py --variants fast_rcnn ion_whh_learned --against ../old
 """
 
 import argparse
@@ -34,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -679,6 +682,8 @@ def time_training(args: argparse.Namespace, image: torch.Tensor) -> Dict[str, An
                 seconds, loss_names[name] = _training_step(model, inputs, args.device)
                 if r > 0:
                     times[name].append(seconds)
+        if args.profile:
+            _profile_training(models, args)
     variants = {}
     for name in names:
         seconds = statistics.median(times[name])
@@ -693,6 +698,18 @@ def time_training(args: argparse.Namespace, image: torch.Tensor) -> Dict[str, An
         "freeze_at": 5 if args.train_stage == 1 else 2,
         "variants": variants,
     }
+
+
+def _profile_training(models: Dict[str, Tuple[nn.Module, Any]], args: argparse.Namespace) -> None:
+    """``--profile``: torch.profiler's operators, by self CPU time, of one more training step of
+    each variant (after the timed rounds; printed on stderr, outside the report)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, (model, inputs) in models.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _training_step(model, inputs, args.device)
+        log(f"\n== training step of {VARIANTS[name].label}, by self CPU time (torch.profiler):")
+        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
 def _training_step(model: nn.Module, inputs, device: str) -> Tuple[float, List[str]]:
@@ -736,6 +753,7 @@ def machine_info(args: argparse.Namespace) -> Dict[str, Any]:
         "device": args.device,
         "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         "git_commit": _git_commit(),
+        "ion_d2": os.path.dirname(os.path.abspath(ion_d2.__file__)),
     }
     return info
 
@@ -1002,6 +1020,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory probes")
     parser.add_argument(
+        "--no-inference", action="store_true", help="skip inference: only the training step"
+    )
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="time the training step of this checkout's ion_d2 against DIR's, each in its own "
+        "process, alternated (with --alternations); prints both and the ratio of ION's steps",
+    )
+    parser.add_argument("--alternations", type=int, default=3, help="with --against")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print torch.profiler's operator table of one training step per variant",
+    )
+    parser.add_argument("--profile-rows", type=int, default=30, help="with --profile")
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"300x500, 100 proposals, 1 round, variants {' '.join(QUICK_VARIANTS)} (each "
@@ -1029,6 +1063,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, quick if args.quick else full)
     if args.repeats < 1 or min(args.proposals) < 1 or args.train_proposals < 1:
         parser.error("--repeats, --proposals and --train-proposals must be >= 1")
+    if args.against and (args.no_train or args.alternations < 1):
+        parser.error("--against times the training step: no --no-train, --alternations >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch build sees no CUDA device")
     return args
@@ -1041,11 +1077,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.memory_probe:
         memory_probe(args)
         return {}
+    if args.against:
+        return against(args, argv)
     info = machine_info(args)
     print_header(info, args)
     image = make_image(args.height, args.width, args.seed)
     inference = []
-    for mode in args.modes:
+    for mode in [] if args.no_inference else args.modes:
         for count in args.proposals:
             rows = all_stage_rows(mode, count, args)
             setting = time_setting(mode, count, args, image, rows)
@@ -1097,6 +1135,71 @@ def configs_test_size(args: argparse.Namespace) -> List[int]:
             args.height, args.width, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
         )
     )
+
+
+def against(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """
+    ``--against DIR``: the training step of this checkout's ion_d2 and of DIR's, this script
+    run in a process per checkout (PYTHONPATH set to the checkout, training step only), the
+    checkouts alternated ``--alternations`` times; each process's ION / baseline ratio is
+    measured in that process, and ION's step of this checkout over DIR's from the medians.
+    """
+    codes = {"this": REPO, "other": os.path.abspath(args.against)}
+    seconds: Dict[str, Dict[str, List[float]]] = {name: defaultdict(list) for name in codes}
+    forwarded = _without_against(list(sys.argv[1:] if argv is None else argv))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        for alternation in range(args.alternations):
+            for name, root in codes.items():
+                log(f"[against] alternation {alternation + 1}/{args.alternations}: {name}")
+                env = dict(os.environ)
+                env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+                cmd = [sys.executable, os.path.abspath(__file__), *forwarded]
+                cmd += ["--no-inference", "--no-memory", "--output-json", out]
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                with open(out) as f:
+                    result = json.load(f)
+                if not result["machine"]["ion_d2"].startswith(root):
+                    raise SystemExit(
+                        f"{name}: imported ion_d2 from {result['machine']['ion_d2']}, not {root}"
+                    )
+                for variant, res in result["training"]["variants"].items():
+                    seconds[name][variant].append(res["seconds"])
+    print(
+        f"Training step, this checkout ({codes['this']}) against {codes['other']}: "
+        f"{args.height}x{args.width}, {args.train_proposals} proposals, {args.threads} threads, "
+        f"{args.alternations} alternations of {args.repeats} rounds (median of each)"
+    )
+    medians = {n: {v: statistics.median(s) for v, s in seconds[n].items()} for n in codes}
+    for name in codes:
+        base = medians[name].get(BASELINE)
+        parts = []
+        for variant, value in medians[name].items():
+            ratio = "" if base is None else f" ({value / base:.3f}x baseline)"
+            parts.append(f"{VARIANTS[variant].label} {value:.3f} s{ratio}")
+        print(f"  {name:<6} " + "; ".join(parts))
+    for variant in medians["this"]:
+        if variant != BASELINE and variant in medians["other"]:
+            ratio = medians["this"][variant] / medians["other"][variant]
+            print(f"  {VARIANTS[variant].label}'s step, this / other: {ratio:.3f}")
+    return {"seconds": {n: dict(s) for n, s in seconds.items()}}
+
+
+def _without_against(argv: List[str]) -> List[str]:
+    """``argv`` without ``--against`` / ``--alternations`` and their values."""
+    out: List[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--against", "--alternations"):
+            skip = True
+            continue
+        if item.startswith(("--against=", "--alternations=")):
+            continue
+        out.append(item)
+    return out
 
 
 def settings_of(args: argparse.Namespace) -> Dict[str, Any]:

@@ -133,3 +133,37 @@ def test_min_score_variant_runs_round_2_on_its_measured_share(bench, proposals):
     assert cfg.MODEL.ION.BOX_VOTING.RESCORE_TOPK == round(share * proposals)
     every = bench.build_cfg("ion_whh_removed_box_voting", "rpn", proposals, args)
     assert every.MODEL.ION.BOX_VOTING.RESCORE_TOPK == 0
+
+
+def test_against_another_checkout_alternates_training_steps(bench, capsys):
+    """``--against DIR`` runs the training step only, in a process per checkout that imports
+    that checkout's ion_d2 (checked), alternated, and prints both and the ratio of ION's steps;
+    here the other checkout is this one."""
+    argv = TINY + ["--train-proposals", "30", "--variants", "fast_rcnn", "ion_whh_learned"]
+    result = bench.main(argv + ["--against", REPO, "--alternations", "2"])
+    out = capsys.readouterr().out
+    for name in ("this", "other"):
+        assert set(result["seconds"][name]) == {"fast_rcnn", "ion_whh_learned"}
+        assert all(len(v) == 2 and min(v) > 0 for v in result["seconds"][name].values())
+        assert f"  {name:<6} baseline " in out
+    assert "whh learned's step, this / other: " in out
+    assert bench._without_against(["--against", "x", "--tiny", "--alternations=2"]) == ["--tiny"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--against", REPO, "--no-train"])
+
+
+def test_no_inference_times_the_training_step_only(bench, tmp_path):
+    argv = TINY + ["--train-proposals", "30", "--variants", "fast_rcnn", "ion_whh_learned"]
+    report = bench.main(argv + ["--no-inference", "--output-json", str(tmp_path / "r.json")])
+    assert report["inference"] == []
+    assert list(report["training"]["variants"]) == ["fast_rcnn", "ion_whh_learned"]
+    assert report["machine"]["ion_d2"] == os.path.join(REPO, "ion_d2")
+
+
+def test_profile_prints_each_variants_training_operators(bench, tmp_path, capsys):
+    argv = TINY + ["--train-proposals", "30", "--variants", "fast_rcnn", "ion_whh_learned"]
+    bench.main(argv + ["--no-inference", "--profile", "--output-json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    for label in ("baseline", "whh learned"):
+        assert f"== training step of {label}, by self CPU time" in err
+    assert "aten::convolution_backward" in err
