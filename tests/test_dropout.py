@@ -8,7 +8,7 @@ from model_utils import ref_dropout_mask
 from ion_d2.modeling.dropout import IONDropout, drop_probability, dropout_keep_mask, ion_dropout
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 2, 3), (2, 16, 4, 4)])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 2, 3), (2, 16, 4, 4), (0, 3)])
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.1])
 def test_mask_is_the_rule_written_out(shape, p):
     torch.manual_seed(3)
