@@ -27,9 +27,19 @@ __all__ = ["IONDropout", "ion_dropout", "dropout_keep_mask", "drop_probability"]
 _LEVELS = 1 << 16  # keep/drop draws of 16 bits
 
 
+def _check_probability(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"Dropout probability must be in [0, 1); got {p}.")
+
+
+def _dropped_levels(p: float) -> int:
+    """Of the 2**16 values of a draw, how many drop the element."""
+    return round(p * _LEVELS)
+
+
 def drop_probability(p: float) -> float:
     """The probability ``q`` with which :func:`ion_dropout` drops an element for ``p``."""
-    return round(p * _LEVELS) / _LEVELS
+    return _dropped_levels(p) / _LEVELS
 
 
 def dropout_keep_mask(
@@ -45,12 +55,11 @@ def dropout_keep_mask(
     all 2**64 values (little-endian: ``torch.Tensor.view(torch.int16)``); the element is kept
     when that draw is at least ``-2**15 + q * 2**16``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"Dropout probability must be in [0, 1); got {p}.")
+    _check_probability(p)
     numel = 1
     for s in shape:
         numel *= int(s)
-    dropped = round(p * _LEVELS)
+    dropped = _dropped_levels(p)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None)  # every 64-bit value equally likely
     draws = words.view(torch.int16)[:numel].view(tuple(shape))
@@ -65,8 +74,7 @@ def ion_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     :func:`dropout_keep_mask` (a new tensor; ``x`` itself when not training or ``p`` is 0).
     The product takes ``x``'s memory format; the mask follows the contiguous element order.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"Dropout probability must be in [0, 1); got {p}.")
+    _check_probability(p)
     if not training or p == 0.0:
         return x
     return x * dropout_keep_mask(x.shape, p, dtype=x.dtype, device=x.device)
@@ -77,8 +85,7 @@ class IONDropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout probability must be in [0, 1); got {p}.")
+        _check_probability(p)
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:

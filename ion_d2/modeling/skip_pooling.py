@@ -11,7 +11,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-from .dropout import IONDropout, dropout_keep_mask
+from .dropout import IONDropout
 from .enlarged_boxes import check_box_factors, enlarge_boxes
 from .feature_order import (
     check_stored_feature_order,
@@ -343,12 +343,11 @@ class IONSkipPooler(nn.Module):
         rounding, values and gradients (tests/test_skip_pooling.py).
 
         Dropout after the concatenation (in training) multiplies each feature's part of it by
-        that part's own mask (:func:`dropout_keep_mask`, drawn feature by feature), which is
+        that part's own mask (``self.dropout``, drawn feature by feature), which is
         where the conv reads it: ``(W_i * s_i) (m_i p_i) / n_i``, ``n_i`` being the norm of the
         undropped descriptor as before. A feature that needs no gradient (a frozen trunk's)
         then needs none of the conv's input gradients either.
         """
-        drop = self.training and isinstance(self.dropout, IONDropout)
         weight = self.reduce.weight.flatten(1)
         if self.scale is not None:
             weight = weight * self.scale[None, :]
@@ -358,9 +357,7 @@ class IONSkipPooler(nn.Module):
         for p in pooled:
             end = start + p.shape[1]
             norms = l2_norms(p, self.norm)
-            if drop:
-                p = p * dropout_keep_mask(p.shape, self.dropout.p, dtype=p.dtype, device=p.device)
-            part = F.conv2d(p, weight[:, start:end, None, None])
+            part = F.conv2d(self.dropout(p), weight[:, start:end, None, None])
             if norms is None:
                 out = part if out is None else out + part
             else:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..dropout import IONDropout
 from ..padding import zero_outside_valid_cells
 from .build import ION_CONTEXT_REGISTRY, IONContextModule, context_input_shape
-from .irnn_layer import IRNNLayer, concat_dropout, in_contiguous_memory
+from .irnn_layer import IRNNLayer, in_contiguous_memory
 from .irnn_scan import IRNN_DIRECTIONS
 
 __all__ = ["IRNN", "IRNN_WIRINGS"]
@@ -236,12 +236,14 @@ class IRNN(IONContextModule):
                 x = layer(x, valid_counts)
                 outputs.append(x)
         else:
+            # Dropout on the channels_last concats draws the masks of contiguous ones
+            # (IONDropout's masks follow the contiguous element order).
             for i, layer in enumerate(self.layers):
                 if i > 0:
-                    x = concat_dropout(self.dropout, x, self.training)
+                    x = self.dropout(x)
                 x = layer.concat(x, valid_counts)
                 outputs.append(x)
-            x = concat_dropout(self.dropout, x, self.training)
+            x = self.dropout(x)
             out = self.hidden_to_output(x)
             outputs[-1] = zero_outside_valid_cells(out, valid_counts, inplace=True)
         if not self.output_all_layers:

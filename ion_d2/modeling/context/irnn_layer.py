@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dropout import IONDropout, dropout_keep_mask
+from ..dropout import IONDropout
 from ..padding import zero_outside_valid_cells
 from .irnn_scan import irnn_scans
 
-__all__ = ["IRNNLayer", "concat_dropout", "in_contiguous_memory"]
+__all__ = ["IRNNLayer", "in_contiguous_memory"]
 
 
 class IRNNLayer(nn.Module):
@@ -141,21 +141,11 @@ class IRNNLayer(nn.Module):
             Tensor: (N, C, H, W) in channels_last memory format (the layout the scans work in;
             the next layer reads it as is).
         """
-        concat = concat_dropout(self.dropout, self.concat(x, valid_counts), self.training)
+        # IONDropout's mask follows the contiguous element order, so a seed gives this
+        # channels_last concatenation the mask a contiguous one would get.
+        concat = self.dropout(self.concat(x, valid_counts))
         out = self.hidden_to_output(concat)
         return F.relu(zero_outside_valid_cells(out, valid_counts, inplace=True))
-
-
-def concat_dropout(dropout: nn.Module, concat: Tensor, training: bool) -> Tensor:
-    """``dropout`` (an :class:`IONDropout` or ``nn.Identity``) on a channels_last ``concat``,
-    with the mask a contiguous map would get."""
-    if training and isinstance(dropout, IONDropout):
-        # The mask follows the contiguous element order, so a seed gives the mask a contiguous
-        # concatenation got. (concat * keep stays channels_last: a product takes its first
-        # operand's memory format.)
-        keep = dropout_keep_mask(concat.shape, dropout.p, dtype=concat.dtype, device=concat.device)
-        concat = concat * keep
-    return concat
 
 
 def _in_channels_last_memory(x: Tensor) -> Tensor:
