@@ -5,7 +5,13 @@ import pytest
 import torch
 from model_utils import ref_dropout_mask
 
-from ion_d2.modeling.dropout import IONDropout, drop_probability, dropout_keep_mask, ion_dropout
+from ion_d2.modeling.dropout import (
+    IONDropout,
+    drop_probability,
+    dropout_keep_mask,
+    ion_dropout,
+    memory_order,
+)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 2, 3), (2, 16, 4, 4), (0, 3)])
@@ -55,14 +61,53 @@ def test_gradient_is_the_mask():
     assert 0 < int((mask == 0).sum()) < mask.numel()
 
 
-def test_channels_last_input_gets_the_contiguous_order_mask():
+def test_channels_last_input_gets_its_memory_order_mask():
+    """The mask is drawn in the input's memory order: on a channels_last map, the rule's mask
+    of the (N, H, W, C) layout; the product and its gradient keep that layout."""
     torch.manual_seed(1)
-    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.manual_seed(2)
     out = ion_dropout(x, 0.5)
     torch.manual_seed(2)
-    assert torch.equal(out, x * ref_dropout_mask(x.shape, 0.5))
+    mask = ref_dropout_mask((2, 5, 5, 8), 0.5).permute(0, 3, 1, 2)
+    assert torch.equal(out, x * mask)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 8, 5, 5)
+    out.backward(g)
+    assert torch.equal(x.grad, g * mask)
+
+
+@pytest.mark.parametrize(
+    "make, order",
+    [
+        (lambda: torch.zeros(2, 3, 4, 5), [0, 1, 2, 3]),
+        (
+            lambda: torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+            [0, 2, 3, 1],
+        ),
+        (lambda: torch.zeros(5, 4).t(), [1, 0]),
+        (
+            lambda: torch.zeros(1, 6, 1, 7).contiguous(memory_format=torch.channels_last),
+            [0, 2, 3, 1],
+        ),
+        (lambda: torch.zeros(4, 6)[:, ::2], None),
+        (lambda: torch.zeros(3).expand(4, 3), None),
+    ],
+)
+def test_memory_order(make, order):
+    x = make()
+    got = memory_order(x)
+    assert got == order
+    if got is not None:
+        assert x.permute(got).is_contiguous()
+
+
+def test_view_with_gaps_gets_the_contiguous_order_mask():
+    x = torch.randn(6, 10)[:, ::2]
+    torch.manual_seed(4)
+    out = ion_dropout(x, 0.25)
+    torch.manual_seed(4)
+    assert torch.equal(out, x * ref_dropout_mask(x.shape, 0.25))
 
 
 def test_eval_and_zero_p_return_the_input():

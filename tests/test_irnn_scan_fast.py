@@ -122,10 +122,13 @@ def ref_concat(layer, x, directions, shared, hidden_dim, valid_counts):
 
 
 def _ref_dropout(x, p, training):
-    """ion_d2's dropout, its mask written out by hand (model_utils.ref_dropout_mask)."""
+    """ion_d2's dropout of an IRNN concatenation, its mask written out by hand
+    (model_utils.ref_dropout_mask) and drawn in the concatenation's memory order: the module's
+    concatenations are channels_last, (N, H, W, C) in memory."""
     if not training or p == 0:
         return x
-    return x * ref_dropout_mask(x.shape, p, dtype=x.dtype)
+    n, c, h, w = x.shape
+    return x * ref_dropout_mask((n, h, w, c), p, dtype=x.dtype).permute(0, 3, 1, 2)
 
 
 def ref_irnn(module, irnn, dropout, features, image_sizes=None):

@@ -236,8 +236,8 @@ class IRNN(IONContextModule):
                 x = layer(x, valid_counts)
                 outputs.append(x)
         else:
-            # Dropout on the channels_last concats draws the masks of contiguous ones
-            # (IONDropout's masks follow the contiguous element order).
+            # Dropout on the channels_last concats draws each mask in its concat's memory order
+            # (IONDropout), so the products run in order over memory.
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = self.dropout(x)

@@ -141,8 +141,8 @@ class IRNNLayer(nn.Module):
             Tensor: (N, C, H, W) in channels_last memory format (the layout the scans work in;
             the next layer reads it as is).
         """
-        # IONDropout's mask follows the contiguous element order, so a seed gives this
-        # channels_last concatenation the mask a contiguous one would get.
+        # IONDropout draws the mask in this channels_last concatenation's memory order, so the
+        # product is one in-order pass over memory, forward and backward.
         concat = self.dropout(self.concat(x, valid_counts))
         out = self.hidden_to_output(concat)
         return F.relu(zero_outside_valid_cells(out, valid_counts, inplace=True))
