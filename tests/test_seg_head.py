@@ -8,7 +8,12 @@ from detectron2.utils.events import EventStorage
 from model_utils import ion_cfg
 from torch.nn import functional as F
 
-from ion_d2.modeling.seg_head import IONSegRegularizerHead, bilinear_upsampling_kernel
+from ion_d2.modeling.seg_head import (
+    IONSegRegularizerHead,
+    bilinear_upsampling_kernel,
+    pixel_cross_entropy,
+    tent_matrix,
+)
 
 IGNORE = 255
 
@@ -344,3 +349,90 @@ def test_crop_within_the_deconvolution_equals_the_crop_of_its_output(feat_hw, im
     assert got.shape == (2, 4, *img_hw)
     assert torch.equal(got, want) and torch.equal(got_scores, want_scores)
     torch.testing.assert_close(got_kernel, want_kernel, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "feat_hw,img_hw", [((4, 5), (64, 80)), ((3, 4), (37, 50)), ((3, 2), (33, 17))]
+)
+def test_fixed_kernel_as_axis_matrices_equals_the_deconvolution(feat_hw, img_hw):
+    """With the fixed bilinear kernel the deconvolution and its crop run as one matrix product
+    per axis (tent_matrix): the deconvolution's values and the scores' gradients up to float
+    rounding."""
+    torch.manual_seed(4)
+    head = make_head()
+    scores = torch.randn(2, 4, *feat_hw, requires_grad=True)
+    grad = torch.randn(2, 4, *img_hw)
+    assert head._fixed_bilinear_tent(scores) is not None
+
+    def deconvolution():
+        out = F.conv_transpose2d(scores, head.upsample.weight, stride=16, padding=8, groups=4)
+        return out[:, :, : img_hw[0], : img_hw[1]]
+
+    results = []
+    for upsample in (lambda: head.upsample_and_crop(scores, *img_hw), deconvolution):
+        out = upsample()
+        results.append((out, *torch.autograd.grad(out, scores, grad)))
+    (got, got_grad), (want, want_grad) = results
+    assert got.shape == (2, 4, *img_hw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-5)
+
+
+def test_tent_matrix_is_the_one_dimensional_deconvolution():
+    tent = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64)
+    full = F.conv_transpose1d(x[None, None], tent[None, None], stride=2)[0, 0]
+    for offset, length in ((1, 9), (1, 10), (0, 12)):
+        got = tent_matrix(length, 5, 2, offset, tent) @ x
+        torch.testing.assert_close(got, full[offset : offset + length], rtol=0, atol=1e-15)
+
+
+def test_other_kernels_use_the_deconvolution():
+    """A learned kernel, or another kernel loaded into a fixed one, is not the tent's outer
+    product: the head then runs the deconvolution with it."""
+    torch.manual_seed(5)
+    scores = torch.randn(1, 4, 3, 4)
+    assert make_head(learn_upsampling=True)._fixed_bilinear_tent(scores) is None
+    head = make_head()
+    state = head.state_dict()
+    state["upsample.weight"] = torch.rand_like(state["upsample.weight"])
+    head.load_state_dict(state)
+    assert head._fixed_bilinear_tent(scores) is None
+    want = F.conv_transpose2d(scores, state["upsample.weight"], stride=16, padding=8, groups=4)
+    assert torch.equal(head.upsample_and_crop(scores, 40, 50), want[:, :, :40, :50])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_pixel_cross_entropy_equals_cross_entropy(dtype, strided):
+    """Each pixel's loss and the logits' gradient, against F.cross_entropy; ignored pixels (a
+    padding band, scattered crowds) give 0 and no gradient."""
+    torch.manual_seed(6)
+    logits = (3 * torch.randn(2, 5, 9, 14 if strided else 7, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, 5, (2, 9, 7))
+    targets[0, :, -2:] = IGNORE
+    targets[1][torch.rand(9, 7) < 0.2] = IGNORE
+    grad = torch.rand(2, 9, 7, dtype=dtype)
+    view = logits[..., ::2] if strided else logits
+    results = []
+    for loss in (
+        pixel_cross_entropy,
+        lambda x, t, i: F.cross_entropy(x, t, reduction="none", ignore_index=i),
+    ):
+        out = loss(view, targets, IGNORE)
+        results.append((out, *torch.autograd.grad(out, logits, grad)))
+    (got, got_grad), (want, want_grad) = results
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_grad, want_grad, rtol=tol, atol=tol)
+    assert (got[targets == IGNORE] == 0).all()
+    step = 2 if strided else 1
+    assert (got_grad[..., ::step].permute(0, 2, 3, 1)[targets == IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [7, -1])
+def test_pixel_cross_entropy_bad_target_raises(bad):
+    targets = torch.zeros(1, 3, 3, dtype=torch.long)
+    targets[0, 1, 1] = bad
+    with pytest.raises(ValueError, match=rf"target {bad} is not a class index in \[0, 4\]"):
+        pixel_cross_entropy(torch.zeros(1, 5, 3, 3), targets, IGNORE)
