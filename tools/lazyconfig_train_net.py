@@ -17,7 +17,10 @@ processes too (:func:`ion_d2.engine.launch.launch`); checkpoints are written ato
 number and a training length or period that cannot run are refused before anything is built
 (:func:`ion_d2.engine.overrides.apply_lazy_overrides`,
 :func:`ion_d2.engine.overrides.check_lazy_train_config`); a second live training run in
-``train.output_dir`` is refused (:func:`ion_d2.engine.run_folder.lock_run_dir`).
+``train.output_dir`` is refused (:func:`ion_d2.engine.run_folder.lock_run_dir`); the process's
+malloc keeps freed memory for the next step unless ``train.ion_keep_freed_cpu_memory`` is False
+(:func:`ion_d2.engine.cpu_memory.keep_freed_cpu_memory`, train_net.py's
+``ION_KEEP_FREED_CPU_MEMORY``).
 """
 
 import logging
@@ -34,11 +37,13 @@ from detectron2.engine import (
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import ion_d2  # noqa: F401  (registers ION's components and datasets)
 from ion_d2.engine import SkipPoolScaleHook
 from ion_d2.engine.checkpoint import IONCheckpointer
+from ion_d2.engine.cpu_memory import keep_freed_cpu_memory
 from ion_d2.engine.launch import create_ddp_model_any_device, launch
 from ion_d2.engine.overrides import apply_lazy_overrides, check_lazy_train_config
 from ion_d2.engine.run_folder import lock_run_dir
@@ -71,6 +76,10 @@ def do_train(args, cfg):
     Detectron2's lazy training loop (see its tools/lazyconfig_train_net.py for the config
     entries it reads), with :class:`SkipPoolScaleHook` first.
     """
+    # train_net.py's ION_KEEP_FREED_CPU_MEMORY (default True there too), before the data
+    # loader's workers are forked.
+    if OmegaConf.select(cfg, "train.ion_keep_freed_cpu_memory", default=True):
+        keep_freed_cpu_memory()
     model = instantiate(cfg.model)
     logger.info("Model:\n{}".format(model))
     model.to(cfg.train.device)

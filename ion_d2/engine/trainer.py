@@ -25,6 +25,7 @@ from ..data.mapper import IONDatasetMapper
 from ..evaluation import ContextPairEvaluator, PascalVOCBySizeEvaluator, PascalVOCComp4Writer
 from ..modeling.test_time_augmentation import IONRCNNWithTTA
 from .checkpoint import IONCheckpointer, extend_trainer_state, load_trainer_state
+from .cpu_memory import keep_freed_cpu_memory
 from .launch import create_ddp_model_any_device, unwrap_ddp
 from .run_folder import claim_run
 from .skip_pool_scale import SkipPoolScaleHook
@@ -50,12 +51,17 @@ class IONTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         """
-        See :class:`DefaultTrainer`. With several CPU processes (GLOO,
-        :func:`ion_d2.engine.launch.launch`) Detectron2's ``create_ddp_model`` cannot wrap the
-        model (it passes CUDA ``device_ids``, which DistributedDataParallel refuses for a CPU
-        model), so for that case only the lines of ``DefaultTrainer.__init__`` (the same in
-        v0.6 and upstream) run here with :func:`create_ddp_model_any_device` in its place.
+        See :class:`DefaultTrainer`. With ``ION_KEEP_FREED_CPU_MEMORY`` the process's malloc
+        keeps freed memory for the next step (:func:`keep_freed_cpu_memory`). With several CPU
+        processes (GLOO, :func:`ion_d2.engine.launch.launch`) Detectron2's ``create_ddp_model``
+        cannot wrap the model (it passes CUDA ``device_ids``, which DistributedDataParallel
+        refuses for a CPU model), so for that case only the lines of ``DefaultTrainer.__init__``
+        (the same in v0.6 and upstream) run here with :func:`create_ddp_model_any_device` in its
+        place.
         """
+        if cfg.ION_KEEP_FREED_CPU_MEMORY:
+            # Before the data loader's workers are forked: they inherit it.
+            keep_freed_cpu_memory()
         if comm.get_world_size() == 1 or cfg.MODEL.DEVICE != "cpu":
             super().__init__(cfg)
             return
