@@ -670,8 +670,11 @@ def time_training(args: argparse.Namespace, image: torch.Tensor) -> Dict[str, An
     names = [n for n in args.variants if not VARIANTS[n].inference_only]
     boxes = make_boxes(*image.shape[-2:], args.train_proposals, args.seed)
     models = {}
+    kept = False
     for name in names:
         cfg = build_cfg(name, "precomputed", args.train_proposals, args)
+        # As IONTrainer trains (after the inference timings: the setting is the process's).
+        kept = _malloc_as_trained(cfg, args)
         models[name] = (build(cfg, args.seed).train(), training_input(image, boxes, cfg, args.seed))
     times: Dict[str, List[float]] = {n: [] for n in names}
     loss_names: Dict[str, List[str]] = {}
@@ -696,8 +699,20 @@ def time_training(args: argparse.Namespace, image: torch.Tensor) -> Dict[str, An
         "proposals": args.train_proposals,
         "rois_per_image": ROIS_PER_IMAGE,
         "freeze_at": 5 if args.train_stage == 1 else 2,
+        "freed_memory_kept": kept,
         "variants": variants,
     }
+
+
+def _malloc_as_trained(cfg: CfgNode, args: argparse.Namespace) -> bool:
+    """IONTrainer's allocator: freed memory kept for the next step under
+    ION_KEEP_FREED_CPU_MEMORY (the default); ``--default-malloc`` times glibc's defaults, as
+    does a checkout without the setting (``--against`` an older one). Returns whether kept."""
+    if args.default_malloc or not cfg.get("ION_KEEP_FREED_CPU_MEMORY", False):
+        return False
+    from ion_d2.engine.cpu_memory import keep_freed_cpu_memory
+
+    return keep_freed_cpu_memory()
 
 
 def _profile_training(models: Dict[str, Tuple[nn.Module, Any]], args: argparse.Namespace) -> None:
@@ -872,10 +887,12 @@ def _fmt(v: Optional[float], spec: str, missing: str = "-") -> str:
 def print_training(training: Dict, args: argparse.Namespace) -> None:
     res = training["variants"]
     names = [n for n in args.variants if n in res]
+    memory = "kept for the next step" if training.get("freed_memory_kept") else "the default"
     title = (
         f"== training step, {args.height}x{args.width}: forward + backward of the summed losses, "
         f"{training['rois_per_image']} ROIs from {training['proposals']} precomputed proposals, "
-        f"FREEZE_AT {training['freeze_at']} (no optimizer step: the solver plays no part)"
+        f"FREEZE_AT {training['freeze_at']} (no optimizer step: the solver plays no part); "
+        f"freed memory {memory}"
     )
     table = [
         ("seconds (median)", [_seconds(res[n]["seconds"]) for n in names]),
@@ -1035,6 +1052,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="also print torch.profiler's operator table of one training step per variant",
     )
     parser.add_argument("--profile-rows", type=int, default=30, help="with --profile")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="time the training step with the C library's allocator defaults, not as "
+        "IONTrainer trains (ION_KEEP_FREED_CPU_MEMORY: freed memory kept for the next step)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

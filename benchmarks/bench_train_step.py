@@ -111,6 +111,7 @@ def measure(args) -> Dict[str, Dict[str, List[float]]]:
     step (per image at inference) of each round."""
     torch.set_num_threads(args.threads)
     cfgs = {name: _cfg(model, args.seed) for name, model in _timed_pair(args).items()}
+    args.freed_memory_kept = _malloc_as_trained(cfgs["ion"], args)
     batches = _batches(cfgs["ion"], args.batches)
     models = {}
     for name, cfg in cfgs.items():
@@ -139,6 +140,17 @@ def measure(args) -> Dict[str, Dict[str, List[float]]]:
     return seconds
 
 
+def _malloc_as_trained(cfg, args) -> bool:
+    """The allocator of the training run: IONTrainer keeps freed memory for the next step
+    under ION_KEEP_FREED_CPU_MEMORY (the default); ``--default-malloc`` times glibc's defaults,
+    as does a checkout without the setting (``--against`` an older one). Returns whether kept."""
+    if args.default_malloc or not cfg.get("ION_KEEP_FREED_CPU_MEMORY", False):
+        return False
+    from ion_d2.engine.cpu_memory import keep_freed_cpu_memory
+
+    return keep_freed_cpu_memory()
+
+
 def _profile(model: torch.nn.Module, batches: List[List[dict]], rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -160,7 +172,8 @@ def _against(args) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--json"]
             cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
             cmd += ["--batches", str(args.batches), "--seed", str(args.seed)]
-            cmd += ["--pair", args.pair] + list(args.opts)
+            cmd += ["--pair", args.pair] + (["--default-malloc"] if args.default_malloc else [])
+            cmd += list(args.opts)
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if not result["ion_d2"].startswith(root):
@@ -207,6 +220,12 @@ def main(argv=None) -> int:
     parser.add_argument("--against", metavar="DIR", help="another checkout to time against")
     parser.add_argument("--alternations", type=int, default=3, help="with --against")
     parser.add_argument("--json", action="store_true", help="print only the seconds, as JSON")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="time with the C library's allocator defaults, not as IONTrainer trains "
+        "(ION_KEEP_FREED_CPU_MEMORY: freed memory kept for the next step)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.batches < 1 or args.threads < 1 or args.alternations < 1:
         raise SystemExit("--rounds, --batches, --threads and --alternations must be at least 1.")
@@ -223,7 +242,8 @@ def main(argv=None) -> int:
         f"Training step on the bundled data (benchmarks/bench_train_step.py): "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {args.threads} threads, {args.batches} batches of "
-        f"{pair['ion'][0]}'s loader x {args.rounds} rounds, models alternated"
+        f"{pair['ion'][0]}'s loader x {args.rounds} rounds, models alternated; freed memory "
+        f"{'kept for the next step' if args.freed_memory_kept else 'the allocator default'}"
     )
     for name, (config, opts) in pair.items():
         print(f"  {name:<9} {config} {' '.join(opts)}".rstrip())
