@@ -316,10 +316,11 @@ def add_ion_config(cfg: CN) -> None:
 
     # Training keeps the CPU memory each step frees for the next (not from the paper; issue 27):
     # glibc's malloc then gives no allocation its own mmap and keeps its heap's free top, so a
-    # step reuses the pages of the step before instead of faulting them in again (1.2-1.3x
-    # faster CPU steps on the project's 2-core VMs: docs/BENCHMARKS.md, "Freed memory kept for
-    # the next step"). The process's resident memory stays near its peak. Where the C library
-    # is not glibc, a warning says it is not applied. False: the allocator's defaults.
+    # step reuses the pages of the step before instead of faulting them in again (on the
+    # project's 2-core VMs CPU steps 1.2-1.3x faster at the paper's scale, 1.0-1.2x on the
+    # bundled data: docs/BENCHMARKS.md, "Freed memory kept for the next step"). The process's
+    # resident memory stays near its peak. Where the C library is not glibc, a warning says it
+    # is not applied. False: the allocator's defaults.
     _C.ION_KEEP_FREED_CPU_MEMORY = True
 
     # ---------------------------------------------------------------------------------------

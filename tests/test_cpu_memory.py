@@ -93,3 +93,20 @@ def test_trainer_applies_the_key(keep, monkeypatch, tmp_path):
         cfg.ION_KEEP_FREED_CPU_MEMORY = keep
         IONTrainer(cfg)
     assert calls == ([1] if keep else [])
+
+
+@pytest.mark.parametrize("name", ["ION_VGG16_synthetic", "ION_R50_FPN_1x"])
+def test_lazy_configs_hold_the_key(name):
+    """ion_d2's LazyConfigs hold train.ion_keep_freed_cpu_memory (True, as the YAML default), so
+    the override that turns it off is accepted and read."""
+    from detectron2.config import LazyConfig, get_cfg
+
+    from ion_d2.config import add_ion_config
+    from ion_d2.engine.overrides import apply_lazy_overrides
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "lazy", name + ".py"))
+    yaml_default = get_cfg()
+    add_ion_config(yaml_default)
+    assert cfg.train.ion_keep_freed_cpu_memory is yaml_default.ION_KEEP_FREED_CPU_MEMORY is True
+    cfg = apply_lazy_overrides(cfg, ["train.ion_keep_freed_cpu_memory=false"])
+    assert cfg.train.ion_keep_freed_cpu_memory is False

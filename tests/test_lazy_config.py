@@ -374,6 +374,10 @@ def test_lazyconfig_train_net_trains_and_evaluates(synth, tmp_path):
     log = proc.stdout + proc.stderr
     assert "Evaluation results for bbox" in log
     assert "on 2 training images" in log and "Skip-pooling scale set to" in log
+    # train.ion_keep_freed_cpu_memory (True in the config) set the process's allocator.
+    assert "ION_KEEP_FREED_CPU_MEMORY: glibc's malloc keeps freed memory" in log or (
+        "ION_KEEP_FREED_CPU_MEMORY: not applied" in log
+    )
     # --eval-only on the written weights.
     cmd_eval = cmd[:4] + ["--eval-only"] + cmd[4:]
     cmd_eval += [f"train.init_checkpoint={out / 'model_final.pth'}"]

@@ -76,8 +76,8 @@ def do_train(args, cfg):
     Detectron2's lazy training loop (see its tools/lazyconfig_train_net.py for the config
     entries it reads), with :class:`SkipPoolScaleHook` first.
     """
-    # train_net.py's ION_KEEP_FREED_CPU_MEMORY (default True there too), before the data
-    # loader's workers are forked.
+    # train_net.py's ION_KEEP_FREED_CPU_MEMORY (default True there too; ion_d2's LazyConfigs
+    # set train.ion_keep_freed_cpu_memory), before the data loader's workers are forked.
     if OmegaConf.select(cfg, "train.ion_keep_freed_cpu_memory", default=True):
         keep_freed_cpu_memory()
     model = instantiate(cfg.model)

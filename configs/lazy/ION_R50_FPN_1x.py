@@ -59,3 +59,6 @@ train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 train.max_iter = 90000
 train.eval_period = 0
 train.output_dir = "output/ion_r50_fpn_1x_lazy"
+# train_net.py's ION_KEEP_FREED_CPU_MEMORY: CPU training keeps the memory a step frees for the
+# next (ion_d2/engine/cpu_memory.py); false: the allocator's defaults.
+train.ion_keep_freed_cpu_memory = True

@@ -168,3 +168,6 @@ train.eval_period = 0
 train.seed = 1
 # Section 5.2: images the skip-pooling scale (scale_init -1) is measured on.
 train.ion_scale_measure_images = 100
+# train_net.py's ION_KEEP_FREED_CPU_MEMORY (not from the paper): the process keeps the CPU memory
+# a step frees for the next step (ion_d2/engine/cpu_memory.py); false: the allocator's defaults.
+train.ion_keep_freed_cpu_memory = True
