@@ -8,8 +8,8 @@ mmap threshold (128 KB at first, raised by use up to 32 MB) its own ``mmap`` and
 it is freed, and it returns the free top of its heap to the kernel beyond 128 KB. The next step's
 tensors then fault their pages in again, each zero-filled by the kernel: on the project's 2-core
 VMs a fresh 64 MB tensor took 13-22 ms to fill against 3-4 ms for a reused one (about 1 us per
-4 KiB page), and a paper-scale step spends a fifth of its time so (docs/BENCHMARKS.md, "Freed
-memory kept for the next step").
+4 KiB page), and kernel time was 18 % of the CPU time of the paper-scale benchmark's steps
+(docs/BENCHMARKS.md, "Freed memory kept for the next step").
 
 :func:`keep_freed_cpu_memory` tells glibc's malloc to serve every allocation from its heap
 (``M_MMAP_MAX`` 0) and to keep its free top (``M_TRIM_THRESHOLD`` 2 GB - 1): freed memory
