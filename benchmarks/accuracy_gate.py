@@ -85,6 +85,7 @@ def run_worker(config_file: str, output_dir: str, opts: List[str]) -> None:
     from detectron2.data import MetadataCatalog
     from detectron2.utils.logger import setup_logger
 
+    import ion_d2
     from ion_d2 import get_ion_cfg
     from ion_d2.engine import train_and_evaluate
 
@@ -109,6 +110,7 @@ def run_worker(config_file: str, output_dir: str, opts: List[str]) -> None:
             k: v for k, v in results.get("context_pairs", {}).items() if not k.endswith("objects")
         },
         "seconds": time.perf_counter() - start,
+        "ion_d2": os.path.dirname(os.path.abspath(ion_d2.__file__)),
         "config_dump": cfg.dump(),
     }
     with open(os.path.join(output_dir, "result.json"), "w") as f:
@@ -135,10 +137,12 @@ def run_one(args, model: str, seed: int) -> Dict[str, float]:
         import shutil
 
         shutil.rmtree(output_dir)
+    # The code root's ion_d2 (another checkout's for an ablation; this worker either way). Set
+    # for this checkout too: the worker runs from benchmarks/, so without it an installed
+    # ion_d2 (an editable install of another checkout, e.g. a worktree sharing a venv) would
+    # be imported; the worker's result names the one it imported, checked below.
     env = dict(os.environ)
-    if args.code_root != REPO:
-        # Ablations against another checkout: its ion_d2 and configs, this worker.
-        env["PYTHONPATH"] = args.code_root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = args.code_root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", config_file, output_dir]
     cmd += ["--"] + opts
     print(f"[gate] {model} seed {seed}: training {args.iters} iterations ...", flush=True)
@@ -154,6 +158,7 @@ def run_one(args, model: str, seed: int) -> Dict[str, float]:
         )
     with open(result_file) as f:
         result = json.load(f)
+    check_imported_from(result.get("ion_d2"), args.code_root)
     result.update(opts=opts, config_file=config_file)
     with open(result_file, "w") as f:
         json.dump(result, f, indent=1)
@@ -163,6 +168,18 @@ def run_one(args, model: str, seed: int) -> Dict[str, float]:
         flush=True,
     )
     return result
+
+
+def check_imported_from(ion_d2_dir: str, code_root: str) -> None:
+    """Refuse a run whose worker imported ion_d2 from elsewhere than ``code_root``."""
+    if ion_d2_dir is None or not os.path.abspath(ion_d2_dir).startswith(
+        os.path.join(os.path.abspath(code_root), "")
+    ):
+        raise SystemExit(
+            f"[gate] the worker imported ion_d2 from {ion_d2_dir}, not from {code_root}: its "
+            "figures would be another checkout's. Check PYTHONPATH and installed copies of "
+            "ion_d2 (pip show ion_d2)."
+        )
 
 
 def machine(cpuinfo: str = CPUINFO) -> str:

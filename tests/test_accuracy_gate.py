@@ -3,6 +3,8 @@ what `make gate` itself does and takes minutes."""
 
 import json
 import math
+import os
+import types
 
 import pytest
 from model_utils import load_script
@@ -142,3 +144,35 @@ def test_each_pair_is_gated_against_its_own_reference(monkeypatch, tmp_path, cap
     _fake_runs(monkeypatch, _shifted("ion", -1.7))
     assert gate.main(common) == 1
     assert "GATE FAILED: ion AP" in capsys.readouterr().out
+
+
+def test_worker_imports_the_code_roots_ion_d2(monkeypatch, tmp_path):
+    """The worker's PYTHONPATH names the code root even when it is this checkout (a worktree
+    sharing a venv would otherwise train the editable install's ion_d2), and a run whose worker
+    imported ion_d2 from elsewhere is refused."""
+    seen = {}
+
+    def fake_run(cmd, env, stdout, stderr, cwd):
+        seen["pythonpath"] = env["PYTHONPATH"]
+        out = cmd[cmd.index("--worker") + 2]
+        os.makedirs(out, exist_ok=True)
+        imported = os.path.join(str(tmp_path / "elsewhere"), "ion_d2")
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(
+                {"AP": 1.0, "APs": 1.0, "AP_context": 1.0, "seconds": 1.0, "ion_d2": imported}, f
+            )
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(gate.subprocess, "run", fake_run)
+    args = types.SimpleNamespace(
+        pair="vgg16",
+        iters=4,
+        opts=[],
+        output_dir=str(tmp_path / "gate"),
+        retrain=True,
+        code_root=os.path.abspath(gate.REPO),
+    )
+    with pytest.raises(SystemExit, match=r"imported ion_d2 from .*elsewhere.*not from"):
+        gate.run_one(args, "ion", 1)
+    assert seen["pythonpath"].split(os.pathsep)[0] == args.code_root
+    gate.check_imported_from(os.path.join(args.code_root, "ion_d2"), args.code_root)
