@@ -246,3 +246,46 @@ def test_bins_in_the_padding_are_zero_with_no_gradient_in_training():
     assert float(leaf.grad[0, :, 5:].abs().sum() + leaf.grad[0, :, :, 6:].abs().sum()) == 0.0
     with torch.no_grad():
         assert torch.equal(pool([feature], boxes, image_sizes=sizes), out.detach())
+
+
+@pytest.mark.parametrize("gather_cost", [0.0, 4.0, 1e12])
+def test_any_window_levels_give_torchvisions_output(monkeypatch, gather_cost):
+    """The levels are capped by a cost model (_level_caps): a gather of no cost caps both axes
+    at level 0 (every cell of every bin a window of its own), one of huge cost never caps (the
+    largest 2^k per bin side, one or two windows). Each plan, and the default's, gives
+    torchvision's output exactly, with several images and each one's valid cells."""
+    monkeypatch.setattr(roi_pool_module, "_GATHER_COST", gather_cost)
+    g = torch.Generator().manual_seed(11)
+    feature = torch.randn(2, 5, 40, 56, generator=g)
+    rois = _random_rois(g, 90, 160, 224, num_images=2, lo=4.0)
+    ref = roi_pool(feature, rois, (7, 7), 0.25)
+    assert torch.equal(sparse_table_roi_pool(feature, rois, 0.25, (7, 7)), ref)
+    limits = torch.tensor([[30, 56], [40, 41]])[rois[:, 0].long()]
+    out = sparse_table_roi_pool(feature, rois, 0.25, (3, 5), limits=limits)
+    for image, (rows, cols) in enumerate([(30, 56), (40, 41)]):
+        mine = rois[:, 0] == image
+        cut = feature[image : image + 1, :, :rows, :cols]
+        picked = rois[mine].clone()
+        picked[:, 0] = 0
+        assert torch.equal(out[mine], roi_pool(cut, picked, (3, 5), 0.25))
+
+
+def test_level_caps_trade_map_passes_for_gathers():
+    """Few bins on a large map: windows of one cell, no map pass (level 0, 0). Many bins on a
+    small map: the largest levels their sides allow (4 = floor(log2(16)), 3 = floor(log2(9))).
+    A mix: each axis capped where its passes cost more than its bins' extra windows."""
+    caps = roi_pool_module._level_caps
+
+    def plan(size_h, size_w, num, map_cells):
+        h = torch.full((num,), size_h, dtype=torch.long)
+        w = torch.full((num,), size_w, dtype=torch.long)
+        log2 = roi_pool_module._floor_log2
+        return caps(h, w, log2(h), log2(w), map_cells)
+
+    assert plan(16, 9, 10, 10**6) == (0, 0)
+    assert plan(16, 9, 10**5, 100) == (4, 3)
+    # 100 bins of 16 x 9 on 2000 cells: at caps (k, l) a bin reads ceil(16 / 2^k) *
+    # ceil(9 / 2^l) windows and the maps take k + l passes (the column maps only on row map
+    # k, where the bins are). 2000 * passes + 4 * 100 * windows is least at (4, 0): 8000 +
+    # 400 * 9 = 11600 (uncapped (4, 3): 14000 + 800; (3, 1): 8000 + 4000).
+    assert plan(16, 9, 100, 2000) == (4, 0)

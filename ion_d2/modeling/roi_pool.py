@@ -6,7 +6,10 @@ thread: with 1000 ROIs on conv3 (stride 4) of a 600x1000 image that is seconds p
 maximum over a rectangle of cells is also the maximum of four (overlapping) power-of-two
 rectangles that cover it, so after building, once per image, the maxima of every
 ``2^k x 2^l`` window (a 2-D sparse table, ``K * L`` maps), each bin costs four lookups of a
-channel vector, whatever its size.
+channel vector, whatever its size. Each level is a pass over the whole map, though, and with
+few ROIs on a large map (training's 128 on conv3) the passes cost more than the lookups: the
+levels are then capped, and a bin is covered by more windows of the largest level built
+(:func:`_level_caps` weighs the two).
 
 The bins are computed exactly as torchvision's kernel computes them (float32 arithmetic, C's
 ``round``), so the output equals ``torchvision.ops.roi_pool``'s bit for bit (a max is exact).
@@ -135,18 +138,20 @@ def sparse_table_roi_pool(
     hstart, hend, wstart, wend = roi_pool_bins(
         rois[:, 1:].cpu(), spatial_scale, output_size, height, width
     )
-    width = feature.shape[3]
+    height, width = feature.shape[2], feature.shape[3]
     rows = out.view(len(rois), pooled_h * pooled_w, channels)
     batch_index = rois[:, 0].long().cpu()
     if n == 1 or bool((batch_index == batch_index[0]).all()):
-        windows = _bin_windows(hstart, hend, wstart, wend, width)
+        windows = _bin_windows(hstart, hend, wstart, wend, height, width)
         _pool_image(feature[int(batch_index[0])], windows, rows)
         return result
     for image in range(n):
         select = (batch_index == image).nonzero().flatten()
         if len(select) == 0:
             continue
-        windows = _bin_windows(hstart[select], hend[select], wstart[select], wend[select], width)
+        windows = _bin_windows(
+            hstart[select], hend[select], wstart[select], wend[select], height, width
+        )
         pooled = feature.new_empty(len(select), pooled_h * pooled_w, channels)
         _pool_image(feature[image], windows, pooled)
         rows.index_copy_(0, select.to(feature.device), pooled)
@@ -154,42 +159,96 @@ def sparse_table_roi_pool(
 
 
 def _bin_windows(
-    hstart: Tensor, hend: Tensor, wstart: Tensor, wend: Tensor, width: int
-) -> Tuple[Tensor, Tensor, Tensor]:
+    hstart: Tensor, hend: Tensor, wstart: Tensor, wend: Tensor, height: int, width: int
+) -> Tuple[Tensor, ...]:
     """
-    Each bin as the union of four ``2^k x 2^l`` windows.
+    Each bin as the union of ``n_h x n_w`` windows of ``2^k x 2^l`` cells.
+
+    A bin ``s`` cells high is covered by ``ceil(s / 2^k)`` rows of windows ``2^k`` cells high
+    (the last one ending where the bin ends; windows may overlap, which a max allows), for any
+    ``2^k <= s``. The sparse table's maps of level k then need building only up to the largest
+    k that some bin uses: each level is a pass over the whole map, each extra window a gather
+    of one cell's channels per bin. :func:`_level_caps` picks the largest levels (per axis) so
+    that the two costs are least; with no cap, every bin takes the largest ``2^k <= s`` and so
+    one or two windows per side.
 
     Returns:
-        tuple: per bin (R * PH * PW of them, row-major), its key ``4 * (k * L + l) + s`` (the
-        level of its windows, and in ``s`` which of them are distinct: a bin 2^k cells high has
-        one row of windows, a bin 2^l wide one column, see :data:`_DISTINCT_CORNERS`), the
-        (4, bins) cells ``y * W + x`` of its four windows' top-left corners, and whether it is
-        empty; plus the number of column levels L.
+        tuple: per bin (R * PH * PW of them, row-major): its group key ``(level, n_h, n_w)``
+        as one integer (``level = k * L + l``, L the number of column levels), its first
+        window's top-left cell ``(y0, x0)``, its last window's ``(y1, x1)`` and whether it is
+        empty; plus L.
     """
     num, pooled_h = hstart.shape
     pooled_w = wstart.shape[1]
-    bin_h = (hend - hstart)[:, :, None].expand(num, pooled_h, pooled_w)
-    bin_w = (wend - wstart)[:, None, :].expand(num, pooled_h, pooled_w)
-    empty = _empty_bins(hstart, hend, wstart, wend)
-    level_h = _floor_log2(bin_h.clamp(min=1))
-    level_w = _floor_log2(bin_w.clamp(min=1))
-    levels_w = int(level_w.max()) + 1
-    y0 = hstart[:, :, None].expand(num, pooled_h, pooled_w)
-    y1 = (hend[:, :, None] - (1 << level_h)).clamp(min=0)
-    x0 = wstart[:, None, :].expand(num, pooled_h, pooled_w)
-    x1 = (wend[:, None, :] - (1 << level_w)).clamp(min=0)
-    corners = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
+    bin_h = (hend - hstart)[:, :, None].expand(num, pooled_h, pooled_w).reshape(-1)
+    bin_w = (wend - wstart)[:, None, :].expand(num, pooled_h, pooled_w).reshape(-1)
+    empty = _empty_bins(hstart, hend, wstart, wend).reshape(-1)
     # Empty bins (clipped away) read cell 0 and are zeroed afterwards.
-    corners = corners.masked_fill(empty[None], 0)
-    distinct = (y1 != y0).long() * 2 + (x1 != x0).long()
-    key = (level_h * levels_w + level_w) * 4 + distinct
-    return key.reshape(-1), corners.view(4, -1), empty.reshape(-1), levels_w
+    bin_h = bin_h.masked_fill(empty, 1)
+    bin_w = bin_w.masked_fill(empty, 1)
+    log2_h, log2_w = _floor_log2(bin_h), _floor_log2(bin_w)
+    cap_h, cap_w = _level_caps(bin_h, bin_w, log2_h, log2_w, height * width)
+    level_h, count_h = _window_plan(bin_h, log2_h, cap_h)
+    level_w, count_w = _window_plan(bin_w, log2_w, cap_w)
+    levels_w = int(level_w.max()) + 1
+    y0 = hstart[:, :, None].expand(num, pooled_h, pooled_w).reshape(-1)
+    x0 = wstart[:, None, :].expand(num, pooled_h, pooled_w).reshape(-1)
+    y1 = y0 + bin_h - (1 << level_h)
+    x1 = x0 + bin_w - (1 << level_w)
+    y0, x0, y1, x1 = (t.masked_fill(empty, 0) for t in (y0, x0, y1, x1))
+    level = level_h * levels_w + level_w
+    most = int(max(count_h.max(), count_w.max())) + 1
+    key = (level * most + count_h) * most + count_w
+    return key, most, torch.stack([y0, x0, y1, x1]), empty, levels_w
 
 
-# The windows a bin reads, by its "distinct" code: 0, all four windows are one (a bin of 2^k x
-# 2^l cells); 1, two columns; 2, two rows; 3, four windows. On conv5 most bins of small boxes
-# are 1 or 2 cells a side, so this saves most of the gathers there.
-_DISTINCT_CORNERS = ((0,), (0, 1), (0, 2), (0, 1, 2, 3))
+def _window_plan(size: Tensor, log2: Tensor, cap: int) -> Tuple[Tensor, Tensor]:
+    """Per bin side of ``size`` >= 1 cells (``log2``: floor(log2(size))): the level
+    ``k = min(log2, cap)`` of its windows (``2^k`` cells) and how many cover it,
+    ``ceil(size / 2^k)``."""
+    level = log2.clamp(max=cap)
+    span = 1 << level
+    return level, (size + span - 1).div(span, rounding_mode="floor")
+
+
+# What gathering one window of one bin costs against one pass over one cell of a map, per
+# channel (an index_select and a maximum of a cell's channels, against a maximum over the map
+# in order): measured on the project's CPUs with the paper's conv3-conv5 maps (issue 27).
+_GATHER_COST = 4.0
+
+
+def _level_caps(
+    bin_h: Tensor, bin_w: Tensor, log2_h: Tensor, log2_w: Tensor, map_cells: int
+) -> Tuple[int, int]:
+    """
+    The largest window level per axis (:func:`_bin_windows`) that makes the sparse table
+    cheapest for these bins: ``map_cells`` per map pass (the row maps up to the largest row
+    level, and for each row level its column maps up to the largest column level its bins use),
+    :data:`_GATHER_COST` per window gathered. Computed on the distinct (height, width) pairs.
+    """
+    stride = int(bin_w.max()) + 1
+    pairs, inverse, counts = torch.unique(
+        bin_h * stride + bin_w, return_inverse=True, return_counts=True
+    )
+    first = torch.empty_like(pairs).scatter_(0, inverse, torch.arange(len(inverse)))
+    sizes_h, sizes_w = bin_h[first], bin_w[first]
+    full_h, full_w = log2_h[first], log2_w[first]
+    plans_w = [_window_plan(sizes_w, full_w, cap) for cap in range(int(full_w.max()) + 1)]
+    best = None
+    for cap_h in range(int(full_h.max()) + 1):
+        level_h, count_h = _window_plan(sizes_h, full_h, cap_h)
+        top_h = int(level_h.max())
+        for cap_w, (level_w, count_w) in enumerate(plans_w):
+            # Row maps 1..top_h (each from the previous); per row level, its column maps.
+            top_w = torch.zeros(top_h + 1, dtype=torch.long).scatter_reduce(
+                0, level_h, level_w, reduce="amax"
+            )
+            passes = top_h + int(top_w.sum())
+            gathers = int((counts * count_h * count_w).sum())
+            cost = passes * map_cells + _GATHER_COST * gathers
+            if best is None or cost < best[0]:
+                best = (cost, cap_h, cap_w)
+    return best[1], best[2]
 
 
 # Per thread, the scratch memory of the last sparse-table pooling, kept for the next: fresh
@@ -230,20 +289,22 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
     one after the other, each from the previous, and the bins whose windows lie on a map are
     gathered from it (in blocks of at most :data:`_BLOCK` bins) before it is dropped.
     """
-    key, corners, empty, levels_w = windows
+    key, most, corners, empty, levels_w = windows
     channels, height, width = feature.shape
     num_bins = len(key)
     device = feature.device
     key, order = key.sort(stable=True)
     corners = corners[:, order].to(device)
     order = order.to(device)
-    counts = torch.bincount(key).tolist()
-    num_levels = -(-len(counts) // 4)
-    counts += [0] * (4 * num_levels - len(counts))
-    level_counts = [sum(counts[4 * i : 4 * i + 4]) for i in range(num_levels)]
-    bounds = [0]
-    for c in counts:
-        bounds.append(bounds[-1] + c)
+    groups, counts = torch.unique_consecutive(key, return_counts=True)
+    # Per level, its groups: (windows down, windows across, first bin, end) in sorted order.
+    by_level = {}
+    begin = 0
+    for group, count in zip(groups.tolist(), counts.tolist()):
+        level, rest = divmod(group, most * most)
+        by_level.setdefault(level, []).append((*divmod(rest, most), begin, begin + count))
+        begin += count
+    num_levels = max(by_level) + 1
     levels_h = -(-num_levels // levels_w)
     out = out.view(num_bins, channels)  # a view, also of a channel slice
     # Scratch: two maps for the row levels and two for the column levels, reused level after
@@ -259,28 +320,33 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
         if k > 0:
             _window_max(rows, 0, 1 << (k - 1), out=spare_rows)
             rows, spare_rows = spare_rows, rows
-        last = min(num_levels, (k + 1) * levels_w)
-        if not any(level_counts[k * levels_w : last]):
+        used = [lw for lw in range(levels_w) if k * levels_w + lw in by_level]
+        if not used:
             continue
         table = rows
-        for lw in range(last - k * levels_w):
+        for lw in range(used[-1] + 1):
             if lw > 0:
                 _window_max(table, 1, 1 << (lw - 1), out=cols)
                 table, cols, spare_cols = cols, spare_cols, cols
             cells = table.view(height * width, channels)
-            level = k * levels_w + lw
-            for distinct, used in enumerate(_DISTINCT_CORNERS):
-                lo, hi = bounds[4 * level + distinct], bounds[4 * level + distinct + 1]
+            for down, across, lo, hi in by_level.get(k * levels_w + lw, ()):
                 for start in range(lo, hi, block_size):
                     end = min(hi, start + block_size)
+                    y0, x0, y1, x1 = corners[:, start:end]
+                    ys = [torch.clamp(y0 + (a << k), max=y1) for a in range(down)]
+                    xs = [torch.clamp(x0 + (b << lw), max=x1) for b in range(across)]
                     block, buffer = blocks[0, : end - start], blocks[1, : end - start]
-                    torch.index_select(cells, 0, corners[0, start:end], out=block)
-                    for j in used[1:]:
-                        torch.index_select(cells, 0, corners[j, start:end], out=buffer)
-                        torch.maximum(block, buffer, out=block)
+                    first = True
+                    for y in ys:
+                        for x in xs:
+                            index = y * width + x
+                            if first:
+                                torch.index_select(cells, 0, index, out=block)
+                                first = False
+                            else:
+                                torch.index_select(cells, 0, index, out=buffer)
+                                torch.maximum(block, buffer, out=block)
                     out.index_copy_(0, order[start:end], block)
-            if not any(level_counts[level + 1 : last]):
-                break
     out.masked_fill_(empty.to(device)[:, None], 0.0)
 
 
