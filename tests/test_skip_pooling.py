@@ -10,7 +10,7 @@ from detectron2.structures import Boxes
 from model_utils import ref_dropout_mask
 from torchvision.ops import roi_pool
 
-from ion_d2.modeling.l2_normalize import l2_normalize_rois
+from ion_d2.modeling.l2_normalize import inverse_l2_norms, l2_normalize_rois, l2_norms
 from ion_d2.modeling.skip_pooling import PENDING_SCALE_FIX, IONSkipPooler
 
 SHAPES = [
@@ -69,6 +69,35 @@ def test_l2_normalize_modes_by_hand():
     assert torch.equal(l2_normalize_rois(x, "none"), x)
     with pytest.raises(ValueError, match="'sum'.*roi"):
         l2_normalize_rois(x, "sum")
+
+
+@pytest.mark.parametrize("mode", ["roi", "location"])
+def test_inverse_l2_norms_values_and_gradient(mode):
+    """inverse_l2_norms is 1 / l2_norms, bit for bit; its one-pass gradient equals autograd's
+    chain (norm, clamp, reciprocal) in float64 to 1e-12 and in float32 to rounding, and is 0
+    where the norm was clamped (an all-zero ROI, or cell with "location")."""
+    g = torch.Generator().manual_seed(7)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        x = torch.randn(6, 5, 3, 4, generator=g, dtype=dtype)
+        x[2] = 0.0  # clamped: no gradient
+        x[4, :, 1, 2] = 0.0  # with "location", one clamped cell
+        grad = torch.randn((6, 1, 1, 1) if mode == "roi" else (6, 1, 3, 4), generator=g)
+        grad = grad.to(dtype)
+        ref_x = x.clone().requires_grad_(True)
+        ref = l2_norms(ref_x, mode).reciprocal()
+        ref.backward(grad)
+        mine_x = x.clone().requires_grad_(True)
+        mine = inverse_l2_norms(mine_x, mode)
+        mine.backward(grad)
+        assert torch.equal(mine.detach(), ref.detach())
+        torch.testing.assert_close(mine_x.grad, ref_x.grad, rtol=tol, atol=tol * 1e-3)
+        assert float(mine_x.grad[2].abs().sum()) == 0.0
+        assert bool(mine_x.grad.ne(0).any())
+    with torch.no_grad():
+        assert torch.equal(inverse_l2_norms(x, mode), l2_norms(x, mode).reciprocal())
+    assert inverse_l2_norms(x, "none") is None
+    with pytest.raises(ValueError, match="'rois'.*expected one of"):
+        inverse_l2_norms(x.requires_grad_(True), "rois")
 
 
 @pytest.mark.parametrize("norm,default_scale", [("roi", 1000.0), ("location", 130.0)])

@@ -19,7 +19,7 @@ from .feature_order import (
     encode_feature_order,
 )
 from .init_stream import own_init_stream
-from .l2_normalize import NORM_EPS, NORM_MODES, l2_normalize_rois, l2_norms
+from .l2_normalize import NORM_EPS, NORM_MODES, inverse_l2_norms, l2_normalize_rois
 from .roi_pool import IONROIPool
 from .vgg16 import IONVGG16
 
@@ -356,12 +356,11 @@ class IONSkipPooler(nn.Module):
         start = 0
         for p in pooled:
             end = start + p.shape[1]
-            norms = l2_norms(p, self.norm)
+            inv = inverse_l2_norms(p, self.norm)
             part = F.conv2d(self.dropout(p), weight[:, start:end, None, None])
-            if norms is None:
+            if inv is None:
                 out = part if out is None else out + part
             else:
-                inv = norms.reciprocal()
                 out = part * inv if out is None else torch.addcmul(out, part, inv)
             start = end
         return out
