@@ -336,17 +336,12 @@ def _pool_image(feature: Tensor, windows, out: Tensor) -> None:
                     y0, x0, y1, x1 = corners[:, start:end]
                     ys = [torch.clamp(y0 + (a << k), max=y1) for a in range(down)]
                     xs = [torch.clamp(x0 + (b << lw), max=x1) for b in range(across)]
+                    indices = [y * width + x for y in ys for x in xs]
                     block, buffer = blocks[0, : end - start], blocks[1, : end - start]
-                    first = True
-                    for y in ys:
-                        for x in xs:
-                            index = y * width + x
-                            if first:
-                                torch.index_select(cells, 0, index, out=block)
-                                first = False
-                            else:
-                                torch.index_select(cells, 0, index, out=buffer)
-                                torch.maximum(block, buffer, out=block)
+                    torch.index_select(cells, 0, indices[0], out=block)
+                    for index in indices[1:]:
+                        torch.index_select(cells, 0, index, out=buffer)
+                        torch.maximum(block, buffer, out=block)
                     out.index_copy_(0, order[start:end], block)
     out.masked_fill_(empty.to(device)[:, None], 0.0)
 
